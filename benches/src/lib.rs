@@ -1,0 +1,1 @@
+//! Shared fixtures for Sluice benchmarks.

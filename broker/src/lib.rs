@@ -1,0 +1,6 @@
+//! Sluice broker: a persistent log broker.
+//!
+//! Data flows one way: `server` → (`producers`, `groups`, `dlq`) → `topics`
+//! → [`storage`]. Each module's doc says what it owns.
+
+pub mod storage;

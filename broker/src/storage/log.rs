@@ -1,0 +1,673 @@
+//! The partition log: an ordered chain of segments with one writer.
+//!
+//! This module owns the chain (sealed segments plus one active segment),
+//! offset assignment, roll-over, group commit, the high watermark readers
+//! wait on, reads by offset and timestamp, retention, and opening a log
+//! from its directory (with the segment-level recovery of
+//! [`super::segment`]).
+//!
+//! # Durability and visibility
+//!
+//! With [`FlushPolicy::EveryBatch`] an append returns only after its bytes
+//! are synced, and readers see a batch only once it is synced: a consumer
+//! never acts on a record that a crash could take back. Appenders that wait
+//! at the same time share one sync: the first becomes the leader, syncs
+//! everything written so far, and wakes every waiter whose batch that
+//! covered (group commit). With the other policies a batch is visible as
+//! soon as it is written.
+//!
+//! A failed sync leaves the log refusing writes until it is reopened: after
+//! a failed `msync` the kernel may have dropped the dirty pages, so retrying
+//! could acknowledge data that is not on disk.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parking_lot::{Condvar, Mutex, RwLock};
+use tokio::sync::watch;
+
+use super::batch::{EncodedBatch, StoredRecord, decode_records};
+use super::config::{FlushPolicy, LogConfig};
+use super::error::{Result, StorageError};
+use super::segment::{self, IndexEntry, Segment, TornTail, sync_dir};
+
+/// Where an appended batch landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendInfo {
+    pub base_offset: u64,
+    pub last_offset: u64,
+}
+
+/// A run of whole batches read from one segment, starting with the batch
+/// that holds the requested offset (which may begin before it).
+#[derive(Debug, Clone)]
+pub struct ReadChunk {
+    /// Zero-copy view of the segment's bytes; decode with
+    /// [`super::batch::BatchIter`] or [`super::batch::decode_records`].
+    pub data: Bytes,
+    pub high_watermark: u64,
+    pub log_start_offset: u64,
+}
+
+/// What a retention pass deleted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RetentionReport {
+    pub deleted_segments: Vec<PathBuf>,
+    pub deleted_bytes: u64,
+    pub log_start_offset: u64,
+}
+
+struct Writer {
+    /// The segment appends go to. After a failed segment creation it is the
+    /// sealed previous segment, and the next append retries the creation.
+    active: Arc<Segment>,
+    index_file: Option<BufWriter<File>>,
+    bytes_since_index: u64,
+    next_offset: u64,
+}
+
+struct FlushState {
+    durable_offset: u64,
+    flushing: bool,
+    last_flush: Instant,
+}
+
+/// One partition's log. Share it behind an `Arc`: appends, reads, flushes
+/// and retention may run concurrently from any threads.
+pub struct PartitionLog {
+    dir: PathBuf,
+    config: RwLock<LogConfig>,
+    segments: RwLock<Vec<Arc<Segment>>>,
+    writer: Mutex<Writer>,
+    flush_state: Mutex<FlushState>,
+    flush_done: Condvar,
+    /// Mirror of the writer's next offset, readable without its lock.
+    end_offset: AtomicU64,
+    log_start_offset: AtomicU64,
+    high_watermark: watch::Sender<u64>,
+    failed: Mutex<Option<String>>,
+    has_failed: AtomicBool,
+    closed: AtomicBool,
+    torn_tail: Option<TornTail>,
+}
+
+impl std::fmt::Debug for PartitionLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PartitionLog")
+            .field("dir", &self.dir)
+            .field("log_start_offset", &self.log_start_offset())
+            .field("high_watermark", &self.high_watermark())
+            .field("end_offset", &self.end_offset())
+            .finish()
+    }
+}
+
+impl PartitionLog {
+    /// Opens (or creates) the log in `dir`, recovering it from its files.
+    ///
+    /// The caller must hold the data directory's lock
+    /// ([`super::DataDirLock`]): two processes writing one log corrupt it.
+    pub fn open(dir: impl Into<PathBuf>, config: LogConfig) -> Result<PartitionLog> {
+        let dir = dir.into();
+        config.validate()?;
+        fs::create_dir_all(&dir).map_err(|e| StorageError::io("create log directory", &dir, e))?;
+        let bases = list_segments(&dir)?;
+        let mut segments: Vec<Arc<Segment>> = Vec::with_capacity(bases.len().max(1));
+        let mut torn_tail = None;
+        if bases.is_empty() {
+            segments.push(Arc::new(Segment::create(
+                &dir,
+                0,
+                config.segment_bytes,
+                config.prefault,
+            )?));
+        }
+        for (i, &base) in bases.iter().enumerate() {
+            if let Some(previous) = segments.last()
+                && previous.next_offset() != base
+            {
+                return Err(StorageError::SegmentGap {
+                    path: segment::log_path(&dir, base),
+                    expected: previous.next_offset(),
+                    found: base,
+                });
+            }
+            let segment = if i + 1 < bases.len() {
+                Segment::open_sealed(&dir, base, config.index_interval_bytes)?
+            } else {
+                let (segment, torn) = Segment::recover_active(
+                    &dir,
+                    base,
+                    config.segment_bytes,
+                    config.index_interval_bytes,
+                    config.prefault,
+                )?;
+                torn_tail = torn;
+                segment
+            };
+            segments.push(Arc::new(segment));
+        }
+        let active = Arc::clone(segments.last().expect("a log has a segment"));
+        let next_offset = active.next_offset();
+        let log_start = segments[0].base_offset();
+        let index_file = open_index_for_append(active.index_path())?;
+        tracing::info!(
+            dir = %dir.display(),
+            segments = segments.len(),
+            log_start,
+            next_offset,
+            torn_tail = torn_tail.is_some(),
+            "opened partition log"
+        );
+        Ok(PartitionLog {
+            writer: Mutex::new(Writer {
+                active,
+                index_file: Some(index_file),
+                // The next batch starts a fresh run of index entries.
+                bytes_since_index: u64::from(config.index_interval_bytes),
+                next_offset,
+            }),
+            dir,
+            config: RwLock::new(config),
+            segments: RwLock::new(segments),
+            flush_state: Mutex::new(FlushState {
+                durable_offset: next_offset,
+                flushing: false,
+                last_flush: Instant::now(),
+            }),
+            flush_done: Condvar::new(),
+            end_offset: AtomicU64::new(next_offset),
+            log_start_offset: AtomicU64::new(log_start),
+            high_watermark: watch::Sender::new(next_offset),
+            failed: Mutex::new(None),
+            has_failed: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            torn_tail,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn config(&self) -> LogConfig {
+        self.config.read().clone()
+    }
+
+    /// Changes the settings of an open log. A new segment size applies from
+    /// the next segment on.
+    pub fn set_config(&self, config: LogConfig) -> Result<()> {
+        config.validate()?;
+        *self.config.write() = config;
+        Ok(())
+    }
+
+    /// What recovery cut off the end of the log when it was opened, if
+    /// anything.
+    pub fn torn_tail(&self) -> Option<&TornTail> {
+        self.torn_tail.as_ref()
+    }
+
+    /// The first offset still in the log.
+    pub fn log_start_offset(&self) -> u64 {
+        self.log_start_offset.load(Ordering::Acquire)
+    }
+
+    /// The offset after the last record readers may see.
+    pub fn high_watermark(&self) -> u64 {
+        *self.high_watermark.borrow()
+    }
+
+    /// The offset the next append gets (may be ahead of the high watermark
+    /// while a sync is pending).
+    pub fn end_offset(&self) -> u64 {
+        self.end_offset.load(Ordering::Acquire)
+    }
+
+    /// A receiver that changes whenever the high watermark moves, for
+    /// consumers that wait for new data instead of polling.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.high_watermark.subscribe()
+    }
+
+    /// Bytes of all segments.
+    pub fn size_bytes(&self) -> u64 {
+        self.segments.read().iter().map(|s| s.written_end()).sum()
+    }
+
+    pub fn segment_count(&self) -> usize {
+        self.segments.read().len()
+    }
+
+    /// Appends one batch, assigning it the next offsets. With
+    /// `FlushPolicy::EveryBatch` it returns once the batch is on disk.
+    pub fn append(&self, batch: &EncodedBatch) -> Result<AppendInfo> {
+        let (segment_bytes, index_interval, flush, segment_age, prefault) = {
+            let c = self.config.read();
+            (
+                c.segment_bytes,
+                u64::from(c.index_interval_bytes),
+                c.flush,
+                c.segment_age,
+                c.prefault,
+            )
+        };
+        let len = batch.len() as u64;
+        if len > segment_bytes {
+            return Err(StorageError::BatchTooLarge {
+                size: batch.len(),
+                segment_bytes,
+            });
+        }
+        let mut writer = self.writer.lock();
+        self.check_writable()?;
+        let age_due = segment_age.is_some_and(|age| writer.active.age() >= age);
+        let needs_roll = writer.active.is_sealed()
+            || (!writer.active.is_empty() && (writer.active.remaining() < len || age_due));
+        if needs_roll {
+            self.roll_locked(&mut writer, segment_bytes, prefault)?;
+        }
+        if writer.active.remaining() < len {
+            // Only an active segment created under an older, smaller
+            // segment size can get here; roll to one of the current size.
+            self.roll_locked(&mut writer, segment_bytes, prefault)?;
+        }
+        let base_offset = writer.next_offset;
+        let header = batch.header();
+        let position = writer
+            .active
+            .write_batch(header, batch.as_bytes(), base_offset);
+        let next_offset = base_offset + u64::from(header.record_count);
+        writer.next_offset = next_offset;
+        self.end_offset.store(next_offset, Ordering::Release);
+        if writer.bytes_since_index >= index_interval {
+            let active = Arc::clone(&writer.active);
+            let entry = IndexEntry {
+                relative_offset: (base_offset - active.base_offset()) as u32,
+                position: position as u32,
+                max_timestamp: active.max_timestamp(),
+            };
+            active.push_index_entry(entry);
+            if let Some(file) = writer.index_file.as_mut() {
+                // The index is rebuilt from the log on recovery, so a failed
+                // index write costs start-up time, not data.
+                if let Err(e) = file.write_all(&entry.to_bytes()) {
+                    tracing::warn!(path = %active.index_path().display(), error = %e,
+                        "index write failed; it will be rebuilt on the next open");
+                    writer.index_file = None;
+                }
+            }
+            writer.bytes_since_index = 0;
+        }
+        writer.bytes_since_index += len;
+        match flush {
+            FlushPolicy::EveryBatch => {
+                drop(writer);
+                self.wait_durable(next_offset)?;
+            }
+            FlushPolicy::Interval(_) | FlushPolicy::Os => {
+                writer.active.publish_visible(position + len);
+                self.advance_high_watermark(next_offset);
+            }
+        }
+        Ok(AppendInfo {
+            base_offset,
+            last_offset: next_offset - 1,
+        })
+    }
+
+    /// Syncs everything appended so far and makes it visible. Concurrent
+    /// callers (and appenders under `EveryBatch`) share one sync.
+    pub fn flush(&self) -> Result<()> {
+        self.wait_durable(self.end_offset())
+    }
+
+    /// Whether an `Interval` flush is due: the interval has passed and there
+    /// is something to sync.
+    pub fn flush_due(&self, now: Instant) -> Option<bool> {
+        let FlushPolicy::Interval(interval) = self.config.read().flush else {
+            return None;
+        };
+        let state = self.flush_state.lock();
+        Some(
+            state.durable_offset < self.end_offset()
+                && now.saturating_duration_since(state.last_flush) >= interval,
+        )
+    }
+
+    fn wait_durable(&self, target: u64) -> Result<()> {
+        let mut state = self.flush_state.lock();
+        loop {
+            if state.durable_offset >= target {
+                return Ok(());
+            }
+            self.check_not_failed()?;
+            if state.flushing {
+                self.flush_done.wait(&mut state);
+                continue;
+            }
+            state.flushing = true;
+            drop(state);
+            let result = self.sync_written();
+            state = self.flush_state.lock();
+            state.flushing = false;
+            state.last_flush = Instant::now();
+            match result {
+                Ok(durable) => state.durable_offset = state.durable_offset.max(durable),
+                Err(e) => {
+                    self.fail(&e);
+                    self.flush_done.notify_all();
+                    return Err(e);
+                }
+            }
+            self.flush_done.notify_all();
+        }
+    }
+
+    /// Syncs the active segment up to what has been written, then publishes
+    /// it to readers. Returns the offset now durable.
+    fn sync_written(&self) -> Result<u64> {
+        let (active, end, next_offset) = {
+            let mut writer = self.writer.lock();
+            if let Some(file) = writer.index_file.as_mut()
+                && let Err(e) = file.flush()
+            {
+                tracing::warn!(error = %e, "index flush failed; it will be rebuilt on the next open");
+                writer.index_file = None;
+            }
+            (
+                Arc::clone(&writer.active),
+                writer.active.written_end(),
+                writer.next_offset,
+            )
+        };
+        active.sync_to(end)?;
+        active.publish_visible(end);
+        self.advance_high_watermark(next_offset);
+        Ok(next_offset)
+    }
+
+    /// Seals the active segment (if it holds anything) and starts a new one.
+    pub fn roll(&self) -> Result<()> {
+        let (segment_bytes, prefault) = {
+            let c = self.config.read();
+            (c.segment_bytes, c.prefault)
+        };
+        let mut writer = self.writer.lock();
+        self.check_writable()?;
+        if writer.active.is_empty() && !writer.active.is_sealed() {
+            return Ok(());
+        }
+        self.roll_locked(&mut writer, segment_bytes, prefault)
+    }
+
+    fn roll_locked(&self, writer: &mut Writer, segment_bytes: u64, prefault: bool) -> Result<()> {
+        if !writer.active.is_sealed() {
+            if let Some(mut file) = writer.index_file.take() {
+                let _ = file.flush();
+            }
+            let sealed = match writer.active.seal() {
+                Ok(sealed) => Arc::new(sealed),
+                Err(e) => {
+                    // The file may already be truncated: writing on through
+                    // the old map could fault. Refuse writes until reopened.
+                    self.fail(&e);
+                    return Err(e);
+                }
+            };
+            {
+                let mut segments = self.segments.write();
+                *segments.last_mut().expect("a log has a segment") = Arc::clone(&sealed);
+            }
+            writer.active = Arc::clone(&sealed);
+            // Sealing synced everything in it.
+            let sealed_end = sealed.next_offset();
+            {
+                let mut state = self.flush_state.lock();
+                state.durable_offset = state.durable_offset.max(sealed_end);
+            }
+            self.flush_done.notify_all();
+            self.advance_high_watermark(sealed_end);
+        }
+        let base = writer.next_offset;
+        let segment = Arc::new(Segment::create(&self.dir, base, segment_bytes, prefault)?);
+        writer.index_file = Some(open_index_for_append(segment.index_path())?);
+        self.segments.write().push(Arc::clone(&segment));
+        tracing::debug!(dir = %self.dir.display(), base_offset = base, "rolled to a new segment");
+        writer.active = segment;
+        writer.bytes_since_index = u64::from(self.config.read().index_interval_bytes);
+        Ok(())
+    }
+
+    /// Reads whole batches starting with the one holding `from`, up to about
+    /// `max_bytes` (at least one batch, however big). Reading at the high
+    /// watermark returns an empty chunk; outside the log is an error.
+    pub fn read(&self, from: u64, max_bytes: usize) -> Result<ReadChunk> {
+        let high_watermark = self.high_watermark();
+        let segments: Vec<Arc<Segment>> = {
+            let segments = self.segments.read();
+            let i = segments.partition_point(|s| s.base_offset() <= from);
+            segments[i.saturating_sub(1)..].to_vec()
+        };
+        let log_start_offset = self.log_start_offset();
+        let chunk = |data| ReadChunk {
+            data,
+            high_watermark,
+            log_start_offset,
+        };
+        if from < log_start_offset || from > high_watermark {
+            return Err(StorageError::OffsetOutOfRange {
+                offset: from,
+                start: log_start_offset,
+                end: high_watermark,
+            });
+        }
+        for segment in &segments {
+            if let Some(start) = segment.position_of_offset(from) {
+                let end = segment.batch_aligned_end(start, max_bytes);
+                return Ok(chunk(segment.slice(start, end)));
+            }
+        }
+        Ok(chunk(Bytes::new()))
+    }
+
+    /// Reads and decodes records from `from` on (dropping the earlier
+    /// records of the first batch), up to about `max_bytes`.
+    pub fn read_records(&self, from: u64, max_bytes: usize) -> Result<Vec<StoredRecord>> {
+        let chunk = self.read(from, max_bytes)?;
+        Ok(decode_records(chunk.data, from)?)
+    }
+
+    /// The offset of the first record with a timestamp at or after
+    /// `timestamp`, or `None` if every record is older.
+    pub fn offset_for_timestamp(&self, timestamp: i64) -> Option<u64> {
+        let segments: Vec<Arc<Segment>> = self.segments.read().clone();
+        let start = self.log_start_offset();
+        segments
+            .iter()
+            .find_map(|s| s.offset_for_timestamp(timestamp))
+            .map(|offset| offset.max(start))
+    }
+
+    /// Deletes whole sealed segments that retention no longer keeps: those
+    /// whose newest record is older than `retention_age` (measured against
+    /// `now_ms`), and the oldest ones while the log stays at least
+    /// `retention_bytes` without them. The active segment is rolled first
+    /// when it is entirely expired, so time retention reaches quiet logs.
+    /// Readers holding a deleted segment keep reading it until they drop it.
+    pub fn enforce_retention(&self, now_ms: i64) -> Result<RetentionReport> {
+        let (retention_age, retention_bytes) = {
+            let c = self.config.read();
+            (c.retention_age, c.retention_bytes)
+        };
+        let cutoff = retention_age.map(|age| now_ms.saturating_sub(duration_ms(age)));
+        if let Some(cutoff) = cutoff {
+            let writer = self.writer.lock();
+            let expired = !writer.active.is_empty() && writer.active.max_timestamp() < cutoff;
+            drop(writer);
+            if expired {
+                self.roll()?;
+            }
+        }
+        let removed: Vec<Arc<Segment>> = {
+            let mut segments = self.segments.write();
+            let mut total: u64 = segments.iter().map(|s| s.written_end()).sum();
+            let mut count = 0;
+            // Never the last segment: it is the active one.
+            while count + 1 < segments.len() {
+                let oldest = &segments[count];
+                let by_age = cutoff.is_some_and(|c| oldest.max_timestamp() < c);
+                let by_size =
+                    retention_bytes.is_some_and(|limit| total - oldest.written_end() >= limit);
+                if !(by_age || by_size) {
+                    break;
+                }
+                total -= oldest.written_end();
+                count += 1;
+            }
+            let removed: Vec<_> = segments.drain(..count).collect();
+            self.log_start_offset
+                .store(segments[0].base_offset(), Ordering::Release);
+            removed
+        };
+        let mut report = RetentionReport {
+            log_start_offset: self.log_start_offset(),
+            ..RetentionReport::default()
+        };
+        for segment in &removed {
+            segment.remove_files()?;
+            report.deleted_bytes += segment.written_end();
+            report.deleted_segments.push(segment.log_path().to_owned());
+        }
+        if !removed.is_empty() {
+            sync_dir(&self.dir)?;
+            tracing::info!(
+                dir = %self.dir.display(),
+                segments = removed.len(),
+                bytes = report.deleted_bytes,
+                log_start = report.log_start_offset,
+                "retention deleted segments"
+            );
+        }
+        Ok(report)
+    }
+
+    /// Syncs everything and refuses further appends.
+    pub fn close(&self) -> Result<()> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        if !self.has_failed.load(Ordering::Acquire) {
+            self.flush()?;
+        }
+        let mut writer = self.writer.lock();
+        writer.index_file = None;
+        if !writer.active.is_sealed() {
+            // Rewrite the active index whole so the next open trusts it.
+            let entries = writer.active.index_snapshot();
+            segment::write_index_file(writer.active.index_path(), &entries)?;
+        }
+        Ok(())
+    }
+
+    fn advance_high_watermark(&self, offset: u64) {
+        self.high_watermark.send_if_modified(|hw| {
+            if offset > *hw {
+                *hw = offset;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(StorageError::Closed(self.dir.clone()));
+        }
+        self.check_not_failed()
+    }
+
+    fn check_not_failed(&self) -> Result<()> {
+        if self.has_failed.load(Ordering::Acquire) {
+            let reason = self.failed.lock().clone().unwrap_or_default();
+            return Err(StorageError::Failed {
+                path: self.dir.clone(),
+                reason,
+            });
+        }
+        Ok(())
+    }
+
+    fn fail(&self, error: &StorageError) {
+        tracing::error!(dir = %self.dir.display(), %error, "partition log failed; refusing writes until reopened");
+        self.failed.lock().get_or_insert_with(|| error.to_string());
+        self.has_failed.store(true, Ordering::Release);
+    }
+}
+
+impl Drop for PartitionLog {
+    fn drop(&mut self) {
+        if let Some(file) = self.writer.get_mut().index_file.as_mut() {
+            let _ = file.flush();
+        }
+    }
+}
+
+fn duration_ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn open_index_for_append(path: &Path) -> Result<BufWriter<File>> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map(|f| BufWriter::with_capacity(16 * 1024, f))
+        .map_err(|e| StorageError::io("open index", path, e))
+}
+
+/// Base offsets of the segments in `dir`, in order. Leftover temporary files
+/// and index files without a log are removed.
+fn list_segments(dir: &Path) -> Result<Vec<u64>> {
+    let entries = fs::read_dir(dir).map_err(|e| StorageError::io("list log directory", dir, e))?;
+    let mut logs = Vec::new();
+    let mut indexes = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| StorageError::io("list log directory", dir, e))?;
+        let path = entry.path();
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.ends_with(".tmp") {
+            fs::remove_file(&path).map_err(|e| StorageError::io("remove temporary file", &path, e))?;
+            continue;
+        }
+        let Some((stem, ext)) = name.split_once('.') else {
+            continue;
+        };
+        let Ok(base) = stem.parse::<u64>() else {
+            continue;
+        };
+        if stem.len() != 20 {
+            continue;
+        }
+        match ext {
+            segment::LOG_SUFFIX => logs.push(base),
+            segment::INDEX_SUFFIX => indexes.push(base),
+            _ => {}
+        }
+    }
+    logs.sort_unstable();
+    for base in indexes {
+        if logs.binary_search(&base).is_err() {
+            let path = segment::index_path(dir, base);
+            fs::remove_file(&path).map_err(|e| StorageError::io("remove orphan index", &path, e))?;
+        }
+    }
+    Ok(logs)
+}

@@ -1,0 +1,42 @@
+//! The storage engine: partitioned logs as segmented, memory-mapped,
+//! append-only files.
+//!
+//! It owns everything about bytes on disk and nothing else: it knows no
+//! gRPC, topics, groups or producers. Callers hand it encoded batches and get
+//! offsets back; they read whole batches back as zero-copy `Bytes`.
+//!
+//! - [`batch`]: the record batch codec (layout, checksum, record encoding).
+//! - `segment`: one `.log` + `.idx` pair: preallocation, the map, the sparse
+//!   index, sealing, and recovery of a single segment.
+//! - [`PartitionLog`]: the chain of segments of one partition: appends,
+//!   group commit, reads, timestamps, retention, opening and recovery.
+//! - [`IntervalFlusher`]: syncs logs with an `interval(ms)` flush policy.
+//! - [`DataDirLock`]: keeps a second process out of a data directory.
+//!
+//! On-disk layout of one partition directory:
+//!
+//! ```text
+//! 00000000000000000000.log   batches from offset 0, preallocated while active
+//! 00000000000000000000.idx   16-byte entries: relative offset, position, max timestamp
+//! 00000000000000081920.log   the next segment, named by its base offset
+//! ```
+
+pub mod batch;
+mod config;
+mod error;
+mod flusher;
+mod lock;
+mod log;
+mod segment;
+mod varint;
+
+pub use batch::{
+    BatchBuilder, BatchError, BatchHeader, BatchIter, EncodedBatch, Header, ProducerInfo,
+    Record, RecordBatch, StoredRecord, decode_records,
+};
+pub use config::{DEFAULT_SEGMENT_BYTES, FlushPolicy, LogConfig};
+pub use error::{Result, StorageError};
+pub use flusher::IntervalFlusher;
+pub use lock::{DataDirLock, LOCK_FILE};
+pub use log::{AppendInfo, PartitionLog, ReadChunk, RetentionReport};
+pub use segment::TornTail;

@@ -1,0 +1,788 @@
+//! One segment of a partition log: a `.log` file of batches, memory-mapped,
+//! and its sparse `.idx` file.
+//!
+//! This module owns the bytes of one segment: creating and preallocating the
+//! file, the map, copying a batch in, publishing how far readers may read,
+//! syncing, sealing, the index, and recovering a segment from disk. It knows
+//! nothing of other segments: the chain of segments, roll-over, group commit
+//! and retention belong to [`super::log`].
+//!
+//! # Concurrency
+//!
+//! An active segment is written by exactly one writer (the log's writer lock
+//! ensures it) and read by any number of readers. The writer copies a batch
+//! past `written_end` through a raw pointer and then publishes the new end
+//! with a `Release` store; readers `Acquire`-load `visible_end` and only ever
+//! form slices below it. Bytes below `visible_end` are never written again
+//! while the segment is shared, so a reader's `&[u8]` never aliases a write.
+//! `visible_end` trails `written_end` when the flush policy makes readers
+//! wait for durability.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Instant;
+
+use bytes::Bytes;
+use memmap2::{Mmap, MmapOptions, MmapRaw};
+use parking_lot::RwLock;
+
+use super::batch::{BatchError, BatchHeader, RecordBatch, stamp_base_offset};
+use super::error::{Result, StorageError};
+
+pub(crate) const LOG_SUFFIX: &str = "log";
+pub(crate) const INDEX_SUFFIX: &str = "idx";
+pub(crate) const INDEX_ENTRY_LEN: usize = 16;
+
+/// One sparse index entry: the batch holding `base + relative_offset` starts
+/// at `position`. `max_timestamp` is the largest record timestamp of this
+/// batch and every batch before it in the segment, so it never decreases and
+/// a timestamp lookup can binary-search it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct IndexEntry {
+    pub relative_offset: u32,
+    pub position: u32,
+    pub max_timestamp: i64,
+}
+
+impl IndexEntry {
+    pub(crate) fn to_bytes(self) -> [u8; INDEX_ENTRY_LEN] {
+        let mut out = [0u8; INDEX_ENTRY_LEN];
+        out[0..4].copy_from_slice(&self.relative_offset.to_le_bytes());
+        out[4..8].copy_from_slice(&self.position.to_le_bytes());
+        out[8..16].copy_from_slice(&self.max_timestamp.to_le_bytes());
+        out
+    }
+
+    fn from_bytes(b: &[u8]) -> IndexEntry {
+        IndexEntry {
+            relative_offset: u32::from_le_bytes(b[0..4].try_into().expect("4 bytes")),
+            position: u32::from_le_bytes(b[4..8].try_into().expect("4 bytes")),
+            max_timestamp: i64::from_le_bytes(b[8..16].try_into().expect("8 bytes")),
+        }
+    }
+}
+
+pub(crate) fn log_path(dir: &Path, base_offset: u64) -> PathBuf {
+    dir.join(format!("{base_offset:020}.{LOG_SUFFIX}"))
+}
+
+pub(crate) fn index_path(dir: &Path, base_offset: u64) -> PathBuf {
+    dir.join(format!("{base_offset:020}.{INDEX_SUFFIX}"))
+}
+
+/// Makes a new or removed directory entry durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| StorageError::io("sync directory", dir, e))
+}
+
+enum Mapping {
+    /// Active: the whole preallocated file, written through a raw pointer.
+    Writable(MmapRaw),
+    /// Sealed: exactly the file's length, read-only.
+    ReadOnly(Mmap),
+}
+
+/// What recovery found at the end of an active segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TornTail {
+    pub path: PathBuf,
+    /// Where the valid log ends and the discarded bytes begin.
+    pub position: u64,
+    /// How many non-zero bytes were zeroed.
+    pub discarded_bytes: u64,
+    /// Why the first discarded batch was rejected.
+    pub reason: String,
+}
+
+pub(crate) struct Segment {
+    base_offset: u64,
+    log_path: PathBuf,
+    index_path: PathBuf,
+    map: Mapping,
+    /// Bytes the map covers (and the file was preallocated to, when active).
+    capacity: u64,
+    written_end: AtomicU64,
+    visible_end: AtomicU64,
+    synced_end: AtomicU64,
+    /// The offset after the last batch written.
+    next_offset: AtomicU64,
+    /// Largest record timestamp written; `i64::MIN` when empty.
+    max_timestamp: AtomicI64,
+    index: RwLock<Vec<IndexEntry>>,
+    created_at: Instant,
+}
+
+impl std::fmt::Debug for Segment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Segment")
+            .field("path", &self.log_path)
+            .field("base_offset", &self.base_offset)
+            .field("next_offset", &self.next_offset())
+            .field("written_end", &self.written_end())
+            .field("visible_end", &self.visible_end())
+            .finish()
+    }
+}
+
+impl Segment {
+    /// Creates an empty active segment at `base_offset`, preallocated to
+    /// `capacity` bytes, and makes its directory entry durable.
+    pub(crate) fn create(
+        dir: &Path,
+        base_offset: u64,
+        capacity: u64,
+        prefault: bool,
+    ) -> Result<Segment> {
+        let log_path = log_path(dir, base_offset);
+        let index_path = index_path(dir, base_offset);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            // Only a creation that failed half-way can have left a file at
+            // the log's next offset: nothing in it is part of the log.
+            .truncate(true)
+            .open(&log_path)
+            .map_err(|e| StorageError::io("create segment", &log_path, e))?;
+        preallocate(&file, &log_path, 0, capacity)?;
+        File::create(&index_path).map_err(|e| StorageError::io("create index", &index_path, e))?;
+        sync_dir(dir)?;
+        let map = map_writable(&file, &log_path, capacity, prefault)?;
+        Ok(Segment::new_active(
+            base_offset,
+            log_path,
+            index_path,
+            map,
+            capacity,
+            0,
+            base_offset,
+            i64::MIN,
+            Vec::new(),
+        ))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn new_active(
+        base_offset: u64,
+        log_path: PathBuf,
+        index_path: PathBuf,
+        map: MmapRaw,
+        capacity: u64,
+        end: u64,
+        next_offset: u64,
+        max_timestamp: i64,
+        index: Vec<IndexEntry>,
+    ) -> Segment {
+        Segment {
+            base_offset,
+            log_path,
+            index_path,
+            map: Mapping::Writable(map),
+            capacity,
+            written_end: AtomicU64::new(end),
+            visible_end: AtomicU64::new(end),
+            synced_end: AtomicU64::new(end),
+            next_offset: AtomicU64::new(next_offset),
+            max_timestamp: AtomicI64::new(max_timestamp),
+            index: RwLock::new(index),
+            created_at: Instant::now(),
+        }
+    }
+
+    pub(crate) fn base_offset(&self) -> u64 {
+        self.base_offset
+    }
+
+    pub(crate) fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    pub(crate) fn index_path(&self) -> &Path {
+        &self.index_path
+    }
+
+    pub(crate) fn next_offset(&self) -> u64 {
+        self.next_offset.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn written_end(&self) -> u64 {
+        self.written_end.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn visible_end(&self) -> u64 {
+        self.visible_end.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn max_timestamp(&self) -> i64 {
+        self.max_timestamp.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.written_end() == 0
+    }
+
+    pub(crate) fn is_sealed(&self) -> bool {
+        matches!(self.map, Mapping::ReadOnly(_))
+    }
+
+    pub(crate) fn age(&self) -> std::time::Duration {
+        self.created_at.elapsed()
+    }
+
+    /// Bytes still free for batches in an active segment.
+    pub(crate) fn remaining(&self) -> u64 {
+        self.capacity - self.written_end()
+    }
+
+    /// The bytes readers may read: everything below `visible_end`.
+    pub(crate) fn readable(&self) -> &[u8] {
+        let end = self.visible_end() as usize;
+        match &self.map {
+            // SAFETY: the map is `capacity` bytes long and `visible_end <=
+            // written_end <= capacity`. Bytes below `visible_end` were fully
+            // written before it was published (Release/Acquire) and the
+            // single writer only writes at or past `written_end`, so nothing
+            // mutates this range while the returned slice lives. The map
+            // stays alive as long as `self`.
+            Mapping::Writable(raw) => unsafe { std::slice::from_raw_parts(raw.as_ptr(), end) },
+            Mapping::ReadOnly(map) => &map[..end],
+        }
+    }
+
+    /// A zero-copy `Bytes` over `start..end` of the readable range, keeping
+    /// this segment (and so its map) alive for as long as the bytes live,
+    /// even if retention deletes the files meanwhile.
+    pub(crate) fn slice(self: &Arc<Self>, start: u64, end: u64) -> Bytes {
+        debug_assert!(start <= end && end <= self.visible_end());
+        Bytes::from_owner(SegmentBytes {
+            segment: Arc::clone(self),
+            start: start as usize,
+            end: end as usize,
+        })
+    }
+
+    /// Copies `batch` to the end of the active segment with `base_offset`
+    /// stamped in, and publishes it to the writer's end (not yet to readers).
+    ///
+    /// Only the log's writer calls this, holding the writer lock; the caller
+    /// has checked that the batch fits.
+    pub(crate) fn write_batch(&self, header: &BatchHeader, batch: &[u8], base_offset: u64) -> u64 {
+        let Mapping::Writable(raw) = &self.map else {
+            unreachable!("the writer only writes to the active segment");
+        };
+        let position = self.written_end.load(Ordering::Relaxed);
+        let len = batch.len() as u64;
+        assert!(position + len <= self.capacity, "batch overruns the segment");
+        // SAFETY: `position..position + len` lies inside the map (checked
+        // above) and at or past `written_end`, which no reader slices beyond
+        // and no other writer touches (the caller holds the writer lock).
+        // Source and destination cannot overlap: `batch` is not in the map.
+        unsafe {
+            let dst = std::slice::from_raw_parts_mut(raw.as_mut_ptr().add(position as usize), batch.len());
+            dst.copy_from_slice(batch);
+            stamp_base_offset(dst, base_offset);
+        }
+        self.max_timestamp
+            .fetch_max(header.max_timestamp, Ordering::AcqRel);
+        self.next_offset
+            .store(base_offset + u64::from(header.record_count), Ordering::Release);
+        self.written_end.store(position + len, Ordering::Release);
+        position
+    }
+
+    /// Lets readers see everything below `end` (never moves backwards).
+    pub(crate) fn publish_visible(&self, end: u64) {
+        debug_assert!(end <= self.written_end());
+        self.visible_end.fetch_max(end, Ordering::AcqRel);
+    }
+
+    /// Forces the bytes below `end` to disk.
+    pub(crate) fn sync_to(&self, end: u64) -> Result<()> {
+        let synced = self.synced_end.load(Ordering::Acquire);
+        if end <= synced {
+            return Ok(());
+        }
+        if let Mapping::Writable(raw) = &self.map {
+            raw.flush_range(synced as usize, (end - synced) as usize)
+                .map_err(|e| StorageError::io("msync segment", &self.log_path, e))?;
+        }
+        self.synced_end.fetch_max(end, Ordering::AcqRel);
+        Ok(())
+    }
+
+    pub(crate) fn push_index_entry(&self, entry: IndexEntry) {
+        self.index.write().push(entry);
+    }
+
+    pub(crate) fn index_snapshot(&self) -> Vec<IndexEntry> {
+        self.index.read().clone()
+    }
+
+    /// Seals a full active segment: syncs it, truncates the file to the bytes
+    /// written, syncs the index, and returns a read-only segment over the
+    /// same file. Readers holding `self` keep reading their old map safely:
+    /// they never read past `written_end`, which is where the file now ends.
+    pub(crate) fn seal(&self) -> Result<Segment> {
+        let end = self.written_end();
+        self.sync_to(end)?;
+        self.publish_visible(end);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&self.log_path)
+            .map_err(|e| StorageError::io("open segment", &self.log_path, e))?;
+        file.set_len(end)
+            .and_then(|()| file.sync_all())
+            .map_err(|e| StorageError::io("truncate sealed segment", &self.log_path, e))?;
+        let index = self.index.read().clone();
+        write_index_file(&self.index_path, &index)?;
+        let map = map_read_only(&file, &self.log_path, end)?;
+        Ok(Segment {
+            base_offset: self.base_offset,
+            log_path: self.log_path.clone(),
+            index_path: self.index_path.clone(),
+            map: Mapping::ReadOnly(map),
+            capacity: end,
+            written_end: AtomicU64::new(end),
+            visible_end: AtomicU64::new(end),
+            synced_end: AtomicU64::new(end),
+            next_offset: AtomicU64::new(self.next_offset()),
+            max_timestamp: AtomicI64::new(self.max_timestamp()),
+            index: RwLock::new(index),
+            created_at: self.created_at,
+        })
+    }
+
+    /// Deletes both files. Maps held by readers stay valid: an unlinked file
+    /// lives on until its last map is gone.
+    pub(crate) fn remove_files(&self) -> Result<()> {
+        for path in [&self.log_path, &self.index_path] {
+            match fs::remove_file(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StorageError::io("delete segment file", path, e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Byte position of the batch holding `offset`, or `None` if it is not
+    /// among the readable batches of this segment.
+    pub(crate) fn position_of_offset(&self, offset: u64) -> Option<u64> {
+        if offset < self.base_offset {
+            return None;
+        }
+        let relative = offset - self.base_offset;
+        let start = {
+            let index = self.index.read();
+            let i = index.partition_point(|e| u64::from(e.relative_offset) <= relative);
+            if i == 0 { 0 } else { u64::from(index[i - 1].position) }
+        };
+        self.scan_batches(start, |header| header.last_offset() >= offset)
+            .map(|(pos, _)| pos)
+    }
+
+    /// Walks batch headers from `start` (a batch boundary) through the
+    /// readable range and returns the first batch for which `found` holds.
+    fn scan_batches(
+        &self,
+        start: u64,
+        mut found: impl FnMut(&BatchHeader) -> bool,
+    ) -> Option<(u64, BatchHeader)> {
+        let data = self.readable();
+        let mut pos = start as usize;
+        while pos < data.len() {
+            // Bytes below visible_end were validated or written by us: a
+            // header that does not parse there is a bug, not bad input.
+            let header = BatchHeader::parse(&data[pos..]).ok()?;
+            if found(&header) {
+                return Some((pos as u64, header));
+            }
+            pos += header.total_len();
+        }
+        None
+    }
+
+    /// Position just past the last whole batch that starts before
+    /// `start + max_bytes`, always including at least the first batch, so a
+    /// batch bigger than `max_bytes` is still delivered.
+    pub(crate) fn batch_aligned_end(&self, start: u64, max_bytes: usize) -> u64 {
+        let data = self.readable();
+        let mut pos = start as usize;
+        let limit = (start as usize).saturating_add(max_bytes);
+        while pos < data.len() {
+            let Ok(header) = BatchHeader::parse(&data[pos..]) else {
+                break;
+            };
+            let end = pos + header.total_len();
+            if end > limit && pos > start as usize {
+                break;
+            }
+            pos = end;
+        }
+        pos as u64
+    }
+
+    /// The offset of the first readable record whose timestamp is at or after
+    /// `timestamp`, if any.
+    pub(crate) fn offset_for_timestamp(self: &Arc<Self>, timestamp: i64) -> Option<u64> {
+        if self.max_timestamp() < timestamp {
+            return None;
+        }
+        let start = {
+            let index = self.index.read();
+            let i = index.partition_point(|e| e.max_timestamp < timestamp);
+            if i == 0 { 0 } else { u64::from(index[i - 1].position) }
+        };
+        let (pos, header) = self.scan_batches(start, |h| h.max_timestamp >= timestamp)?;
+        let bytes = self.slice(pos, pos + header.total_len() as u64);
+        let (batch, _) = RecordBatch::decode_front(&bytes).ok()?;
+        batch
+            .records()
+            .filter_map(|r| r.ok())
+            .find(|r| r.record.timestamp >= timestamp)
+            .map(|r| r.offset)
+    }
+
+    /// Opens a sealed segment. Its index is trusted only after its last entry
+    /// checks out; the batches after that entry are verified (checksums
+    /// included) and must end exactly at the end of the file. A missing or
+    /// damaged index is rebuilt from the log.
+    pub(crate) fn open_sealed(dir: &Path, base_offset: u64, index_interval: u32) -> Result<Segment> {
+        let log_path = log_path(dir, base_offset);
+        let index_path = index_path(dir, base_offset);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&log_path)
+            .map_err(|e| StorageError::io("open segment", &log_path, e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| StorageError::io("stat segment", &log_path, e))?
+            .len();
+        if len == 0 {
+            return Err(StorageError::Corrupt {
+                path: log_path,
+                position: 0,
+                reason: "a sealed segment is empty".into(),
+            });
+        }
+        let map = map_read_only(&file, &log_path, len)?;
+        let stored_index = read_index_file(&index_path)?;
+        let trusted = trusted_index_prefix(&map, base_offset, &stored_index);
+        let index_was_whole = trusted == stored_index.len();
+        let mut index: Vec<IndexEntry> = stored_index[..trusted].to_vec();
+        let walk = walk_batches(&map, base_offset, &mut index, index_interval);
+        if let Some(reason) = walk.stop_reason
+            && (walk.end as u64) < len
+        {
+            return Err(StorageError::Corrupt {
+                path: log_path,
+                position: walk.end as u64,
+                reason: format!(
+                    "{reason}; a sealed segment must hold whole batches up to its end \
+                     (move the file aside to start without it)"
+                ),
+            });
+        }
+        if !index_was_whole || index.len() != stored_index.len() {
+            write_index_file(&index_path, &index)?;
+        }
+        Ok(Segment {
+            base_offset,
+            log_path,
+            index_path,
+            map: Mapping::ReadOnly(map),
+            capacity: len,
+            written_end: AtomicU64::new(len),
+            visible_end: AtomicU64::new(len),
+            synced_end: AtomicU64::new(len),
+            next_offset: AtomicU64::new(walk.next_offset),
+            max_timestamp: AtomicI64::new(walk.max_timestamp),
+            index: RwLock::new(index),
+            created_at: Instant::now(),
+        })
+    }
+
+    /// Opens the last segment of a log for writing and recovers it: keeps
+    /// the batches that check out (magic, length, checksum, offset chain),
+    /// zeroes everything after the first one that does not, and rewrites the
+    /// index to match. Returns what was cut off, if anything.
+    pub(crate) fn recover_active(
+        dir: &Path,
+        base_offset: u64,
+        capacity: u64,
+        index_interval: u32,
+        prefault: bool,
+    ) -> Result<(Segment, Option<TornTail>)> {
+        let log_path = log_path(dir, base_offset);
+        let index_path = index_path(dir, base_offset);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&log_path)
+            .map_err(|e| StorageError::io("open segment", &log_path, e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| StorageError::io("stat segment", &log_path, e))?
+            .len();
+        // A segment sealed just before a crash (truncated, no successor yet)
+        // or cut short during creation is grown back to full size.
+        let capacity = capacity.max(len);
+        if len < capacity {
+            preallocate(&file, &log_path, len, capacity - len)?;
+        }
+        let raw = map_writable(&file, &log_path, capacity, prefault)?;
+        // SAFETY: the segment is not shared yet: no reader or writer exists,
+        // so a shared view of the whole map aliases nothing.
+        let data = unsafe { std::slice::from_raw_parts(raw.as_ptr(), capacity as usize) };
+        let stored_index = read_index_file(&index_path)?;
+        let trusted = trusted_index_prefix(data, base_offset, &stored_index);
+        let mut index: Vec<IndexEntry> = stored_index[..trusted].to_vec();
+        let walk = walk_batches(data, base_offset, &mut index, index_interval);
+        let end = walk.end;
+        // Only a walk that stopped at bytes it rejected (not at clean zeroes)
+        // pays for a scan of the rest of the file.
+        let last_nonzero = match &walk.stop_reason {
+            Some(_) => data[end..].iter().rposition(|&b| b != 0),
+            None => None,
+        };
+        let torn = match last_nonzero {
+            None => None,
+            Some(last_nonzero) => {
+                let discarded = last_nonzero + 1;
+                // SAFETY: still unshared (see above); `end + discarded` is
+                // within the map since `last_nonzero` indexes `data[end..]`.
+                unsafe { std::ptr::write_bytes(raw.as_mut_ptr().add(end), 0, discarded) };
+                raw.flush_range(end, discarded)
+                    .map_err(|e| StorageError::io("zero torn tail", &log_path, e))?;
+                let torn = TornTail {
+                    path: log_path.clone(),
+                    position: end as u64,
+                    discarded_bytes: discarded as u64,
+                    reason: walk
+                        .stop_reason
+                        .unwrap_or_else(|| "unreadable bytes after the last batch".into()),
+                };
+                tracing::warn!(
+                    segment = %torn.path.display(),
+                    position = torn.position,
+                    discarded_bytes = torn.discarded_bytes,
+                    reason = %torn.reason,
+                    "truncated torn tail of segment"
+                );
+                Some(torn)
+            }
+        };
+        // What survived a kill is in the page cache; make it durable before
+        // anything is appended after it.
+        if end > 0 {
+            raw.flush_range(0, end)
+                .map_err(|e| StorageError::io("msync segment", &log_path, e))?;
+        }
+        write_index_file(&index_path, &index)?;
+        Ok((
+            Segment::new_active(
+                base_offset,
+                log_path,
+                index_path,
+                raw,
+                capacity,
+                end as u64,
+                walk.next_offset,
+                walk.max_timestamp,
+                index,
+            ),
+            torn,
+        ))
+    }
+}
+
+/// A readable range of a segment, owned: what a `Bytes` from
+/// [`Segment::slice`] points into.
+struct SegmentBytes {
+    segment: Arc<Segment>,
+    start: usize,
+    end: usize,
+}
+
+impl AsRef<[u8]> for SegmentBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.segment.readable()[self.start..self.end]
+    }
+}
+
+struct Walk {
+    /// Byte position after the last good batch.
+    end: usize,
+    next_offset: u64,
+    max_timestamp: i64,
+    /// Why the walk stopped before the end of the data, if it found bytes it
+    /// could not accept (as opposed to clean zeroes or the end).
+    stop_reason: Option<String>,
+}
+
+/// Walks batches from the last trusted index entry (or the start), verifying
+/// each one, and appends index entries for the batches it passes.
+fn walk_batches(
+    data: &[u8],
+    base_offset: u64,
+    index: &mut Vec<IndexEntry>,
+    index_interval: u32,
+) -> Walk {
+    let (mut pos, mut expected, mut max_ts) = match index.last() {
+        Some(e) => (
+            e.position as usize,
+            base_offset + u64::from(e.relative_offset),
+            e.max_timestamp,
+        ),
+        None => (0, base_offset, i64::MIN),
+    };
+    // The batch under the last trusted entry is walked again, so drop the
+    // entry and let the walk re-add it.
+    index.pop();
+    let mut since_index = u64::from(index_interval);
+    let mut stop_reason = None;
+    while pos < data.len() {
+        let header = match BatchHeader::parse_checked(&data[pos..]) {
+            Ok(h) => h,
+            Err(BatchError::BadMagic(0)) if data[pos..].iter().take(64).all(|&b| b == 0) => break,
+            Err(e) => {
+                stop_reason = Some(e.to_string());
+                break;
+            }
+        };
+        if header.base_offset != expected {
+            stop_reason = Some(format!(
+                "batch has base offset {} where offset {expected} was expected",
+                header.base_offset
+            ));
+            break;
+        }
+        max_ts = max_ts.max(header.max_timestamp);
+        if since_index >= u64::from(index_interval) {
+            index.push(IndexEntry {
+                relative_offset: (header.base_offset - base_offset) as u32,
+                position: pos as u32,
+                max_timestamp: max_ts,
+            });
+            since_index = 0;
+        }
+        since_index += header.total_len() as u64;
+        pos += header.total_len();
+        expected = header.next_offset();
+    }
+    Walk {
+        end: pos,
+        next_offset: expected,
+        max_timestamp: max_ts,
+        stop_reason,
+    }
+}
+
+/// How many leading entries of a stored index are believable: increasing,
+/// inside the data, and each pointing at a batch header with the offset the
+/// entry claims. Only the headers are checked here; the walk that follows
+/// verifies checksums from the last trusted entry on.
+fn trusted_index_prefix(data: &[u8], base_offset: u64, entries: &[IndexEntry]) -> usize {
+    let mut previous: Option<IndexEntry> = None;
+    for (i, entry) in entries.iter().enumerate() {
+        let ordered = previous.is_none_or(|p| {
+            entry.relative_offset > p.relative_offset
+                && entry.position > p.position
+                && entry.max_timestamp >= p.max_timestamp
+        });
+        let first_at_zero = previous.is_some() || entry.position == 0;
+        let points_at_batch = data
+            .get(entry.position as usize..)
+            .and_then(|rest| BatchHeader::parse(rest).ok())
+            .is_some_and(|h| h.base_offset == base_offset + u64::from(entry.relative_offset));
+        if !(ordered && first_at_zero && points_at_batch) {
+            return i;
+        }
+        previous = Some(*entry);
+    }
+    entries.len()
+}
+
+fn read_index_file(path: &Path) -> Result<Vec<IndexEntry>> {
+    let bytes = match fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(StorageError::io("read index", path, e)),
+    };
+    // A partial trailing entry is a torn write: ignore it.
+    Ok(bytes
+        .chunks_exact(INDEX_ENTRY_LEN)
+        .map(IndexEntry::from_bytes)
+        .collect())
+}
+
+/// Replaces an index file atomically (tmp + fsync + rename).
+pub(crate) fn write_index_file(path: &Path, entries: &[IndexEntry]) -> Result<()> {
+    let tmp = path.with_extension("idx.tmp");
+    let mut bytes = Vec::with_capacity(entries.len() * INDEX_ENTRY_LEN);
+    for entry in entries {
+        bytes.extend_from_slice(&entry.to_bytes());
+    }
+    let write = || -> io::Result<()> {
+        let mut file = File::create(&tmp)?;
+        file.write_all(&bytes)?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)
+    };
+    write().map_err(|e| StorageError::io("write index", path, e))?;
+    if let Some(dir) = path.parent() {
+        sync_dir(dir)?;
+    }
+    Ok(())
+}
+
+/// Allocates real blocks for `offset..offset + len`: a sparse file written
+/// through a map turns a full disk into SIGBUS instead of an error.
+fn preallocate(file: &File, path: &Path, offset: u64, len: u64) -> Result<()> {
+    use rustix::fs::{FallocateFlags, fallocate};
+    match fallocate(file, FallocateFlags::empty(), offset, len) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::OPNOTSUPP) => {
+            // No fallocate on this filesystem: write real zeroes instead.
+            tracing::debug!(path = %path.display(), "fallocate unsupported, writing zeroes");
+            use std::os::unix::fs::FileExt;
+            let zeroes = vec![0u8; 1 << 20];
+            let mut at = offset;
+            while at < offset + len {
+                let n = (offset + len - at).min(zeroes.len() as u64) as usize;
+                file.write_all_at(&zeroes[..n], at)
+                    .map_err(|e| StorageError::io("preallocate segment", path, e))?;
+                at += n as u64;
+            }
+            Ok(())
+        }
+        Err(e) => Err(StorageError::io("preallocate segment", path, e.into())),
+    }
+}
+
+fn map_writable(file: &File, path: &Path, len: u64, prefault: bool) -> Result<MmapRaw> {
+    let mut options = MmapOptions::new();
+    options.len(len as usize);
+    if prefault {
+        options.populate();
+    }
+    options
+        .map_raw(file)
+        .map_err(|e| StorageError::io("map segment", path, e))
+}
+
+fn map_read_only(file: &File, path: &Path, len: u64) -> Result<Mmap> {
+    // SAFETY: the file is a sealed segment: it is never written again, and
+    // it is only truncated or deleted by this process, which keeps the
+    // segment (and so this map) alive for as long as any reader holds it.
+    // The data directory lock keeps other Sluice processes out.
+    unsafe { MmapOptions::new().len(len as usize).map(file) }
+        .map_err(|e| StorageError::io("map segment", path, e))
+}
