@@ -36,9 +36,7 @@
 
 use bytes::{Bytes, BytesMut};
 
-use super::varint::{
-    get_uvarint, get_varint, put_uvarint, put_varint, uvarint_len, varint_len,
-};
+use super::varint::{get_uvarint, get_varint, put_uvarint, put_varint, uvarint_len, varint_len};
 
 /// "SLB1" read as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"SLB1");
@@ -332,8 +330,8 @@ impl BatchBuilder {
     pub fn finish(self, producer: ProducerInfo) -> EncodedBatch {
         assert!(self.record_count > 0, "a batch needs at least one record");
         let mut buf = self.buf;
-        let length = u32::try_from(buf.len() - LENGTH_PREFIX_LEN)
-            .expect("a batch is smaller than 4 GiB");
+        let length =
+            u32::try_from(buf.len() - LENGTH_PREFIX_LEN).expect("a batch is smaller than 4 GiB");
         write_u32(&mut buf, OFF_MAGIC, MAGIC);
         write_u32(&mut buf, OFF_LENGTH, length);
         write_u64(&mut buf, OFF_BASE_OFFSET, 0);
@@ -355,9 +353,8 @@ impl BatchBuilder {
 
     /// Encodes `records` into one batch.
     pub fn encode(records: &[Record], producer: ProducerInfo) -> EncodedBatch {
-        let mut builder = BatchBuilder::with_capacity(
-            records.iter().map(|r| r.value.len() + 16).sum::<usize>(),
-        );
+        let mut builder =
+            BatchBuilder::with_capacity(records.iter().map(|r| r.value.len() + 16).sum::<usize>());
         for record in records {
             builder.push(record);
         }
@@ -530,7 +527,9 @@ fn decode_record(
     *rest = rest.slice(n + body_len..);
 
     let mut cursor = Cursor { buf: &body, pos: 0 };
-    let offset_delta = cursor.uvarint().ok_or_else(|| malformed("bad offset delta"))?;
+    let offset_delta = cursor
+        .uvarint()
+        .ok_or_else(|| malformed("bad offset delta"))?;
     if offset_delta != u64::from(index) {
         return Err(malformed("offset delta out of order"));
     }
@@ -545,11 +544,15 @@ fn decode_record(
         ),
         _ => return Err(malformed("negative key length")),
     };
-    let value_len = cursor.uvarint().ok_or_else(|| malformed("bad value length"))?;
+    let value_len = cursor
+        .uvarint()
+        .ok_or_else(|| malformed("bad value length"))?;
     let value = cursor
         .take(&body, value_len)
         .ok_or_else(|| malformed("value past the end"))?;
-    let header_count = cursor.uvarint().ok_or_else(|| malformed("bad header count"))?;
+    let header_count = cursor
+        .uvarint()
+        .ok_or_else(|| malformed("bad header count"))?;
     // Each header takes at least two bytes: a count beyond that is corrupt
     // and must not drive a huge allocation.
     if header_count > (body.len() - cursor.pos) as u64 / 2 {
@@ -557,13 +560,17 @@ fn decode_record(
     }
     let mut headers = Vec::with_capacity(header_count as usize);
     for _ in 0..header_count {
-        let key_len = cursor.uvarint().ok_or_else(|| malformed("bad header key"))?;
+        let key_len = cursor
+            .uvarint()
+            .ok_or_else(|| malformed("bad header key"))?;
         let key = cursor
             .take(&body, key_len)
             .ok_or_else(|| malformed("header key past the end"))?;
-        let key = String::from_utf8(key.to_vec())
-            .map_err(|_| malformed("header key is not UTF-8"))?;
-        let value_len = cursor.uvarint().ok_or_else(|| malformed("bad header value"))?;
+        let key =
+            String::from_utf8(key.to_vec()).map_err(|_| malformed("header key is not UTF-8"))?;
+        let value_len = cursor
+            .uvarint()
+            .ok_or_else(|| malformed("bad header value"))?;
         let value = cursor
             .take(&body, value_len)
             .ok_or_else(|| malformed("header value past the end"))?;
@@ -790,7 +797,10 @@ mod tests {
         let batch = BatchBuilder::encode(&sample_records(), ProducerInfo::NONE);
         for base in [0, 1, u64::MAX - 10] {
             let stamped = stamped_copy(&batch, base);
-            assert_eq!(BatchHeader::parse_checked(&stamped).unwrap().base_offset, base);
+            assert_eq!(
+                BatchHeader::parse_checked(&stamped).unwrap().base_offset,
+                base
+            );
         }
     }
 
@@ -811,7 +821,10 @@ mod tests {
                 bad[pos] ^= bit;
                 let bad = Bytes::from(bad);
                 let result = RecordBatch::decode_front(&bad);
-                assert!(result.is_err(), "flip of bit {bit:#x} at byte {pos} went unnoticed");
+                assert!(
+                    result.is_err(),
+                    "flip of bit {bit:#x} at byte {pos} went unnoticed"
+                );
             }
         }
     }

@@ -133,14 +133,30 @@ mod tests {
         for (text, policy) in [
             ("every-batch", FlushPolicy::EveryBatch),
             ("os", FlushPolicy::Os),
-            ("interval(250ms)", FlushPolicy::Interval(Duration::from_millis(250))),
-            ("interval(2s)", FlushPolicy::Interval(Duration::from_secs(2))),
-            ("interval(40)", FlushPolicy::Interval(Duration::from_millis(40))),
+            (
+                "interval(250ms)",
+                FlushPolicy::Interval(Duration::from_millis(250)),
+            ),
+            (
+                "interval(2s)",
+                FlushPolicy::Interval(Duration::from_secs(2)),
+            ),
+            (
+                "interval(40)",
+                FlushPolicy::Interval(Duration::from_millis(40)),
+            ),
         ] {
             assert_eq!(text.parse::<FlushPolicy>().unwrap(), policy);
             assert_eq!(policy.to_string().parse::<FlushPolicy>().unwrap(), policy);
         }
-        for bad in ["", "always", "interval()", "interval(0ms)", "interval(-1)", "interval(5m)"] {
+        for bad in [
+            "",
+            "always",
+            "interval()",
+            "interval(0ms)",
+            "interval(-1)",
+            "interval(5m)",
+        ] {
             assert!(bad.parse::<FlushPolicy>().is_err(), "{bad:?} parsed");
         }
     }

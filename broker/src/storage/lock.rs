@@ -75,7 +75,10 @@ mod tests {
         let err = DataDirLock::acquire(dir.path()).unwrap_err();
         let message = err.to_string();
         assert!(matches!(err, StorageError::Locked { .. }), "{message}");
-        assert!(message.contains(&format!("pid {}", std::process::id())), "{message}");
+        assert!(
+            message.contains(&format!("pid {}", std::process::id())),
+            "{message}"
+        );
         drop(first);
         DataDirLock::acquire(dir.path()).expect("free again once the holder is gone");
     }

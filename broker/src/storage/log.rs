@@ -644,7 +644,8 @@ fn list_segments(dir: &Path) -> Result<Vec<u64>> {
         let name = entry.file_name();
         let name = name.to_string_lossy();
         if name.ends_with(".tmp") {
-            fs::remove_file(&path).map_err(|e| StorageError::io("remove temporary file", &path, e))?;
+            fs::remove_file(&path)
+                .map_err(|e| StorageError::io("remove temporary file", &path, e))?;
             continue;
         }
         let Some((stem, ext)) = name.split_once('.') else {
@@ -666,7 +667,8 @@ fn list_segments(dir: &Path) -> Result<Vec<u64>> {
     for base in indexes {
         if logs.binary_search(&base).is_err() {
             let path = segment::index_path(dir, base);
-            fs::remove_file(&path).map_err(|e| StorageError::io("remove orphan index", &path, e))?;
+            fs::remove_file(&path)
+                .map_err(|e| StorageError::io("remove orphan index", &path, e))?;
         }
     }
     Ok(logs)

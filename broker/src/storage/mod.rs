@@ -31,8 +31,8 @@ mod segment;
 mod varint;
 
 pub use batch::{
-    BatchBuilder, BatchError, BatchHeader, BatchIter, EncodedBatch, Header, ProducerInfo,
-    Record, RecordBatch, StoredRecord, decode_records,
+    BatchBuilder, BatchError, BatchHeader, BatchIter, EncodedBatch, Header, ProducerInfo, Record,
+    RecordBatch, StoredRecord, decode_records,
 };
 pub use config::{DEFAULT_SEGMENT_BYTES, FlushPolicy, LogConfig};
 pub use error::{Result, StorageError};

@@ -277,20 +277,28 @@ impl Segment {
         };
         let position = self.written_end.load(Ordering::Relaxed);
         let len = batch.len() as u64;
-        assert!(position + len <= self.capacity, "batch overruns the segment");
+        assert!(
+            position + len <= self.capacity,
+            "batch overruns the segment"
+        );
         // SAFETY: `position..position + len` lies inside the map (checked
         // above) and at or past `written_end`, which no reader slices beyond
         // and no other writer touches (the caller holds the writer lock).
         // Source and destination cannot overlap: `batch` is not in the map.
         unsafe {
-            let dst = std::slice::from_raw_parts_mut(raw.as_mut_ptr().add(position as usize), batch.len());
+            let dst = std::slice::from_raw_parts_mut(
+                raw.as_mut_ptr().add(position as usize),
+                batch.len(),
+            );
             dst.copy_from_slice(batch);
             stamp_base_offset(dst, base_offset);
         }
         self.max_timestamp
             .fetch_max(header.max_timestamp, Ordering::AcqRel);
-        self.next_offset
-            .store(base_offset + u64::from(header.record_count), Ordering::Release);
+        self.next_offset.store(
+            base_offset + u64::from(header.record_count),
+            Ordering::Release,
+        );
         self.written_end.store(position + len, Ordering::Release);
         position
     }
@@ -381,7 +389,11 @@ impl Segment {
         let start = {
             let index = self.index.read();
             let i = index.partition_point(|e| u64::from(e.relative_offset) <= relative);
-            if i == 0 { 0 } else { u64::from(index[i - 1].position) }
+            if i == 0 {
+                0
+            } else {
+                u64::from(index[i - 1].position)
+            }
         };
         self.scan_batches(start, |header| header.last_offset() >= offset)
             .map(|(pos, _)| pos)
@@ -437,7 +449,11 @@ impl Segment {
         let start = {
             let index = self.index.read();
             let i = index.partition_point(|e| e.max_timestamp < timestamp);
-            if i == 0 { 0 } else { u64::from(index[i - 1].position) }
+            if i == 0 {
+                0
+            } else {
+                u64::from(index[i - 1].position)
+            }
         };
         let (pos, header) = self.scan_batches(start, |h| h.max_timestamp >= timestamp)?;
         let bytes = self.slice(pos, pos + header.total_len() as u64);
@@ -453,7 +469,11 @@ impl Segment {
     /// checks out; the batches after that entry are verified (checksums
     /// included) and must end exactly at the end of the file. A missing or
     /// damaged index is rebuilt from the log.
-    pub(crate) fn open_sealed(dir: &Path, base_offset: u64, index_interval: u32) -> Result<Segment> {
+    pub(crate) fn open_sealed(
+        dir: &Path,
+        base_offset: u64,
+        index_interval: u32,
+    ) -> Result<Segment> {
         let log_path = log_path(dir, base_offset);
         let index_path = index_path(dir, base_offset);
         let file = OpenOptions::new()
@@ -509,10 +529,11 @@ impl Segment {
         })
     }
 
-    /// Opens the last segment of a log for writing and recovers it: keeps
-    /// the batches that check out (magic, length, checksum, offset chain),
-    /// zeroes everything after the first one that does not, and rewrites the
-    /// index to match. Returns what was cut off, if anything.
+    /// Opens the last segment of a log for writing and recovers it: walks
+    /// every batch from the start, keeps those that check out (magic,
+    /// length, checksum, offset chain), zeroes everything after the first one
+    /// that does not, and rebuilds the index from the walk. Returns what was
+    /// cut off, if anything.
     pub(crate) fn recover_active(
         dir: &Path,
         base_offset: u64,
@@ -541,9 +562,10 @@ impl Segment {
         // SAFETY: the segment is not shared yet: no reader or writer exists,
         // so a shared view of the whole map aliases nothing.
         let data = unsafe { std::slice::from_raw_parts(raw.as_ptr(), capacity as usize) };
-        let stored_index = read_index_file(&index_path)?;
-        let trusted = trusted_index_prefix(data, base_offset, &stored_index);
-        let mut index: Vec<IndexEntry> = stored_index[..trusted].to_vec();
+        // The whole active segment is verified, not just what follows the
+        // last index entry: index entries can reach the disk before the log
+        // bytes they point at, and this is the segment a crash hits.
+        let mut index = Vec::new();
         let walk = walk_batches(data, base_offset, &mut index, index_interval);
         let end = walk.end;
         // Only a walk that stopped at bytes it rejected (not at clean zeroes)
