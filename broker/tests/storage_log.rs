@@ -565,3 +565,41 @@ fn a_crash_between_seal_and_new_segment_recovers() {
         "grown back to full size"
     );
 }
+
+#[test]
+fn a_seal_interrupted_by_a_crash_is_finished_on_open() {
+    // Under lazy flush policies the old segment is sealed (synced and
+    // truncated) in the background after the roll; a crash before that
+    // leaves a full-size file with a zero tail in front of the new segment.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(4096, FlushPolicy::Os);
+    {
+        let log = PartitionLog::open(dir.path(), cfg.clone()).unwrap();
+        for i in 0..40 {
+            log.append(&batch_for(i, 1, 200)).unwrap();
+        }
+        log.close().unwrap();
+    }
+    let logs = segment_files(dir.path(), "log");
+    assert!(logs.len() >= 3);
+    let sealed_len = logs[1].metadata().unwrap().len();
+    assert!(sealed_len < 4096, "sealed segments are truncated");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&logs[1])
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
+    std::fs::remove_file(logs[1].with_extension("idx")).unwrap();
+    let log = PartitionLog::open(dir.path(), cfg).unwrap();
+    assert_eq!(
+        logs[1].metadata().unwrap().len(),
+        sealed_len,
+        "the seal was finished"
+    );
+    assert!(
+        logs[1].with_extension("idx").exists(),
+        "and its index rebuilt"
+    );
+    assert_holds(&log, 0, 40, 200);
+}

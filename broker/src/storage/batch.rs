@@ -57,6 +57,9 @@ const OFF_MAGIC: usize = 0;
 const OFF_LENGTH: usize = 4;
 const OFF_BASE_OFFSET: usize = 8;
 const OFF_CRC: usize = 16;
+/// Where the base offset sits: outside the checksummed range, so the log can
+/// stamp it without touching the checksum.
+pub(crate) const BASE_OFFSET_RANGE: std::ops::Range<usize> = OFF_BASE_OFFSET..OFF_CRC;
 /// The checksum covers everything from here to the end of the batch.
 pub(crate) const CRC_FROM: usize = 20;
 const OFF_ATTRIBUTES: usize = 20;
@@ -429,7 +432,7 @@ impl EncodedBatch {
 /// Writes `base_offset` into an encoded batch in place (the field is outside
 /// the checksum).
 #[inline]
-pub(crate) fn stamp_base_offset(batch: &mut [u8], base_offset: u64) {
+fn stamp_base_offset(batch: &mut [u8], base_offset: u64) {
     write_u64(batch, OFF_BASE_OFFSET, base_offset);
 }
 

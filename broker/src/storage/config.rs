@@ -84,9 +84,6 @@ pub struct LogConfig {
     /// Delete the oldest sealed segments while the log stays at least this big
     /// without them.
     pub retention_bytes: Option<u64>,
-    /// Fault every page of a new segment in when it is created, so appends
-    /// do not take a page fault per 4 KiB.
-    pub prefault: bool,
 }
 
 pub const DEFAULT_SEGMENT_BYTES: u64 = 128 * 1024 * 1024;
@@ -102,7 +99,6 @@ impl Default for LogConfig {
             flush: FlushPolicy::EveryBatch,
             retention_age: Some(Duration::from_secs(7 * 24 * 3600)),
             retention_bytes: None,
-            prefault: false,
         }
     }
 }

@@ -90,8 +90,8 @@ pub struct PartitionLog {
     end_offset: AtomicU64,
     log_start_offset: AtomicU64,
     high_watermark: watch::Sender<u64>,
-    failed: Mutex<Option<String>>,
-    has_failed: AtomicBool,
+    failure: Arc<Failure>,
+    pending_seals: Mutex<Vec<std::thread::JoinHandle<()>>>,
     closed: AtomicBool,
     torn_tail: Option<TornTail>,
 }
@@ -120,12 +120,7 @@ impl PartitionLog {
         let mut segments: Vec<Arc<Segment>> = Vec::with_capacity(bases.len().max(1));
         let mut torn_tail = None;
         if bases.is_empty() {
-            segments.push(Arc::new(Segment::create(
-                &dir,
-                0,
-                config.segment_bytes,
-                config.prefault,
-            )?));
+            segments.push(Arc::new(Segment::create(&dir, 0, config.segment_bytes)?));
         }
         for (i, &base) in bases.iter().enumerate() {
             if let Some(previous) = segments.last()
@@ -145,7 +140,6 @@ impl PartitionLog {
                     base,
                     config.segment_bytes,
                     config.index_interval_bytes,
-                    config.prefault,
                 )?;
                 torn_tail = torn;
                 segment
@@ -184,8 +178,8 @@ impl PartitionLog {
             end_offset: AtomicU64::new(next_offset),
             log_start_offset: AtomicU64::new(log_start),
             high_watermark: watch::Sender::new(next_offset),
-            failed: Mutex::new(None),
-            has_failed: AtomicBool::new(false),
+            failure: Arc::default(),
+            pending_seals: Mutex::new(Vec::new()),
             closed: AtomicBool::new(false),
             torn_tail,
         })
@@ -247,14 +241,13 @@ impl PartitionLog {
     /// Appends one batch, assigning it the next offsets. With
     /// `FlushPolicy::EveryBatch` it returns once the batch is on disk.
     pub fn append(&self, batch: &EncodedBatch) -> Result<AppendInfo> {
-        let (segment_bytes, index_interval, flush, segment_age, prefault) = {
+        let (segment_bytes, index_interval, flush, segment_age) = {
             let c = self.config.read();
             (
                 c.segment_bytes,
                 u64::from(c.index_interval_bytes),
                 c.flush,
                 c.segment_age,
-                c.prefault,
             )
         };
         let len = batch.len() as u64;
@@ -266,22 +259,16 @@ impl PartitionLog {
         }
         let mut writer = self.writer.lock();
         self.check_writable()?;
-        let age_due = segment_age.is_some_and(|age| writer.active.age() >= age);
-        let needs_roll = writer.active.is_sealed()
-            || (!writer.active.is_empty() && (writer.active.remaining() < len || age_due));
-        if needs_roll {
-            self.roll_locked(&mut writer, segment_bytes, prefault)?;
-        }
-        if writer.active.remaining() < len {
-            // Only an active segment created under an older, smaller
-            // segment size can get here; roll to one of the current size.
-            self.roll_locked(&mut writer, segment_bytes, prefault)?;
+        let active = &writer.active;
+        let age_due = !active.is_empty() && segment_age.is_some_and(|age| active.age() >= age);
+        if active.remaining() < len || age_due {
+            self.roll_locked(&mut writer, segment_bytes, flush)?;
         }
         let base_offset = writer.next_offset;
         let header = batch.header();
         let position = writer
             .active
-            .write_batch(header, batch.as_bytes(), base_offset);
+            .write_batch(header, batch.as_bytes(), base_offset)?;
         let next_offset = base_offset + u64::from(header.record_count);
         writer.next_offset = next_offset;
         self.end_offset.store(next_offset, Ordering::Release);
@@ -346,7 +333,7 @@ impl PartitionLog {
             if state.durable_offset >= target {
                 return Ok(());
             }
-            self.check_not_failed()?;
+            self.failure.check(&self.dir)?;
             if state.flushing {
                 self.flush_done.wait(&mut state);
                 continue;
@@ -360,7 +347,7 @@ impl PartitionLog {
             match result {
                 Ok(durable) => state.durable_offset = state.durable_offset.max(durable),
                 Err(e) => {
-                    self.fail(&e);
+                    self.failure.set(&self.dir, &e);
                     self.flush_done.notify_all();
                     return Err(e);
                 }
@@ -372,6 +359,9 @@ impl PartitionLog {
     /// Syncs the active segment up to what has been written, then publishes
     /// it to readers. Returns the offset now durable.
     fn sync_written(&self) -> Result<u64> {
+        // Segments rolled past under a lazier policy may still be sealing.
+        self.finish_pending_seals();
+        self.failure.check(&self.dir)?;
         let (active, end, next_offset) = {
             let mut writer = self.writer.lock();
             if let Some(file) = writer.index_file.as_mut()
@@ -394,54 +384,108 @@ impl PartitionLog {
 
     /// Seals the active segment (if it holds anything) and starts a new one.
     pub fn roll(&self) -> Result<()> {
-        let (segment_bytes, prefault) = {
+        let (segment_bytes, flush) = {
             let c = self.config.read();
-            (c.segment_bytes, c.prefault)
+            (c.segment_bytes, c.flush)
         };
         let mut writer = self.writer.lock();
         self.check_writable()?;
-        if writer.active.is_empty() && !writer.active.is_sealed() {
+        if writer.active.is_empty() {
             return Ok(());
         }
-        self.roll_locked(&mut writer, segment_bytes, prefault)
+        self.roll_locked(&mut writer, segment_bytes, flush)
     }
 
-    fn roll_locked(&self, writer: &mut Writer, segment_bytes: u64, prefault: bool) -> Result<()> {
-        if !writer.active.is_sealed() {
-            if let Some(mut file) = writer.index_file.take() {
-                let _ = file.flush();
-            }
-            let sealed = match writer.active.seal() {
-                Ok(sealed) => Arc::new(sealed),
-                Err(e) => {
-                    // The file may already be truncated: writing on through
-                    // the old map could fault. Refuse writes until reopened.
-                    self.fail(&e);
-                    return Err(e);
-                }
-            };
-            {
-                let mut segments = self.segments.write();
-                *segments.last_mut().expect("a log has a segment") = Arc::clone(&sealed);
-            }
-            writer.active = Arc::clone(&sealed);
-            // Sealing synced everything in it.
-            let sealed_end = sealed.next_offset();
-            {
-                let mut state = self.flush_state.lock();
-                state.durable_offset = state.durable_offset.max(sealed_end);
-            }
-            self.flush_done.notify_all();
-            self.advance_high_watermark(sealed_end);
+    /// Starts a new active segment at the next offset, then seals the old
+    /// one. Creating first means a failure (a full disk, say) leaves the log
+    /// as it was, still appending to the old segment.
+    ///
+    /// Under `EveryBatch` the seal is synchronous: waiters on the old
+    /// segment's last batches are released by it. Otherwise it runs on a
+    /// short-lived thread, as Kafka flushes a rolled segment in the
+    /// background: syncing up to a whole segment would stall every appender.
+    /// A crash before it finishes leaves a zero tail that the next open
+    /// seals (see `Segment::open_sealed`).
+    fn roll_locked(
+        &self,
+        writer: &mut Writer,
+        segment_bytes: u64,
+        flush: FlushPolicy,
+    ) -> Result<()> {
+        if let Some(file) = writer.index_file.as_mut() {
+            let _ = file.flush();
         }
+        let old = Arc::clone(&writer.active);
         let base = writer.next_offset;
-        let segment = Arc::new(Segment::create(&self.dir, base, segment_bytes, prefault)?);
-        writer.index_file = Some(open_index_for_append(segment.index_path())?);
-        self.segments.write().push(Arc::clone(&segment));
-        tracing::debug!(dir = %self.dir.display(), base_offset = base, "rolled to a new segment");
+        // An empty segment is replaced, not sealed: only a segment created
+        // under a smaller segment size can be empty and too small.
+        let segment = Arc::new(Segment::create(&self.dir, base, segment_bytes)?);
+        let index_file = open_index_for_append(segment.index_path())?;
+        {
+            let mut segments = self.segments.write();
+            if old.is_empty() {
+                *segments.last_mut().expect("a log has a segment") = Arc::clone(&segment);
+            } else {
+                segments.push(Arc::clone(&segment));
+            }
+        }
         writer.active = segment;
+        writer.index_file = Some(index_file);
         writer.bytes_since_index = u64::from(self.config.read().index_interval_bytes);
+        tracing::debug!(dir = %self.dir.display(), base_offset = base, "rolled to a new segment");
+        if old.is_empty() {
+            return Ok(());
+        }
+        old.close_for_writes();
+        if flush != FlushPolicy::EveryBatch && self.seal_in_background(&old) {
+            return Ok(());
+        }
+        if let Err(e) = old.seal() {
+            self.failure.set(&self.dir, &e);
+            return Err(e);
+        }
+        let sealed_end = old.next_offset();
+        {
+            let mut state = self.flush_state.lock();
+            state.durable_offset = state.durable_offset.max(sealed_end);
+        }
+        self.flush_done.notify_all();
+        self.advance_high_watermark(sealed_end);
         Ok(())
+    }
+
+    /// Seals `segment` on its own thread; false if no thread could be had.
+    fn seal_in_background(&self, segment: &Arc<Segment>) -> bool {
+        let segment = Arc::clone(segment);
+        let failure = Arc::clone(&self.failure);
+        let dir = self.dir.clone();
+        let spawned = std::thread::Builder::new()
+            .name("sluice-seal".into())
+            .spawn(move || {
+                if let Err(e) = segment.seal() {
+                    failure.set(&dir, &e);
+                }
+            });
+        match spawned {
+            Ok(handle) => {
+                let mut pending = self.pending_seals.lock();
+                pending.retain(|h| !h.is_finished());
+                pending.push(handle);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no thread for a background seal; sealing inline");
+                false
+            }
+        }
+    }
+
+    /// Waits for background seals started so far.
+    fn finish_pending_seals(&self) {
+        let pending = std::mem::take(&mut *self.pending_seals.lock());
+        for handle in pending {
+            let _ = handle.join();
+        }
     }
 
     /// Reads whole batches starting with the one holding `from`, up to about
@@ -562,16 +606,15 @@ impl PartitionLog {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        if !self.has_failed.load(Ordering::Acquire) {
+        if !self.failure.has_failed() {
             self.flush()?;
         }
+        self.finish_pending_seals();
         let mut writer = self.writer.lock();
         writer.index_file = None;
-        if !writer.active.is_sealed() {
-            // Rewrite the active index whole so the next open trusts it.
-            let entries = writer.active.index_snapshot();
-            segment::write_index_file(writer.active.index_path(), &entries)?;
-        }
+        // Rewrite the active index whole so the next open trusts it.
+        let entries = writer.active.index_snapshot();
+        segment::write_index_file(writer.active.index_path(), &entries)?;
         Ok(())
     }
 
@@ -590,29 +633,44 @@ impl PartitionLog {
         if self.closed.load(Ordering::Acquire) {
             return Err(StorageError::Closed(self.dir.clone()));
         }
-        self.check_not_failed()
+        self.failure.check(&self.dir)
+    }
+}
+
+/// A log's sticky failure: set by a failed sync or seal, from any thread.
+#[derive(Default)]
+struct Failure {
+    failed: AtomicBool,
+    reason: Mutex<Option<String>>,
+}
+
+impl Failure {
+    fn set(&self, dir: &Path, error: &StorageError) {
+        tracing::error!(dir = %dir.display(), %error,
+            "partition log failed; refusing writes until reopened");
+        self.reason.lock().get_or_insert_with(|| error.to_string());
+        self.failed.store(true, Ordering::Release);
     }
 
-    fn check_not_failed(&self) -> Result<()> {
-        if self.has_failed.load(Ordering::Acquire) {
-            let reason = self.failed.lock().clone().unwrap_or_default();
+    fn has_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    fn check(&self, dir: &Path) -> Result<()> {
+        if self.has_failed() {
             return Err(StorageError::Failed {
-                path: self.dir.clone(),
-                reason,
+                path: dir.to_owned(),
+                reason: self.reason.lock().clone().unwrap_or_default(),
             });
         }
         Ok(())
-    }
-
-    fn fail(&self, error: &StorageError) {
-        tracing::error!(dir = %self.dir.display(), %error, "partition log failed; refusing writes until reopened");
-        self.failed.lock().get_or_insert_with(|| error.to_string());
-        self.has_failed.store(true, Ordering::Release);
     }
 }
 
 impl Drop for PartitionLog {
     fn drop(&mut self) {
+        // A seal still running would race whoever opens the log next.
+        self.finish_pending_seals();
         if let Some(file) = self.writer.get_mut().index_file.as_mut() {
             let _ = file.flush();
         }

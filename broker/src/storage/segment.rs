@@ -11,25 +11,34 @@
 //!
 //! An active segment is written by exactly one writer (the log's writer lock
 //! ensures it) and read by any number of readers. The writer copies a batch
-//! past `written_end` through a raw pointer and then publishes the new end
-//! with a `Release` store; readers `Acquire`-load `visible_end` and only ever
-//! form slices below it. Bytes below `visible_end` are never written again
-//! while the segment is shared, so a reader's `&[u8]` never aliases a write.
-//! `visible_end` trails `written_end` when the flush policy makes readers
-//! wait for durability.
+//! into the file past `written_end` with `pwritev` and then publishes the new
+//! end with a `Release` store; readers `Acquire`-load `visible_end` and only
+//! ever form slices of the map below it. The page cache is shared between
+//! the file and its map, so what `pwritev` wrote is what the map shows.
+//! Bytes below `visible_end` are never written again while the segment is
+//! shared, so a reader's `&[u8]` never aliases a write. `visible_end` trails
+//! `written_end` when the flush policy makes readers wait for durability.
+//!
+//! Why `pwritev` and not stores through a writable map: the file is
+//! preallocated, so its extents are "unwritten", and every first store to a
+//! 4 KiB page of the map took a page fault that zero-filled the page and
+//! then a second one to make it writable. Profiling 100 KiB appends put 63%
+//! of the time in those faults; `pwritev` copies into the page cache with
+//! neither (see docs/BENCHMARKS.md). It also turns a full disk into an
+//! error instead of a SIGBUS.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, IoSlice, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
 use memmap2::{Mmap, MmapOptions, MmapRaw};
 use parking_lot::RwLock;
 
-use super::batch::{BatchError, BatchHeader, RecordBatch, stamp_base_offset};
+use super::batch::{BASE_OFFSET_RANGE, BatchHeader, RecordBatch};
 use super::error::{Result, StorageError};
 
 pub(crate) const LOG_SUFFIX: &str = "log";
@@ -81,10 +90,11 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
 }
 
 enum Mapping {
-    /// Active: the whole preallocated file, written through a raw pointer.
-    Writable(MmapRaw),
-    /// Sealed: exactly the file's length, read-only.
-    ReadOnly(Mmap),
+    /// Written since this process opened it: the whole preallocated file,
+    /// mapped read-only and never dereferenced past `visible_end`.
+    Live(MmapRaw),
+    /// Sealed before this process opened it: exactly the file's length.
+    Sealed(Mmap),
 }
 
 /// What recovery found at the end of an active segment.
@@ -104,8 +114,11 @@ pub(crate) struct Segment {
     log_path: PathBuf,
     index_path: PathBuf,
     map: Mapping,
+    file: File,
     /// Bytes the map covers (and the file was preallocated to, when active).
     capacity: u64,
+    /// No more batches go here; set when the log rolls past it.
+    sealed: AtomicBool,
     written_end: AtomicU64,
     visible_end: AtomicU64,
     synced_end: AtomicU64,
@@ -132,12 +145,7 @@ impl std::fmt::Debug for Segment {
 impl Segment {
     /// Creates an empty active segment at `base_offset`, preallocated to
     /// `capacity` bytes, and makes its directory entry durable.
-    pub(crate) fn create(
-        dir: &Path,
-        base_offset: u64,
-        capacity: u64,
-        prefault: bool,
-    ) -> Result<Segment> {
+    pub(crate) fn create(dir: &Path, base_offset: u64, capacity: u64) -> Result<Segment> {
         let log_path = log_path(dir, base_offset);
         let index_path = index_path(dir, base_offset);
         let file = OpenOptions::new()
@@ -152,11 +160,12 @@ impl Segment {
         preallocate(&file, &log_path, 0, capacity)?;
         File::create(&index_path).map_err(|e| StorageError::io("create index", &index_path, e))?;
         sync_dir(dir)?;
-        let map = map_writable(&file, &log_path, capacity, prefault)?;
+        let map = map_live(&file, &log_path, capacity)?;
         Ok(Segment::new_active(
             base_offset,
             log_path,
             index_path,
+            file,
             map,
             capacity,
             0,
@@ -171,6 +180,7 @@ impl Segment {
         base_offset: u64,
         log_path: PathBuf,
         index_path: PathBuf,
+        file: File,
         map: MmapRaw,
         capacity: u64,
         end: u64,
@@ -182,8 +192,10 @@ impl Segment {
             base_offset,
             log_path,
             index_path,
-            map: Mapping::Writable(map),
+            map: Mapping::Live(map),
+            file,
             capacity,
+            sealed: AtomicBool::new(false),
             written_end: AtomicU64::new(end),
             visible_end: AtomicU64::new(end),
             synced_end: AtomicU64::new(end),
@@ -227,7 +239,7 @@ impl Segment {
     }
 
     pub(crate) fn is_sealed(&self) -> bool {
-        matches!(self.map, Mapping::ReadOnly(_))
+        self.sealed.load(Ordering::Acquire)
     }
 
     pub(crate) fn age(&self) -> std::time::Duration {
@@ -245,12 +257,14 @@ impl Segment {
         match &self.map {
             // SAFETY: the map is `capacity` bytes long and `visible_end <=
             // written_end <= capacity`. Bytes below `visible_end` were fully
-            // written before it was published (Release/Acquire) and the
-            // single writer only writes at or past `written_end`, so nothing
-            // mutates this range while the returned slice lives. The map
-            // stays alive as long as `self`.
-            Mapping::Writable(raw) => unsafe { std::slice::from_raw_parts(raw.as_ptr(), end) },
-            Mapping::ReadOnly(map) => &map[..end],
+            // written (pwritev returned) before it was published
+            // (Release/Acquire), and the single writer only writes at or past
+            // `written_end`, so nothing mutates this range while the returned
+            // slice lives. The file is never shrunk below `written_end`, so
+            // no page of the range can fault, and the map lives as long as
+            // `self`.
+            Mapping::Live(raw) => unsafe { std::slice::from_raw_parts(raw.as_ptr(), end) },
+            Mapping::Sealed(map) => &map[..end],
         }
     }
 
@@ -266,32 +280,49 @@ impl Segment {
         })
     }
 
-    /// Copies `batch` to the end of the active segment with `base_offset`
-    /// stamped in, and publishes it to the writer's end (not yet to readers).
+    /// Writes `batch` to the end of the active segment with `base_offset`
+    /// stamped in, and moves the writer's end past it (readers do not see
+    /// it until [`Segment::publish_visible`]).
     ///
     /// Only the log's writer calls this, holding the writer lock; the caller
-    /// has checked that the batch fits.
-    pub(crate) fn write_batch(&self, header: &BatchHeader, batch: &[u8], base_offset: u64) -> u64 {
-        let Mapping::Writable(raw) = &self.map else {
-            unreachable!("the writer only writes to the active segment");
-        };
+    /// has checked that the batch fits. On error nothing is published: the
+    /// next batch overwrites whatever part of this one reached the file.
+    pub(crate) fn write_batch(
+        &self,
+        header: &BatchHeader,
+        batch: &[u8],
+        base_offset: u64,
+    ) -> Result<u64> {
+        debug_assert!(
+            !self.is_sealed(),
+            "the writer only writes to the active segment"
+        );
         let position = self.written_end.load(Ordering::Relaxed);
         let len = batch.len() as u64;
         assert!(
             position + len <= self.capacity,
             "batch overruns the segment"
         );
-        // SAFETY: `position..position + len` lies inside the map (checked
-        // above) and at or past `written_end`, which no reader slices beyond
-        // and no other writer touches (the caller holds the writer lock).
-        // Source and destination cannot overlap: `batch` is not in the map.
-        unsafe {
-            let dst = std::slice::from_raw_parts_mut(
-                raw.as_mut_ptr().add(position as usize),
-                batch.len(),
-            );
-            dst.copy_from_slice(batch);
-            stamp_base_offset(dst, base_offset);
+        let offset_bytes = base_offset.to_le_bytes();
+        let mut parts = [
+            IoSlice::new(&batch[..BASE_OFFSET_RANGE.start]),
+            IoSlice::new(&offset_bytes),
+            IoSlice::new(&batch[BASE_OFFSET_RANGE.end..]),
+        ];
+        let mut parts: &mut [IoSlice<'_>] = &mut parts;
+        let mut at = position;
+        while !parts.is_empty() {
+            let written = rustix::io::pwritev(&self.file, parts, at)
+                .map_err(|e| StorageError::io("write segment", &self.log_path, e.into()))?;
+            if written == 0 {
+                return Err(StorageError::io(
+                    "write segment",
+                    &self.log_path,
+                    io::ErrorKind::WriteZero.into(),
+                ));
+            }
+            at += written as u64;
+            IoSlice::advance_slices(&mut parts, written);
         }
         self.max_timestamp
             .fetch_max(header.max_timestamp, Ordering::AcqRel);
@@ -300,7 +331,7 @@ impl Segment {
             Ordering::Release,
         );
         self.written_end.store(position + len, Ordering::Release);
-        position
+        Ok(position)
     }
 
     /// Lets readers see everything below `end` (never moves backwards).
@@ -311,14 +342,14 @@ impl Segment {
 
     /// Forces the bytes below `end` to disk.
     pub(crate) fn sync_to(&self, end: u64) -> Result<()> {
-        let synced = self.synced_end.load(Ordering::Acquire);
-        if end <= synced {
+        if end <= self.synced_end.load(Ordering::Acquire) {
             return Ok(());
         }
-        if let Mapping::Writable(raw) = &self.map {
-            raw.flush_range(synced as usize, (end - synced) as usize)
-                .map_err(|e| StorageError::io("msync segment", &self.log_path, e))?;
-        }
+        // fdatasync, not msync: the bytes came in through pwritev, and the
+        // file's size never changes while it is active.
+        self.file
+            .sync_data()
+            .map_err(|e| StorageError::io("sync segment", &self.log_path, e))?;
         self.synced_end.fetch_max(end, Ordering::AcqRel);
         Ok(())
     }
@@ -331,39 +362,40 @@ impl Segment {
         self.index.read().clone()
     }
 
-    /// Seals a full active segment: syncs it, truncates the file to the bytes
-    /// written, syncs the index, and returns a read-only segment over the
-    /// same file. Readers holding `self` keep reading their old map safely:
-    /// they never read past `written_end`, which is where the file now ends.
-    pub(crate) fn seal(&self) -> Result<Segment> {
+    /// Marks the segment as taking no more batches. Called by the writer
+    /// when it rolls past the segment, before [`Segment::seal`].
+    pub(crate) fn close_for_writes(&self) {
+        self.sealed.store(true, Ordering::Release);
+    }
+
+    /// Seals a segment the writer has left: syncs it, truncates the file to
+    /// the bytes written and syncs that, and writes its whole index. Readers
+    /// keep reading through the same map: they never read past
+    /// `written_end`, which is where the file now ends. A segment whose
+    /// files retention already deleted is left alone.
+    pub(crate) fn seal(&self) -> Result<()> {
+        debug_assert!(self.is_sealed());
         let end = self.written_end();
-        self.sync_to(end)?;
+        let sync_and_truncate = || -> io::Result<()> {
+            self.file.sync_data()?;
+            self.file.set_len(end)?;
+            self.file.sync_all()
+        };
+        match sync_and_truncate() {
+            Ok(()) => {}
+            Err(e) if !self.log_path.exists() => {
+                tracing::debug!(path = %self.log_path.display(), error = %e,
+                    "segment deleted before it was sealed");
+                return Ok(());
+            }
+            Err(e) => return Err(StorageError::io("seal segment", &self.log_path, e)),
+        }
+        self.synced_end.fetch_max(end, Ordering::AcqRel);
         self.publish_visible(end);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&self.log_path)
-            .map_err(|e| StorageError::io("open segment", &self.log_path, e))?;
-        file.set_len(end)
-            .and_then(|()| file.sync_all())
-            .map_err(|e| StorageError::io("truncate sealed segment", &self.log_path, e))?;
-        let index = self.index.read().clone();
-        write_index_file(&self.index_path, &index)?;
-        let map = map_read_only(&file, &self.log_path, end)?;
-        Ok(Segment {
-            base_offset: self.base_offset,
-            log_path: self.log_path.clone(),
-            index_path: self.index_path.clone(),
-            map: Mapping::ReadOnly(map),
-            capacity: end,
-            written_end: AtomicU64::new(end),
-            visible_end: AtomicU64::new(end),
-            synced_end: AtomicU64::new(end),
-            next_offset: AtomicU64::new(self.next_offset()),
-            max_timestamp: AtomicI64::new(self.max_timestamp()),
-            index: RwLock::new(index),
-            created_at: self.created_at,
-        })
+        match write_index_file(&self.index_path, &self.index_snapshot()) {
+            Err(_) if !self.log_path.exists() => Ok(()),
+            result => result,
+        }
     }
 
     /// Deletes both files. Maps held by readers stay valid: an unlinked file
@@ -465,10 +497,17 @@ impl Segment {
             .map(|r| r.offset)
     }
 
-    /// Opens a sealed segment. Its index is trusted only after its last entry
-    /// checks out; the batches after that entry are verified (checksums
+    /// Opens a sealed segment. Its index is trusted only as far as its
+    /// entries point at batch headers with the offsets they claim; the
+    /// batches after the last trusted entry are verified (checksums
     /// included) and must end exactly at the end of the file. A missing or
     /// damaged index is rebuilt from the log.
+    ///
+    /// A segment whose seal a crash interrupted (the log had moved on to the
+    /// next segment, but this file still has its preallocated zero tail) is
+    /// sealed now. Any other damage is an error naming the file: a sealed
+    /// segment has a successor, so cutting it short would silently drop the
+    /// records between the damage and that successor.
     pub(crate) fn open_sealed(
         dir: &Path,
         base_offset: u64,
@@ -481,44 +520,50 @@ impl Segment {
             .write(true)
             .open(&log_path)
             .map_err(|e| StorageError::io("open segment", &log_path, e))?;
-        let len = file
-            .metadata()
-            .map_err(|e| StorageError::io("stat segment", &log_path, e))?
-            .len();
+        let corrupt = |position: u64, reason: String| StorageError::Corrupt {
+            path: log_path.clone(),
+            position,
+            reason: format!(
+                "{reason}; a sealed segment must hold whole batches up to its end \
+                 (move the file aside to start without it)"
+            ),
+        };
+        let mut len = file_len(&file, &log_path)?;
         if len == 0 {
-            return Err(StorageError::Corrupt {
-                path: log_path,
-                position: 0,
-                reason: "a sealed segment is empty".into(),
-            });
+            return Err(corrupt(0, "the segment is empty".into()));
         }
-        let map = map_read_only(&file, &log_path, len)?;
+        let mut map = map_read_only(&file, &log_path, len)?;
         let stored_index = read_index_file(&index_path)?;
         let trusted = trusted_index_prefix(&map, base_offset, &stored_index);
-        let index_was_whole = trusted == stored_index.len();
         let mut index: Vec<IndexEntry> = stored_index[..trusted].to_vec();
         let walk = walk_batches(&map, base_offset, &mut index, index_interval);
-        if let Some(reason) = walk.stop_reason
-            && (walk.end as u64) < len
-        {
-            return Err(StorageError::Corrupt {
-                path: log_path,
-                position: walk.end as u64,
-                reason: format!(
-                    "{reason}; a sealed segment must hold whole batches up to its end \
-                     (move the file aside to start without it)"
-                ),
-            });
+        let end = walk.end as u64;
+        if end < len {
+            if let Some(reason) = walk.stop_reason {
+                return Err(corrupt(end, reason));
+            }
+            if end == 0 {
+                return Err(corrupt(0, "the segment holds no batch".into()));
+            }
+            tracing::info!(segment = %log_path.display(), end, "finishing an interrupted seal");
+            drop(map);
+            file.set_len(end)
+                .and_then(|()| file.sync_all())
+                .map_err(|e| StorageError::io("seal segment", &log_path, e))?;
+            len = end;
+            map = map_read_only(&file, &log_path, len)?;
         }
-        if !index_was_whole || index.len() != stored_index.len() {
+        if index != stored_index {
             write_index_file(&index_path, &index)?;
         }
         Ok(Segment {
             base_offset,
             log_path,
             index_path,
-            map: Mapping::ReadOnly(map),
+            map: Mapping::Sealed(map),
+            file,
             capacity: len,
+            sealed: AtomicBool::new(true),
             written_end: AtomicU64::new(len),
             visible_end: AtomicU64::new(len),
             synced_end: AtomicU64::new(len),
@@ -539,7 +584,6 @@ impl Segment {
         base_offset: u64,
         capacity: u64,
         index_interval: u32,
-        prefault: bool,
     ) -> Result<(Segment, Option<TornTail>)> {
         let log_path = log_path(dir, base_offset);
         let index_path = index_path(dir, base_offset);
@@ -548,45 +592,42 @@ impl Segment {
             .write(true)
             .open(&log_path)
             .map_err(|e| StorageError::io("open segment", &log_path, e))?;
-        let len = file
-            .metadata()
-            .map_err(|e| StorageError::io("stat segment", &log_path, e))?
-            .len();
+        let len = file_len(&file, &log_path)?;
         // A segment sealed just before a crash (truncated, no successor yet)
         // or cut short during creation is grown back to full size.
         let capacity = capacity.max(len);
         if len < capacity {
             preallocate(&file, &log_path, len, capacity - len)?;
         }
-        let raw = map_writable(&file, &log_path, capacity, prefault)?;
-        // SAFETY: the segment is not shared yet: no reader or writer exists,
-        // so a shared view of the whole map aliases nothing.
-        let data = unsafe { std::slice::from_raw_parts(raw.as_ptr(), capacity as usize) };
+        let raw = map_live(&file, &log_path, capacity)?;
         // The whole active segment is verified, not just what follows the
         // last index entry: index entries can reach the disk before the log
         // bytes they point at, and this is the segment a crash hits.
         let mut index = Vec::new();
-        let walk = walk_batches(data, base_offset, &mut index, index_interval);
-        let end = walk.end;
-        // Only a walk that stopped at bytes it rejected (not at clean zeroes)
-        // pays for a scan of the rest of the file.
-        let last_nonzero = match &walk.stop_reason {
-            Some(_) => data[end..].iter().rposition(|&b| b != 0),
-            None => None,
+        let (walk, last_nonzero) = {
+            // SAFETY: the segment is not shared yet and nothing writes the
+            // file while this view lives, so it aliases no write; the file is
+            // `capacity` bytes long, so no page of the map can fault.
+            let data = unsafe { std::slice::from_raw_parts(raw.as_ptr(), capacity as usize) };
+            let walk = walk_batches(data, base_offset, &mut index, index_interval);
+            // Only a walk that stopped at bytes it rejected (not at clean
+            // zeroes) pays for a scan of the rest of the file.
+            let last_nonzero = match &walk.stop_reason {
+                Some(_) => data[walk.end..].iter().rposition(|&b| b != 0),
+                None => None,
+            };
+            (walk, last_nonzero)
         };
+        let end = walk.end as u64;
         let torn = match last_nonzero {
             None => None,
             Some(last_nonzero) => {
-                let discarded = last_nonzero + 1;
-                // SAFETY: still unshared (see above); `end + discarded` is
-                // within the map since `last_nonzero` indexes `data[end..]`.
-                unsafe { std::ptr::write_bytes(raw.as_mut_ptr().add(end), 0, discarded) };
-                raw.flush_range(end, discarded)
-                    .map_err(|e| StorageError::io("zero torn tail", &log_path, e))?;
+                let discarded = last_nonzero as u64 + 1;
+                zero_range(&file, &log_path, end, discarded)?;
                 let torn = TornTail {
                     path: log_path.clone(),
-                    position: end as u64,
-                    discarded_bytes: discarded as u64,
+                    position: end,
+                    discarded_bytes: discarded,
                     reason: walk
                         .stop_reason
                         .unwrap_or_else(|| "unreadable bytes after the last batch".into()),
@@ -601,21 +642,20 @@ impl Segment {
                 Some(torn)
             }
         };
-        // What survived a kill is in the page cache; make it durable before
-        // anything is appended after it.
-        if end > 0 {
-            raw.flush_range(0, end)
-                .map_err(|e| StorageError::io("msync segment", &log_path, e))?;
-        }
+        // What survived a kill is in the page cache; make it (and the
+        // zeroing) durable before anything is appended after it.
+        file.sync_data()
+            .map_err(|e| StorageError::io("sync segment", &log_path, e))?;
         write_index_file(&index_path, &index)?;
         Ok((
             Segment::new_active(
                 base_offset,
                 log_path,
                 index_path,
+                file,
                 raw,
                 capacity,
-                end as u64,
+                end,
                 walk.next_offset,
                 walk.max_timestamp,
                 index,
@@ -671,9 +711,13 @@ fn walk_batches(
     let mut since_index = u64::from(index_interval);
     let mut stop_reason = None;
     while pos < data.len() {
+        // Clean zeroes (preallocated space) end the log without complaint;
+        // a torn write always has its magic, written first, in place.
+        if data[pos..].iter().take(64).all(|&b| b == 0) {
+            break;
+        }
         let header = match BatchHeader::parse_checked(&data[pos..]) {
             Ok(h) => h,
-            Err(BatchError::BadMagic(0)) if data[pos..].iter().take(64).all(|&b| b == 0) => break,
             Err(e) => {
                 stop_reason = Some(e.to_string());
                 break;
@@ -774,29 +818,38 @@ fn preallocate(file: &File, path: &Path, offset: u64, len: u64) -> Result<()> {
         Err(rustix::io::Errno::OPNOTSUPP) => {
             // No fallocate on this filesystem: write real zeroes instead.
             tracing::debug!(path = %path.display(), "fallocate unsupported, writing zeroes");
-            use std::os::unix::fs::FileExt;
-            let zeroes = vec![0u8; 1 << 20];
-            let mut at = offset;
-            while at < offset + len {
-                let n = (offset + len - at).min(zeroes.len() as u64) as usize;
-                file.write_all_at(&zeroes[..n], at)
-                    .map_err(|e| StorageError::io("preallocate segment", path, e))?;
-                at += n as u64;
-            }
-            Ok(())
+            zero_range(file, path, offset, len)
         }
         Err(e) => Err(StorageError::io("preallocate segment", path, e.into())),
     }
 }
 
-fn map_writable(file: &File, path: &Path, len: u64, prefault: bool) -> Result<MmapRaw> {
-    let mut options = MmapOptions::new();
-    options.len(len as usize);
-    if prefault {
-        options.populate();
+fn file_len(file: &File, path: &Path) -> Result<u64> {
+    file.metadata()
+        .map(|m| m.len())
+        .map_err(|e| StorageError::io("stat segment", path, e))
+}
+
+/// Overwrites `len` bytes at `offset` with zeroes.
+fn zero_range(file: &File, path: &Path, offset: u64, len: u64) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let zeroes = vec![0u8; len.min(1 << 20) as usize];
+    let mut at = offset;
+    while at < offset + len {
+        let n = (offset + len - at).min(zeroes.len() as u64) as usize;
+        file.write_all_at(&zeroes[..n], at)
+            .map_err(|e| StorageError::io("zero torn tail", path, e))?;
+        at += n as u64;
     }
-    options
-        .map_raw(file)
+    Ok(())
+}
+
+/// Maps the whole preallocated file read-only. A raw map, because the range
+/// past `written_end` changes under it and must never be borrowed as `&[u8]`.
+fn map_live(file: &File, path: &Path, len: u64) -> Result<MmapRaw> {
+    MmapOptions::new()
+        .len(len as usize)
+        .map_raw_read_only(file)
         .map_err(|e| StorageError::io("map segment", path, e))
 }
 

@@ -18,7 +18,6 @@ pub fn config(segment_bytes: u64, flush: FlushPolicy) -> LogConfig {
         flush,
         retention_age: None,
         retention_bytes: None,
-        prefault: false,
     }
 }
 
