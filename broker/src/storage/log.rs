@@ -495,8 +495,14 @@ impl PartitionLog {
         let high_watermark = self.high_watermark();
         let segments: Vec<Arc<Segment>> = {
             let segments = self.segments.read();
+            // The segment that holds `from`, and the next one in case
+            // `from` is exactly where the first ends.
             let i = segments.partition_point(|s| s.base_offset() <= from);
-            segments[i.saturating_sub(1)..].to_vec()
+            segments[i.saturating_sub(1)..]
+                .iter()
+                .take(2)
+                .cloned()
+                .collect()
         };
         let log_start_offset = self.log_start_offset();
         let chunk = |data| ReadChunk {
