@@ -8,7 +8,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{assert_holds, batch_for, config, read_all, record_for, segment_files};
+use common::{assert_holds, batch_for, config, fill, read_all, record_for, segment_files};
 use sluice_broker::storage::{
     BatchBuilder, BatchHeader, FlushPolicy, LogConfig, PartitionLog, ProducerInfo, Record,
     StorageError,
@@ -462,13 +462,7 @@ fn a_zeroed_header_is_never_taken_for_a_batch() {
 fn a_missing_or_corrupt_index_is_rebuilt() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(16 * 1024, FlushPolicy::Os);
-    {
-        let log = PartitionLog::open(dir.path(), cfg.clone()).unwrap();
-        for i in 0..200 {
-            log.append(&batch_for(i, 1, 100)).unwrap();
-        }
-        log.close().unwrap();
-    }
+    fill(dir.path(), &cfg, 200, 100);
     let indexes = segment_files(dir.path(), "idx");
     assert!(indexes.len() >= 3);
     let sizes: Vec<u64> = indexes
@@ -495,12 +489,7 @@ fn a_missing_or_corrupt_index_is_rebuilt() {
 fn a_gap_between_segments_is_an_error_that_names_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(4096, FlushPolicy::Os);
-    {
-        let log = PartitionLog::open(dir.path(), cfg.clone()).unwrap();
-        for i in 0..100 {
-            log.append(&batch_for(i, 1, 200)).unwrap();
-        }
-    }
+    fill(dir.path(), &cfg, 100, 200);
     let logs = segment_files(dir.path(), "log");
     assert!(logs.len() >= 4);
     std::fs::remove_file(&logs[1]).unwrap();
@@ -514,12 +503,7 @@ fn a_gap_between_segments_is_an_error_that_names_the_file() {
 fn damage_inside_a_sealed_segment_is_an_error_not_a_silent_loss() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(4096, FlushPolicy::Os);
-    {
-        let log = PartitionLog::open(dir.path(), cfg.clone()).unwrap();
-        for i in 0..100 {
-            log.append(&batch_for(i, 1, 200)).unwrap();
-        }
-    }
+    fill(dir.path(), &cfg, 100, 200);
     let logs = segment_files(dir.path(), "log");
     let len = logs[0].metadata().unwrap().len();
     // Damage the last batch of the first sealed segment.
@@ -536,12 +520,7 @@ fn a_crash_between_seal_and_new_segment_recovers() {
     // leaves a truncated last segment, which must become active again.
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(4096, FlushPolicy::EveryBatch);
-    {
-        let log = PartitionLog::open(dir.path(), cfg.clone()).unwrap();
-        for i in 0..10 {
-            log.append(&batch_for(i, 1, 100)).unwrap();
-        }
-    }
+    fill(dir.path(), &cfg, 10, 100);
     let logs = segment_files(dir.path(), "log");
     assert_eq!(logs.len(), 1);
     let data = std::fs::read(&logs[0]).unwrap();
@@ -573,13 +552,7 @@ fn a_seal_interrupted_by_a_crash_is_finished_on_open() {
     // leaves a full-size file with a zero tail in front of the new segment.
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(4096, FlushPolicy::Os);
-    {
-        let log = PartitionLog::open(dir.path(), cfg.clone()).unwrap();
-        for i in 0..40 {
-            log.append(&batch_for(i, 1, 200)).unwrap();
-        }
-        log.close().unwrap();
-    }
+    fill(dir.path(), &cfg, 40, 200);
     let logs = segment_files(dir.path(), "log");
     assert!(logs.len() >= 3);
     let sealed_len = logs[1].metadata().unwrap().len();

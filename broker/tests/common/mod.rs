@@ -44,6 +44,16 @@ pub fn batch_for(first_offset: u64, count: u64, value_len: usize) -> EncodedBatc
     BatchBuilder::encode(&records, ProducerInfo::NONE)
 }
 
+/// Writes offset-derived records `0..count`, one per batch, into a fresh log
+/// in `dir` and closes it.
+pub fn fill(dir: &Path, cfg: &LogConfig, count: u64, value_len: usize) {
+    let log = PartitionLog::open(dir, cfg.clone()).unwrap();
+    for offset in 0..count {
+        log.append(&batch_for(offset, 1, value_len)).unwrap();
+    }
+    log.close().unwrap();
+}
+
 /// Reads every record from `from` to the high watermark.
 pub fn read_all(log: &PartitionLog, from: u64) -> Vec<StoredRecord> {
     let mut out = Vec::new();
