@@ -34,7 +34,8 @@ use tokio::sync::watch;
 use super::batch::{EncodedBatch, StoredRecord, decode_records};
 use super::config::{FlushPolicy, LogConfig};
 use super::error::{Result, StorageError};
-use super::segment::{self, IndexEntry, Segment, TornTail, sync_dir};
+use super::files::sync_dir;
+use super::segment::{self, IndexEntry, Segment, TornTail};
 
 /// Where an appended batch landed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -241,6 +242,18 @@ impl PartitionLog {
     /// Appends one batch, assigning it the next offsets. With
     /// `FlushPolicy::EveryBatch` it returns once the batch is on disk.
     pub fn append(&self, batch: &EncodedBatch) -> Result<AppendInfo> {
+        let info = self.append_deferred(batch)?;
+        self.wait_appended(&info)?;
+        Ok(info)
+    }
+
+    /// Writes one batch like [`PartitionLog::append`] but returns before the
+    /// flush policy's sync: under `EveryBatch` the batch is neither durable
+    /// nor visible yet. Call [`PartitionLog::wait_appended`] before telling
+    /// anyone it was written. This lets a caller keep its own per-partition
+    /// lock over "check, then write" without holding it through the sync,
+    /// which would defeat group commit.
+    pub fn append_deferred(&self, batch: &EncodedBatch) -> Result<AppendInfo> {
         let (segment_bytes, index_interval, flush, segment_age) = {
             let c = self.config.read();
             (
@@ -292,20 +305,24 @@ impl PartitionLog {
             writer.bytes_since_index = 0;
         }
         writer.bytes_since_index += len;
-        match flush {
-            FlushPolicy::EveryBatch => {
-                drop(writer);
-                self.wait_durable(next_offset)?;
-            }
-            FlushPolicy::Interval(_) | FlushPolicy::Os => {
-                writer.active.publish_visible(position + len);
-                self.advance_high_watermark(next_offset);
-            }
+        if flush != FlushPolicy::EveryBatch {
+            writer.active.publish_visible(position + len);
+            self.advance_high_watermark(next_offset);
         }
         Ok(AppendInfo {
             base_offset,
             last_offset: next_offset - 1,
         })
+    }
+
+    /// Returns once an appended batch is as durable as the flush policy
+    /// promises, and visible: at once under `Interval` and `Os`, after the
+    /// (shared) sync under `EveryBatch`.
+    pub fn wait_appended(&self, info: &AppendInfo) -> Result<()> {
+        if self.high_watermark() > info.last_offset {
+            return Ok(());
+        }
+        self.wait_durable(info.last_offset + 1)
     }
 
     /// Syncs everything appended so far and makes it visible. Concurrent

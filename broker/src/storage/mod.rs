@@ -12,6 +12,7 @@
 //!   group commit, reads, timestamps, retention, opening and recovery.
 //! - [`IntervalFlusher`]: syncs logs with an `interval(ms)` flush policy.
 //! - [`DataDirLock`]: keeps a second process out of a data directory.
+//! - [`write_atomically`], [`sync_dir`]: crash-safe replacement of small state files.
 //!
 //! On-disk layout of one partition directory:
 //!
@@ -24,6 +25,7 @@
 pub mod batch;
 mod config;
 mod error;
+mod files;
 mod flusher;
 mod lock;
 mod log;
@@ -36,6 +38,7 @@ pub use batch::{
 };
 pub use config::{DEFAULT_SEGMENT_BYTES, FlushPolicy, LogConfig};
 pub use error::{Result, StorageError};
+pub use files::{sync_dir, write_atomically};
 pub use flusher::IntervalFlusher;
 pub use lock::{DataDirLock, LOCK_FILE};
 pub use log::{AppendInfo, PartitionLog, ReadChunk, RetentionReport};

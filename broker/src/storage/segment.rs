@@ -28,7 +28,7 @@
 //! error instead of a SIGBUS.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, IoSlice, Write};
+use std::io::{self, IoSlice};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -40,6 +40,7 @@ use parking_lot::RwLock;
 
 use super::batch::{BASE_OFFSET_RANGE, BatchHeader, RecordBatch};
 use super::error::{Result, StorageError};
+use super::files::{sync_dir, write_atomically};
 
 pub(crate) const LOG_SUFFIX: &str = "log";
 pub(crate) const INDEX_SUFFIX: &str = "idx";
@@ -80,13 +81,6 @@ pub(crate) fn log_path(dir: &Path, base_offset: u64) -> PathBuf {
 
 pub(crate) fn index_path(dir: &Path, base_offset: u64) -> PathBuf {
     dir.join(format!("{base_offset:020}.{INDEX_SUFFIX}"))
-}
-
-/// Makes a new or removed directory entry durable.
-pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| StorageError::io("sync directory", dir, e))
 }
 
 enum Mapping {
@@ -789,24 +783,13 @@ fn read_index_file(path: &Path) -> Result<Vec<IndexEntry>> {
         .collect())
 }
 
-/// Replaces an index file atomically (tmp + fsync + rename).
+/// Replaces an index file atomically.
 pub(crate) fn write_index_file(path: &Path, entries: &[IndexEntry]) -> Result<()> {
-    let tmp = path.with_extension("idx.tmp");
     let mut bytes = Vec::with_capacity(entries.len() * INDEX_ENTRY_LEN);
     for entry in entries {
         bytes.extend_from_slice(&entry.to_bytes());
     }
-    let write = || -> io::Result<()> {
-        let mut file = File::create(&tmp)?;
-        file.write_all(&bytes)?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)
-    };
-    write().map_err(|e| StorageError::io("write index", path, e))?;
-    if let Some(dir) = path.parent() {
-        sync_dir(dir)?;
-    }
-    Ok(())
+    write_atomically(path, &bytes)
 }
 
 /// Allocates real blocks for `offset..offset + len`: a sparse file written

@@ -1,0 +1,35 @@
+//! Small file-system primitives with the durability the engine relies on.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::Path;
+
+use super::error::{Result, StorageError};
+
+/// Makes a new or removed directory entry durable.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| StorageError::io("sync directory", dir, e))
+}
+
+/// Replaces `path` with `bytes` so that a crash leaves either the old file
+/// or the new one, never a mix: write a temporary file, fsync it, rename it
+/// over `path`, fsync the directory. Leftover `*.tmp` files are removed when
+/// a log directory is opened.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = Path::new(&tmp);
+    let write = || -> io::Result<()> {
+        let mut file = File::create(tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        fs::rename(tmp, path)
+    };
+    write().map_err(|e| StorageError::io("write", path, e))?;
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => sync_dir(dir),
+        _ => Ok(()),
+    }
+}
