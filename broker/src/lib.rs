@@ -1,6 +1,7 @@
 //! Sluice broker: a persistent log broker.
 //!
-//! Data flows one way: `server` → (`producers`, `groups`, `dlq`) → `topics`
-//! → [`storage`]. Each module's doc says what it owns.
+//! Data flows one way: `server` → ([`producers`], `groups`, `dlq`) →
+//! `topics` → [`storage`]. Each module's doc says what it owns.
 
+pub mod producers;
 pub mod storage;

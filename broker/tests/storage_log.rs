@@ -576,3 +576,26 @@ fn a_seal_interrupted_by_a_crash_is_finished_on_open() {
     );
     assert_holds(&log, 0, 40, 200);
 }
+
+#[test]
+fn a_deferred_append_is_invisible_until_waited_for_under_every_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = PartitionLog::open(dir.path(), config(64 * 1024, FlushPolicy::EveryBatch)).unwrap();
+    let info = log.append_deferred(&batch_for(0, 3, 10)).unwrap();
+    assert_eq!((info.base_offset, info.last_offset), (0, 2));
+    assert_eq!(log.end_offset(), 3);
+    assert_eq!(log.high_watermark(), 0, "not synced, so not visible");
+    assert!(log.read(0, 1024).unwrap().data.is_empty());
+    log.wait_appended(&info).unwrap();
+    assert_eq!(log.high_watermark(), 3);
+    assert_holds(&log, 0, 3, 10);
+
+    let os_dir = tempfile::tempdir().unwrap();
+    let os_log = PartitionLog::open(os_dir.path(), config(64 * 1024, FlushPolicy::Os)).unwrap();
+    os_log.append_deferred(&batch_for(0, 3, 10)).unwrap();
+    assert_eq!(
+        os_log.high_watermark(),
+        3,
+        "visible at once without a sync policy"
+    );
+}
