@@ -123,7 +123,7 @@ fn decode(path: &Path, bytes: &[u8]) -> Result<IdState, ProducerStateError> {
     if crc32fast::hash(body).to_le_bytes() != crc {
         return Err(corrupt("checksum mismatch"));
     }
-    let mut r = super::state::Reader::new(body);
+    let mut r = crate::storage::ByteReader::new(body);
     if r.take(4).ok_or_else(|| corrupt("truncated"))? != MAGIC {
         return Err(corrupt("bad magic"));
     }

@@ -3,8 +3,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
-use crate::storage::ProducerInfo;
 use crate::storage::batch::NO_PRODUCER_ID;
+use crate::storage::{ByteReader, ProducerInfo};
 
 /// Batches remembered per producer and partition: at least the client's
 /// maximum of in-flight batches, so any batch a client may retry is here.
@@ -247,7 +247,7 @@ impl PartitionProducers {
         if crc32fast::hash(body).to_le_bytes() != crc {
             return Err("checksum mismatch");
         }
-        let mut r = Reader::new(body);
+        let mut r = ByteReader::new(body);
         if r.take(4) != Some(SNAPSHOT_MAGIC.as_slice()) || r.u16() != Some(SNAPSHOT_VERSION) {
             return Err("not a producer snapshot of a known version");
         }
@@ -282,42 +282,6 @@ impl PartitionProducers {
             return Err("bytes after the last producer");
         }
         Ok((log_offset, PartitionProducers { producers }))
-    }
-}
-
-/// Bounds-checked little-endian reads for the state files.
-pub(crate) struct Reader<'a> {
-    buf: &'a [u8],
-}
-
-impl<'a> Reader<'a> {
-    pub(crate) fn new(buf: &'a [u8]) -> Self {
-        Reader { buf }
-    }
-
-    pub(crate) fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        if self.buf.len() < n {
-            return None;
-        }
-        let (head, rest) = self.buf.split_at(n);
-        self.buf = rest;
-        Some(head)
-    }
-
-    pub(crate) fn u16(&mut self) -> Option<u16> {
-        Some(u16::from_le_bytes(self.take(2)?.try_into().ok()?))
-    }
-
-    pub(crate) fn u32(&mut self) -> Option<u32> {
-        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
-    }
-
-    pub(crate) fn u64(&mut self) -> Option<u64> {
-        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
-    }
-
-    pub(crate) fn is_empty(&self) -> bool {
-        self.buf.is_empty()
     }
 }
 

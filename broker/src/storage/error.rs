@@ -25,7 +25,7 @@ pub enum StorageError {
     OffsetOutOfRange { offset: u64, start: u64, end: u64 },
     #[error("a batch of {size} bytes does not fit in a segment of {segment_bytes} bytes")]
     BatchTooLarge { size: usize, segment_bytes: u64 },
-    #[error("corrupt segment {path} at byte {position}: {reason}")]
+    #[error("corrupt file {path} at byte {position}: {reason}")]
     Corrupt {
         path: PathBuf,
         position: u64,

@@ -581,20 +581,34 @@ impl PartitionLog {
                 self.roll()?;
             }
         }
+        self.remove_oldest_segments(|oldest, total| {
+            let by_age = cutoff.is_some_and(|c| oldest.max_timestamp() < c);
+            let by_size =
+                retention_bytes.is_some_and(|limit| total - oldest.written_end() >= limit);
+            by_age || by_size
+        })
+    }
+
+    /// Deletes the whole sealed segments that hold only offsets below
+    /// `offset`, for logs whose owner keeps their content elsewhere (state
+    /// logs that snapshot themselves). The segment holding `offset` stays.
+    pub fn delete_segments_before(&self, offset: u64) -> Result<RetentionReport> {
+        self.remove_oldest_segments(|oldest, _| oldest.next_offset() <= offset)
+    }
+
+    /// Removes segments from the front while `remove(oldest, total bytes)`
+    /// says so, never the active one, and deletes their files.
+    fn remove_oldest_segments(
+        &self,
+        mut remove: impl FnMut(&Segment, u64) -> bool,
+    ) -> Result<RetentionReport> {
         let removed: Vec<Arc<Segment>> = {
             let mut segments = self.segments.write();
             let mut total: u64 = segments.iter().map(|s| s.written_end()).sum();
             let mut count = 0;
             // Never the last segment: it is the active one.
-            while count + 1 < segments.len() {
-                let oldest = &segments[count];
-                let by_age = cutoff.is_some_and(|c| oldest.max_timestamp() < c);
-                let by_size =
-                    retention_bytes.is_some_and(|limit| total - oldest.written_end() >= limit);
-                if !(by_age || by_size) {
-                    break;
-                }
-                total -= oldest.written_end();
+            while count + 1 < segments.len() && remove(&segments[count], total) {
+                total -= segments[count].written_end();
                 count += 1;
             }
             let removed: Vec<_> = segments.drain(..count).collect();
@@ -618,7 +632,7 @@ impl PartitionLog {
                 segments = removed.len(),
                 bytes = report.deleted_bytes,
                 log_start = report.log_start_offset,
-                "retention deleted segments"
+                "deleted old segments"
             );
         }
         Ok(report)

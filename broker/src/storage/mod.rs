@@ -38,7 +38,7 @@ pub use batch::{
 };
 pub use config::{DEFAULT_SEGMENT_BYTES, FlushPolicy, LogConfig};
 pub use error::{Result, StorageError};
-pub use files::{sync_dir, write_atomically};
+pub use files::{ByteReader, sync_dir, write_atomically};
 pub use flusher::IntervalFlusher;
 pub use lock::{DataDirLock, LOCK_FILE};
 pub use log::{AppendInfo, PartitionLog, ReadChunk, RetentionReport};

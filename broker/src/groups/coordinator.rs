@@ -1,0 +1,603 @@
+//! The group coordinator: membership, assignment, handover, offsets.
+//!
+//! In the style of Kafka's KIP-848 the broker computes the assignment;
+//! members only join, heartbeat (reporting what they hold) and leave.
+//!
+//! - Each member has a *target* (from the assignor) and an *assignment*:
+//!   the target minus partitions another member was given or still reports
+//!   holding. So a moved partition reaches its new owner only after the old
+//!   owner was told to let it go and then released it (dropped it from its
+//!   heartbeat), or was removed: two members never hold one partition at
+//!   once.
+//! - A member that misses its session timeout is removed; its partitions go
+//!   to the others. A member joining with an instance id that is already in
+//!   the group takes over that member's place and partitions (static
+//!   membership), so a quick restart moves nothing.
+//! - A commit is accepted from a current member for partitions it is
+//!   assigned or still holds; from outside the group (no member id) only
+//!   while the group has no members. An evicted member's commit is refused.
+//!
+//! Membership lives in memory: after a broker restart members get "unknown
+//! member" on their next heartbeat and join again. Offsets are durable
+//! ([`OffsetStore`]).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use super::assignor::{MemberSubscription, TopicPartition, assign};
+use super::offsets::{CommittedOffset, OffsetStore};
+use crate::storage::StorageError;
+
+/// Where the coordinator learns how many partitions a topic has.
+pub trait TopicCatalog: Send + Sync {
+    /// `None` when the topic does not exist.
+    fn partition_count(&self, topic: &str) -> Option<u32>;
+}
+
+/// Limits on what members may ask for.
+#[derive(Debug, Clone)]
+pub struct GroupSettings {
+    pub min_session_timeout: Duration,
+    pub max_session_timeout: Duration,
+    /// How often members are told to heartbeat, at most a third of their
+    /// session timeout.
+    pub heartbeat_interval: Duration,
+}
+
+impl Default for GroupSettings {
+    fn default() -> Self {
+        GroupSettings {
+            min_session_timeout: Duration::from_millis(500),
+            max_session_timeout: Duration::from_secs(300),
+            heartbeat_interval: Duration::from_secs(3),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GroupError {
+    #[error("group {0:?} does not exist")]
+    UnknownGroup(String),
+    #[error(
+        "member {member:?} is not in group {group:?}: it left or missed its session \
+         timeout; join the group again"
+    )]
+    UnknownMember { group: String, member: String },
+    #[error("member {member:?} of group {group:?} sent epoch {got}, ahead of its epoch {current}")]
+    InvalidMemberEpoch {
+        group: String,
+        member: String,
+        got: u64,
+        current: u64,
+    },
+    #[error(
+        "member {member:?} of group {group:?} does not own {partition} and may not \
+         commit its offset"
+    )]
+    NotOwner {
+        group: String,
+        member: String,
+        partition: TopicPartition,
+    },
+    #[error(
+        "group {group:?} has {members} live member(s); stop them (or wait for their \
+         session timeout) first"
+    )]
+    GroupNotEmpty { group: String, members: usize },
+    #[error("session timeout {got:?} is outside {min:?}..={max:?}")]
+    InvalidSessionTimeout {
+        got: Duration,
+        min: Duration,
+        max: Duration,
+    },
+    #[error("a group member must subscribe to at least one topic")]
+    NoTopics,
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// The answer to a join.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Joined {
+    pub member_id: String,
+    pub member_epoch: u64,
+    pub heartbeat_interval: Duration,
+}
+
+/// The answer to a heartbeat: what the member may hold now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assignment {
+    pub member_epoch: u64,
+    pub partitions: BTreeSet<TopicPartition>,
+    pub heartbeat_interval: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberDescription {
+    pub member_id: String,
+    pub instance_id: Option<String>,
+    pub topics: BTreeSet<String>,
+    pub member_epoch: u64,
+    pub assigned: BTreeSet<TopicPartition>,
+    /// What it reported holding at its last heartbeat.
+    pub owned: BTreeSet<TopicPartition>,
+    pub since_heartbeat: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupDescription {
+    pub group_id: String,
+    pub group_epoch: u64,
+    pub members: Vec<MemberDescription>,
+    pub offsets: BTreeMap<TopicPartition, CommittedOffset>,
+}
+
+/// One offset a reset would set, with what it replaces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OffsetChange {
+    pub partition: TopicPartition,
+    pub previous: Option<u64>,
+    pub offset: u64,
+}
+
+struct Member {
+    instance_id: Option<String>,
+    topics: BTreeSet<String>,
+    session_timeout: Duration,
+    last_heartbeat: Instant,
+    member_epoch: u64,
+    target: BTreeSet<TopicPartition>,
+    assigned: BTreeSet<TopicPartition>,
+    owned: BTreeSet<TopicPartition>,
+}
+
+#[derive(Default)]
+struct Group {
+    members: BTreeMap<String, Member>,
+    group_epoch: u64,
+    /// Partition counts the current targets were computed for.
+    partition_counts: BTreeMap<String, u32>,
+    /// Membership or subscriptions changed since the targets were computed.
+    stale: bool,
+}
+
+impl Group {
+    /// Recomputes targets if membership or the topics' partition counts
+    /// changed.
+    fn refresh_targets(&mut self, catalog: &dyn TopicCatalog) {
+        let topics: BTreeSet<&String> = self.members.values().flat_map(|m| &m.topics).collect();
+        let counts: BTreeMap<String, u32> = topics
+            .into_iter()
+            .filter_map(|t| catalog.partition_count(t).map(|n| (t.clone(), n)))
+            .collect();
+        if !self.stale && counts == self.partition_counts {
+            return;
+        }
+        let subscriptions: Vec<MemberSubscription<'_>> = self
+            .members
+            .iter()
+            .map(|(id, m)| MemberSubscription {
+                member_id: id,
+                topics: &m.topics,
+                current: &m.target,
+            })
+            .collect();
+        let targets = assign(&subscriptions, &counts);
+        for (id, target) in targets {
+            if let Some(member) = self.members.get_mut(&id) {
+                member.target = target;
+            }
+        }
+        self.partition_counts = counts;
+        self.group_epoch += 1;
+        self.stale = false;
+    }
+
+    /// The member's target minus what other members still hold: what they
+    /// were last given, or still report holding.
+    fn assignable(&self, member_id: &str) -> BTreeSet<TopicPartition> {
+        let held_elsewhere: BTreeSet<&TopicPartition> = self
+            .members
+            .iter()
+            .filter(|(id, _)| id.as_str() != member_id)
+            .flat_map(|(_, m)| m.assigned.iter().chain(&m.owned))
+            .collect();
+        self.members[member_id]
+            .target
+            .iter()
+            .filter(|tp| !held_elsewhere.contains(tp))
+            .cloned()
+            .collect()
+    }
+}
+
+/// Coordinates every consumer group of the broker.
+pub struct GroupCoordinator {
+    groups: Mutex<HashMap<String, Group>>,
+    offsets: OffsetStore,
+    catalog: Box<dyn TopicCatalog>,
+    settings: GroupSettings,
+    next_member: AtomicU64,
+}
+
+impl GroupCoordinator {
+    pub fn new(
+        offsets: OffsetStore,
+        catalog: Box<dyn TopicCatalog>,
+        settings: GroupSettings,
+    ) -> Self {
+        GroupCoordinator {
+            groups: Mutex::new(HashMap::new()),
+            offsets,
+            catalog,
+            settings,
+            next_member: AtomicU64::new(0),
+        }
+    }
+
+    pub fn offsets(&self) -> &OffsetStore {
+        &self.offsets
+    }
+
+    fn heartbeat_interval(&self, session_timeout: Duration) -> Duration {
+        self.settings.heartbeat_interval.min(session_timeout / 3)
+    }
+
+    /// Adds a member (or, with a known `instance_id`, takes over the member
+    /// that had it). Its partitions come with its heartbeats.
+    pub fn join(
+        &self,
+        group_id: &str,
+        instance_id: Option<&str>,
+        topics: BTreeSet<String>,
+        session_timeout: Duration,
+        now: Instant,
+    ) -> Result<Joined, GroupError> {
+        let s = &self.settings;
+        if !(s.min_session_timeout..=s.max_session_timeout).contains(&session_timeout) {
+            return Err(GroupError::InvalidSessionTimeout {
+                got: session_timeout,
+                min: s.min_session_timeout,
+                max: s.max_session_timeout,
+            });
+        }
+        if topics.is_empty() {
+            return Err(GroupError::NoTopics);
+        }
+        let member_id = format!(
+            "{}-{}",
+            instance_id.unwrap_or("member"),
+            self.next_member.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut groups = self.groups.lock();
+        let group = groups.entry(group_id.to_owned()).or_default();
+        let previous = instance_id.and_then(|instance| {
+            let id = group
+                .members
+                .iter()
+                .find(|(_, m)| m.instance_id.as_deref() == Some(instance))
+                .map(|(id, _)| id.clone())?;
+            group.members.remove(&id)
+        });
+        let member = match previous {
+            Some(mut old) => {
+                // The same instance, restarted: it keeps its partitions. What
+                // the old incarnation held, the new one holds until it says
+                // otherwise.
+                old.member_epoch += 1;
+                old.last_heartbeat = now;
+                old.session_timeout = session_timeout;
+                if old.topics != topics {
+                    old.topics = topics;
+                    group.stale = true;
+                }
+                tracing::info!(group = group_id, member = %member_id, "static member rejoined");
+                old
+            }
+            None => {
+                group.stale = true;
+                tracing::info!(group = group_id, member = %member_id, "member joined");
+                Member {
+                    instance_id: instance_id.map(str::to_owned),
+                    topics,
+                    session_timeout,
+                    last_heartbeat: now,
+                    member_epoch: 1,
+                    target: BTreeSet::new(),
+                    assigned: BTreeSet::new(),
+                    owned: BTreeSet::new(),
+                }
+            }
+        };
+        let member_epoch = member.member_epoch;
+        group.members.insert(member_id.clone(), member);
+        Ok(Joined {
+            member_id,
+            member_epoch,
+            heartbeat_interval: self.heartbeat_interval(session_timeout),
+        })
+    }
+
+    /// Records that the member is alive and holds `owned`, and returns what
+    /// it may hold now. Partitions missing from the answer must be released
+    /// (commit, then stop reading them).
+    pub fn heartbeat(
+        &self,
+        group_id: &str,
+        member_id: &str,
+        owned: BTreeSet<TopicPartition>,
+        now: Instant,
+    ) -> Result<Assignment, GroupError> {
+        let mut groups = self.groups.lock();
+        expire_members(&mut groups, now);
+        let group = groups
+            .get_mut(group_id)
+            .ok_or_else(|| unknown_member(group_id, member_id))?;
+        let member = group
+            .members
+            .get_mut(member_id)
+            .ok_or_else(|| unknown_member(group_id, member_id))?;
+        member.last_heartbeat = now;
+        // A member can only hold what it was given (or already held).
+        let allowed: BTreeSet<TopicPartition> =
+            member.assigned.union(&member.owned).cloned().collect();
+        member.owned = owned.intersection(&allowed).cloned().collect();
+        group.refresh_targets(self.catalog.as_ref());
+        let assigned = group.assignable(member_id);
+        let member = group.members.get_mut(member_id).expect("present");
+        if assigned != member.assigned {
+            member.assigned = assigned;
+            member.member_epoch += 1;
+        }
+        Ok(Assignment {
+            member_epoch: member.member_epoch,
+            partitions: member.assigned.clone(),
+            heartbeat_interval: self.heartbeat_interval(member.session_timeout),
+        })
+    }
+
+    /// Removes a member at once; its partitions go to the others.
+    pub fn leave(&self, group_id: &str, member_id: &str) -> Result<(), GroupError> {
+        let mut groups = self.groups.lock();
+        let group = groups
+            .get_mut(group_id)
+            .ok_or_else(|| unknown_member(group_id, member_id))?;
+        group
+            .members
+            .remove(member_id)
+            .ok_or_else(|| unknown_member(group_id, member_id))?;
+        group.stale = true;
+        tracing::info!(group = group_id, member = member_id, "member left");
+        Ok(())
+    }
+
+    /// Removes members whose session timed out. Heartbeats do it too; call
+    /// this periodically so a group whose members all died is noticed.
+    pub fn expire_sessions(&self, now: Instant) -> usize {
+        expire_members(&mut self.groups.lock(), now)
+    }
+
+    /// Commits offsets. `member` is `(member_id, member_epoch)` for a group
+    /// member; `None` for a committer outside the group, allowed only while
+    /// the group has no members.
+    pub fn commit(
+        &self,
+        group_id: &str,
+        member: Option<(&str, u64)>,
+        offsets: Vec<(TopicPartition, u64, String)>,
+        now: Instant,
+        now_ms: i64,
+    ) -> Result<(), GroupError> {
+        {
+            let mut groups = self.groups.lock();
+            expire_members(&mut groups, now);
+            let group = groups.get(group_id);
+            match member {
+                Some((member_id, epoch)) => {
+                    let m = group
+                        .and_then(|g| g.members.get(member_id))
+                        .ok_or_else(|| unknown_member(group_id, member_id))?;
+                    if epoch > m.member_epoch {
+                        return Err(GroupError::InvalidMemberEpoch {
+                            group: group_id.to_owned(),
+                            member: member_id.to_owned(),
+                            got: epoch,
+                            current: m.member_epoch,
+                        });
+                    }
+                    if let Some((tp, _, _)) = offsets
+                        .iter()
+                        .find(|(tp, _, _)| !m.assigned.contains(tp) && !m.owned.contains(tp))
+                    {
+                        return Err(GroupError::NotOwner {
+                            group: group_id.to_owned(),
+                            member: member_id.to_owned(),
+                            partition: tp.clone(),
+                        });
+                    }
+                }
+                None => {
+                    let members = group.map_or(0, |g| g.members.len());
+                    if members > 0 {
+                        return Err(GroupError::GroupNotEmpty {
+                            group: group_id.to_owned(),
+                            members,
+                        });
+                    }
+                }
+            }
+        }
+        // The ownership check and the write are not under one lock: a
+        // partition handed over in between came back from this member, which
+        // released it after committing, so the offset is still its to write.
+        let entries: Vec<(TopicPartition, CommittedOffset)> = offsets
+            .into_iter()
+            .map(|(tp, offset, metadata)| {
+                (
+                    tp,
+                    CommittedOffset {
+                        offset,
+                        metadata,
+                        commit_time_ms: now_ms,
+                    },
+                )
+            })
+            .collect();
+        self.offsets.commit(group_id, &entries)?;
+        Ok(())
+    }
+
+    /// Sets offsets of a group with no members; with `dry_run` only says what
+    /// would change.
+    pub fn reset_offsets(
+        &self,
+        group_id: &str,
+        targets: Vec<(TopicPartition, u64)>,
+        dry_run: bool,
+        now: Instant,
+        now_ms: i64,
+    ) -> Result<Vec<OffsetChange>, GroupError> {
+        {
+            let mut groups = self.groups.lock();
+            expire_members(&mut groups, now);
+            let members = groups.get(group_id).map_or(0, |g| g.members.len());
+            if members > 0 {
+                return Err(GroupError::GroupNotEmpty {
+                    group: group_id.to_owned(),
+                    members,
+                });
+            }
+        }
+        let current = self.offsets.fetch(group_id);
+        let changes: Vec<OffsetChange> = targets
+            .into_iter()
+            .map(|(partition, offset)| OffsetChange {
+                previous: current.get(&partition).map(|c| c.offset),
+                partition,
+                offset,
+            })
+            .collect();
+        if !dry_run {
+            self.commit(
+                group_id,
+                None,
+                changes
+                    .iter()
+                    .map(|c| (c.partition.clone(), c.offset, String::from("reset")))
+                    .collect(),
+                now,
+                now_ms,
+            )?;
+        }
+        Ok(changes)
+    }
+
+    /// Deletes the offsets of groups that have had no members and no commit
+    /// for `retention`; a group with live members is never touched.
+    pub fn expire_offsets(
+        &self,
+        now: Instant,
+        now_ms: i64,
+        retention: Duration,
+    ) -> Result<Vec<String>, GroupError> {
+        let live: BTreeSet<String> = {
+            let mut groups = self.groups.lock();
+            expire_members(&mut groups, now);
+            groups.retain(|_, g| !g.members.is_empty());
+            groups.keys().cloned().collect()
+        };
+        let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+        let mut expired = Vec::new();
+        for group in self.offsets.groups() {
+            if live.contains(&group) {
+                continue;
+            }
+            let newest = self
+                .offsets
+                .fetch(&group)
+                .values()
+                .map(|c| c.commit_time_ms)
+                .max();
+            if newest.is_some_and(|t| now_ms.saturating_sub(t) >= retention_ms) {
+                self.offsets.delete_group(&group, now_ms)?;
+                tracing::info!(group, "expired the offsets of an empty group");
+                expired.push(group);
+            }
+        }
+        Ok(expired)
+    }
+
+    /// Every group with members or committed offsets.
+    pub fn list(&self) -> Vec<String> {
+        let mut all: BTreeSet<String> = self.offsets.groups().into_iter().collect();
+        all.extend(
+            self.groups
+                .lock()
+                .iter()
+                .filter(|(_, g)| !g.members.is_empty())
+                .map(|(id, _)| id.clone()),
+        );
+        all.into_iter().collect()
+    }
+
+    pub fn describe(&self, group_id: &str, now: Instant) -> Result<GroupDescription, GroupError> {
+        let offsets = self.offsets.fetch(group_id);
+        let mut groups = self.groups.lock();
+        expire_members(&mut groups, now);
+        let group = groups.get(group_id);
+        if group.is_none_or(|g| g.members.is_empty()) && offsets.is_empty() {
+            return Err(GroupError::UnknownGroup(group_id.to_owned()));
+        }
+        let members = group
+            .map(|g| {
+                g.members
+                    .iter()
+                    .map(|(id, m)| MemberDescription {
+                        member_id: id.clone(),
+                        instance_id: m.instance_id.clone(),
+                        topics: m.topics.clone(),
+                        member_epoch: m.member_epoch,
+                        assigned: m.assigned.clone(),
+                        owned: m.owned.clone(),
+                        since_heartbeat: now.saturating_duration_since(m.last_heartbeat),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(GroupDescription {
+            group_id: group_id.to_owned(),
+            group_epoch: group.map_or(0, |g| g.group_epoch),
+            members,
+            offsets,
+        })
+    }
+}
+
+fn unknown_member(group: &str, member: &str) -> GroupError {
+    GroupError::UnknownMember {
+        group: group.to_owned(),
+        member: member.to_owned(),
+    }
+}
+
+fn expire_members(groups: &mut HashMap<String, Group>, now: Instant) -> usize {
+    let mut expired = 0;
+    for (group_id, group) in groups.iter_mut() {
+        let before = group.members.len();
+        group.members.retain(|member_id, m| {
+            let alive = now.saturating_duration_since(m.last_heartbeat) <= m.session_timeout;
+            if !alive {
+                tracing::info!(group = %group_id, member = %member_id, "member missed its session timeout");
+            }
+            alive
+        });
+        if group.members.len() != before {
+            group.stale = true;
+            expired += before - group.members.len();
+        }
+    }
+    expired
+}
