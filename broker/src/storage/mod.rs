@@ -13,6 +13,8 @@
 //! - [`IntervalFlusher`]: syncs logs with an `interval(ms)` flush policy.
 //! - [`DataDirLock`]: keeps a second process out of a data directory.
 //! - [`write_atomically`], [`sync_dir`]: crash-safe replacement of small state files.
+//! - [`StateLog`]: a durable state machine (change log plus snapshots) for
+//!   broker state such as committed offsets.
 //!
 //! On-disk layout of one partition directory:
 //!
@@ -30,6 +32,7 @@ mod flusher;
 mod lock;
 mod log;
 mod segment;
+mod state_log;
 mod varint;
 
 pub use batch::{
@@ -43,3 +46,4 @@ pub use flusher::IntervalFlusher;
 pub use lock::{DataDirLock, LOCK_FILE};
 pub use log::{AppendInfo, PartitionLog, ReadChunk, RetentionReport};
 pub use segment::TornTail;
+pub use state_log::{StateLog, StateMachine};

@@ -1,0 +1,184 @@
+//! A durable state machine: an internal log of change records, replayed
+//! over the newest snapshot.
+//!
+//! For broker state that changes record by record and must survive a crash
+//! exactly (committed offsets, retry sets): every change is a batch appended
+//! with `every-batch` flush, so it is on disk when [`StateLog::append`]
+//! returns, and applied to the in-memory state in log order. Once the log
+//! has a few segments the state is snapshotted (atomically) and the segments
+//! the snapshot covers are deleted, so the log stays small and opening stays
+//! fast.
+
+use std::fs;
+use std::path::PathBuf;
+
+use parking_lot::{Mutex, RwLock, RwLockReadGuard};
+
+use super::batch::{BatchBuilder, ProducerInfo, Record};
+use super::config::{FlushPolicy, LogConfig};
+use super::error::{Result, StorageError};
+use super::files::{ByteReader, write_atomically};
+use super::log::PartitionLog;
+
+const SNAPSHOT_FILE: &str = "state.snapshot";
+const SNAPSHOT_MAGIC: &[u8; 4] = b"SLSS";
+const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
+/// Snapshot and compact once the log has this many segments.
+const COMPACT_AT_SEGMENTS: usize = 4;
+
+/// State rebuilt from change records.
+pub trait StateMachine: Default + Send + Sync {
+    /// Applies one change record. Records it does not understand are
+    /// skipped (with a warning), never a panic.
+    fn apply(&mut self, record: &Record);
+    fn encode_snapshot(&self) -> Vec<u8>;
+    fn decode_snapshot(bytes: &[u8]) -> std::result::Result<Self, &'static str>;
+}
+
+/// A [`StateMachine`] kept durable in its own directory.
+pub struct StateLog<S: StateMachine> {
+    log: PartitionLog,
+    dir: PathBuf,
+    state: RwLock<S>,
+    /// Serialises writers so the state applies changes in log order.
+    writer: Mutex<()>,
+}
+
+impl<S: StateMachine> StateLog<S> {
+    /// Opens (or creates) the state in `dir`: the snapshot, then every
+    /// change after it.
+    pub fn open(dir: impl Into<PathBuf>) -> Result<StateLog<S>> {
+        let dir = dir.into();
+        let log = PartitionLog::open(
+            dir.join("log"),
+            LogConfig {
+                segment_bytes: SEGMENT_BYTES,
+                segment_age: None,
+                flush: FlushPolicy::EveryBatch,
+                retention_age: None,
+                retention_bytes: None,
+                ..LogConfig::default()
+            },
+        )?;
+        let mut state = S::default();
+        let mut from = log.log_start_offset();
+        let snapshot_path = dir.join(SNAPSHOT_FILE);
+        match fs::read(&snapshot_path) {
+            Ok(bytes) => {
+                let (at, snapshot) =
+                    decode_snapshot::<S>(&bytes).map_err(|reason| StorageError::Corrupt {
+                        path: snapshot_path.clone(),
+                        position: 0,
+                        reason: reason.into(),
+                    })?;
+                state = snapshot;
+                from = from.max(at);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StorageError::io("read state snapshot", &snapshot_path, e)),
+        }
+        while from < log.high_watermark() {
+            let records = log.read_records(from, 4 * 1024 * 1024)?;
+            for stored in &records {
+                state.apply(&stored.record);
+            }
+            from = records.last().map_or(from, |r| r.offset + 1);
+        }
+        Ok(StateLog {
+            log,
+            dir,
+            state: RwLock::new(state),
+            writer: Mutex::new(()),
+        })
+    }
+
+    /// Reads the current state.
+    pub fn state(&self) -> RwLockReadGuard<'_, S> {
+        self.state.read()
+    }
+
+    /// Appends `records` as one batch, durable when this returns, then
+    /// applies them.
+    pub fn append(&self, records: &[Record]) -> Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let _order = self.writer.lock();
+        self.log
+            .append(&BatchBuilder::encode(records, ProducerInfo::NONE))?;
+        {
+            let mut state = self.state.write();
+            for record in records {
+                state.apply(record);
+            }
+        }
+        if self.log.segment_count() >= COMPACT_AT_SEGMENTS
+            && let Err(e) = self.compact_locked()
+        {
+            // The change itself is durable; compaction retries next time.
+            tracing::warn!(dir = %self.dir.display(), error = %e, "state log compaction failed");
+        }
+        Ok(())
+    }
+
+    /// Writes a snapshot and deletes the log segments it covers.
+    pub fn compact(&self) -> Result<()> {
+        let _order = self.writer.lock();
+        self.compact_locked()
+    }
+
+    fn compact_locked(&self) -> Result<()> {
+        let at = self.log.end_offset();
+        let payload = self.state.read().encode_snapshot();
+        write_atomically(
+            &self.dir.join(SNAPSHOT_FILE),
+            &encode_snapshot(at, &payload),
+        )?;
+        self.log.roll()?;
+        self.log.delete_segments_before(at)?;
+        Ok(())
+    }
+
+    /// Files of the change log, for tests and operators.
+    pub fn log_segment_count(&self) -> usize {
+        self.log.segment_count()
+    }
+
+    pub fn close(&self) -> Result<()> {
+        self.log.close()
+    }
+}
+
+fn encode_snapshot(at: u64, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload.len() + 24);
+    out.extend_from_slice(SNAPSHOT_MAGIC);
+    out.extend_from_slice(&at.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(payload);
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out
+}
+
+fn decode_snapshot<S: StateMachine>(bytes: &[u8]) -> std::result::Result<(u64, S), &'static str> {
+    if bytes.len() < 4 + 8 + 8 + 4 {
+        return Err("too short");
+    }
+    let (body, crc) = bytes.split_at(bytes.len() - 4);
+    if crc32fast::hash(body).to_le_bytes() != crc {
+        return Err("checksum mismatch");
+    }
+    let mut r = ByteReader::new(body);
+    if r.take(4) != Some(SNAPSHOT_MAGIC.as_slice()) {
+        return Err("bad magic");
+    }
+    let at = r.u64().ok_or("truncated")?;
+    let len = r.u64().ok_or("truncated")?;
+    let payload = r
+        .take(usize::try_from(len).map_err(|_| "bad length")?)
+        .ok_or("truncated")?;
+    if !r.is_empty() {
+        return Err("bytes after the payload");
+    }
+    Ok((at, S::decode_snapshot(payload)?))
+}
