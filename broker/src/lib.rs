@@ -1,8 +1,9 @@
 //! Sluice broker: a persistent log broker.
 //!
-//! Data flows one way: `server` → ([`producers`], [`groups`], `dlq`) →
+//! Data flows one way: `server` → ([`producers`], [`groups`], [`dlq`]) →
 //! `topics` → [`storage`]. Each module's doc says what it owns.
 
+pub mod dlq;
 pub mod groups;
 pub mod producers;
 pub mod storage;

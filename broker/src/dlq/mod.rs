@@ -1,0 +1,99 @@
+//! Dead-letter queues: a poison record neither blocks a partition nor is
+//! lost.
+//!
+//! This module owns the retry bookkeeping of each consumer group and the
+//! shape of dead letters:
+//!
+//! - [`RetryPolicy`]: how many deliveries a record gets and the backoff
+//!   between them.
+//! - [`RetrySets`]: per group, the records that were nacked, with their
+//!   delivery count, reasons, times and next delivery; durable (a
+//!   [`StateLog`](crate::storage::StateLog)), so a restart neither loses nor
+//!   repeats a pending retry. A record nacked for the last time becomes a
+//!   *pending dead letter* until the caller has appended it to the DLQ topic,
+//!   so a crash in between is finished on restart instead of lost, and the
+//!   headers let the caller see whether the append already happened.
+//! - [`dead_letter_headers`] and friends: the headers a dead letter carries
+//!   and how a redrive marks a record.
+//!
+//! It does not read or write topics: the caller (the server, through
+//! `topics`) fetches records for redelivery and appends dead letters.
+
+mod retry;
+
+pub use retry::{
+    DeadLetter, NackOutcome, RecordLocation, RetryEntry, RetryKey, RetryPolicy, RetrySets,
+};
+
+use crate::storage::Header;
+
+/// The default DLQ topic of a (topic, group) pair: one per pair, so one
+/// group never sees another group's failures.
+pub fn dlq_topic_name(topic: &str, group: &str) -> String {
+    format!("{topic}.{group}.dlq")
+}
+
+pub const HEADER_SOURCE_TOPIC: &str = "sluice.dlq.source-topic";
+pub const HEADER_SOURCE_PARTITION: &str = "sluice.dlq.source-partition";
+pub const HEADER_SOURCE_OFFSET: &str = "sluice.dlq.source-offset";
+pub const HEADER_GROUP: &str = "sluice.dlq.group";
+pub const HEADER_REASON: &str = "sluice.dlq.reason";
+pub const HEADER_ERROR_CLASS: &str = "sluice.dlq.error-class";
+pub const HEADER_ATTEMPTS: &str = "sluice.dlq.attempts";
+pub const HEADER_FIRST_FAILURE_MS: &str = "sluice.dlq.first-failure-ms";
+pub const HEADER_LAST_FAILURE_MS: &str = "sluice.dlq.last-failure-ms";
+/// On a redriven record: `<dlq topic>/<partition>/<offset>` it came from.
+pub const HEADER_REDRIVEN_FROM: &str = "sluice.dlq.redriven-from";
+
+/// The headers added to a record when it is dead-lettered (its own headers
+/// come first, unchanged).
+pub fn dead_letter_headers(group: &str, entry: &RetryEntry) -> Vec<Header> {
+    let h = |key: &str, value: String| Header {
+        key: key.to_owned(),
+        value: value.into(),
+    };
+    vec![
+        h(HEADER_SOURCE_TOPIC, entry.key.topic.clone()),
+        h(HEADER_SOURCE_PARTITION, entry.key.partition.to_string()),
+        h(HEADER_SOURCE_OFFSET, entry.key.offset.to_string()),
+        h(HEADER_GROUP, group.to_owned()),
+        h(HEADER_REASON, entry.last_reason.clone()),
+        h(HEADER_ERROR_CLASS, entry.error_class.clone()),
+        h(HEADER_ATTEMPTS, entry.deliveries.to_string()),
+        h(HEADER_FIRST_FAILURE_MS, entry.first_failure_ms.to_string()),
+        h(HEADER_LAST_FAILURE_MS, entry.last_failure_ms.to_string()),
+    ]
+}
+
+/// Whether `headers` (of a record in a DLQ) mark it as the dead letter of
+/// `key` for `group`: how a restart tells whether a pending dead letter was
+/// already appended.
+pub fn is_dead_letter_of(headers: &[Header], group: &str, key: &RetryKey) -> bool {
+    let get = |name: &str| {
+        headers
+            .iter()
+            .rev()
+            .find(|h| h.key == name)
+            .map(|h| h.value.as_ref())
+    };
+    get(HEADER_GROUP) == Some(group.as_bytes())
+        && get(HEADER_SOURCE_TOPIC) == Some(key.topic.as_bytes())
+        && get(HEADER_SOURCE_PARTITION) == Some(key.partition.to_string().as_bytes())
+        && get(HEADER_SOURCE_OFFSET) == Some(key.offset.to_string().as_bytes())
+}
+
+/// Where a dead letter says it came from, if it carries the headers.
+pub fn dead_letter_source(headers: &[Header]) -> Option<RetryKey> {
+    let get = |name: &str| {
+        headers
+            .iter()
+            .rev()
+            .find(|h| h.key == name)
+            .and_then(|h| std::str::from_utf8(&h.value).ok())
+    };
+    Some(RetryKey {
+        topic: get(HEADER_SOURCE_TOPIC)?.to_owned(),
+        partition: get(HEADER_SOURCE_PARTITION)?.parse().ok()?,
+        offset: get(HEADER_SOURCE_OFFSET)?.parse().ok()?,
+    })
+}

@@ -1,0 +1,539 @@
+//! Retry sets: the nacked records of each group, durable.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::storage::{ByteReader, Record, StateLog, StateMachine, StorageError};
+
+const KIND_UPSERT: u8 = 1;
+const KIND_REMOVE: u8 = 2;
+const KIND_REDRIVE_PROGRESS: u8 = 3;
+
+/// Deliveries and backoff for records a group nacks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    /// Deliveries a record gets in all, the first (normal) one included;
+    /// after that many failures it is dead-lettered.
+    pub max_deliveries: u32,
+    pub initial_backoff: Duration,
+    pub multiplier: f64,
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_deliveries: 5,
+            initial_backoff: Duration::from_secs(1),
+            multiplier: 2.0,
+            max_backoff: Duration::from_secs(300),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait before the next delivery after `failures` failed ones.
+    pub fn backoff(&self, failures: u32) -> Duration {
+        let exponent = failures.saturating_sub(1).min(64) as i32;
+        let factor = self.multiplier.max(1.0).powi(exponent);
+        let secs = self.initial_backoff.as_secs_f64() * factor;
+        Duration::from_secs_f64(secs.min(self.max_backoff.as_secs_f64()))
+    }
+}
+
+/// The record a retry is about: where it was consumed from.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RetryKey {
+    pub topic: String,
+    pub partition: u32,
+    pub offset: u64,
+}
+
+/// Where the bytes of a record to redeliver are: the source record, or
+/// after a redrive its copy in the DLQ (the source may be gone by then).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordLocation {
+    pub topic: String,
+    pub partition: u32,
+    pub offset: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryEntry {
+    pub key: RetryKey,
+    pub data: RecordLocation,
+    /// Failed deliveries so far.
+    pub deliveries: u32,
+    pub first_failure_ms: i64,
+    pub last_failure_ms: i64,
+    pub next_delivery_ms: i64,
+    pub last_reason: String,
+    pub error_class: String,
+    /// Failed for the last time: waiting to be appended to the DLQ.
+    pub dead_letter_pending: bool,
+}
+
+/// What a nack led to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NackOutcome {
+    /// It will be delivered again at `next_delivery_ms`.
+    Retry {
+        deliveries: u32,
+        next_delivery_ms: i64,
+    },
+    /// It failed its last delivery: append it to the DLQ, then call
+    /// [`RetrySets::dead_lettered`].
+    DeadLetter(DeadLetter),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub group: String,
+    pub entry: RetryEntry,
+}
+
+#[derive(Default)]
+struct RetryState {
+    groups: HashMap<String, BTreeMap<RetryKey, RetryEntry>>,
+    /// (dlq topic, partition) → offset up to which a redrive has gone.
+    redrive_progress: BTreeMap<(String, u32), u64>,
+}
+
+/// Every group's retry set.
+pub struct RetrySets {
+    state: StateLog<RetryState>,
+}
+
+impl RetrySets {
+    pub fn open(dir: impl Into<PathBuf>) -> Result<RetrySets, StorageError> {
+        Ok(RetrySets {
+            state: StateLog::open(dir)?,
+        })
+    }
+
+    /// Records a failed delivery of `key` (its bytes at `data`). The first
+    /// nack of a record counts its normal delivery; later ones count
+    /// redeliveries.
+    #[allow(clippy::too_many_arguments)]
+    pub fn nack(
+        &self,
+        group: &str,
+        key: RetryKey,
+        data: RecordLocation,
+        reason: &str,
+        error_class: &str,
+        policy: &RetryPolicy,
+        now_ms: i64,
+    ) -> Result<NackOutcome, StorageError> {
+        let existing = self
+            .state
+            .state()
+            .groups
+            .get(group)
+            .and_then(|g| g.get(&key))
+            .cloned();
+        let mut entry = existing.unwrap_or(RetryEntry {
+            key,
+            data,
+            deliveries: 0,
+            first_failure_ms: now_ms,
+            last_failure_ms: now_ms,
+            next_delivery_ms: now_ms,
+            last_reason: String::new(),
+            error_class: String::new(),
+            dead_letter_pending: false,
+        });
+        if entry.dead_letter_pending {
+            return Ok(NackOutcome::DeadLetter(DeadLetter {
+                group: group.to_owned(),
+                entry,
+            }));
+        }
+        entry.deliveries += 1;
+        entry.last_failure_ms = now_ms;
+        entry.last_reason = reason.to_owned();
+        entry.error_class = error_class.to_owned();
+        let outcome = if entry.deliveries >= policy.max_deliveries.max(1) {
+            entry.dead_letter_pending = true;
+            NackOutcome::DeadLetter(DeadLetter {
+                group: group.to_owned(),
+                entry: entry.clone(),
+            })
+        } else {
+            entry.next_delivery_ms =
+                now_ms.saturating_add(duration_ms(policy.backoff(entry.deliveries)));
+            NackOutcome::Retry {
+                deliveries: entry.deliveries,
+                next_delivery_ms: entry.next_delivery_ms,
+            }
+        };
+        self.state.append(&[upsert(group, &entry)])?;
+        Ok(outcome)
+    }
+
+    /// A redelivered record was processed: forget it. False if it was not
+    /// in the retry set.
+    pub fn ack(&self, group: &str, key: &RetryKey) -> Result<bool, StorageError> {
+        let present = self
+            .state
+            .state()
+            .groups
+            .get(group)
+            .is_some_and(|g| g.contains_key(key));
+        if present {
+            self.state.append(&[remove(group, key)])?;
+        }
+        Ok(present)
+    }
+
+    /// Retries of `group` due at `now_ms` on `partitions` (the ones the
+    /// asking member owns), oldest first, at most `limit`.
+    pub fn due(
+        &self,
+        group: &str,
+        partitions: &BTreeSet<(String, u32)>,
+        now_ms: i64,
+        limit: usize,
+    ) -> Vec<RetryEntry> {
+        let state = self.state.state();
+        let Some(entries) = state.groups.get(group) else {
+            return Vec::new();
+        };
+        let mut due: Vec<RetryEntry> = entries
+            .values()
+            .filter(|e| {
+                !e.dead_letter_pending
+                    && e.next_delivery_ms <= now_ms
+                    && partitions.contains(&(e.key.topic.clone(), e.key.partition))
+            })
+            .cloned()
+            .collect();
+        due.sort_by_key(|e| (e.next_delivery_ms, e.key.clone()));
+        due.truncate(limit);
+        due
+    }
+
+    /// A due retry was handed to a member: do not hand it out again until
+    /// `redelivery_timeout` has passed without an ack or nack (the member
+    /// may have died holding it).
+    pub fn delivered(
+        &self,
+        group: &str,
+        key: &RetryKey,
+        now_ms: i64,
+        redelivery_timeout: Duration,
+    ) -> Result<(), StorageError> {
+        let entry = self
+            .state
+            .state()
+            .groups
+            .get(group)
+            .and_then(|g| g.get(key))
+            .cloned();
+        if let Some(mut entry) = entry {
+            entry.next_delivery_ms = now_ms.saturating_add(duration_ms(redelivery_timeout));
+            self.state.append(&[upsert(group, &entry)])?;
+        }
+        Ok(())
+    }
+
+    /// The dead letter was appended to the DLQ: it leaves the retry set.
+    pub fn dead_lettered(&self, group: &str, key: &RetryKey) -> Result<(), StorageError> {
+        self.state.append(&[remove(group, key)])
+    }
+
+    /// Dead letters whose DLQ append a crash may have interrupted. For each,
+    /// look for it in the DLQ's tail ([`super::is_dead_letter_of`]); append it
+    /// if it is not there; then call [`RetrySets::dead_lettered`].
+    pub fn pending_dead_letters(&self) -> Vec<DeadLetter> {
+        let state = self.state.state();
+        let mut pending: Vec<DeadLetter> = state
+            .groups
+            .iter()
+            .flat_map(|(group, entries)| {
+                entries
+                    .values()
+                    .filter(|e| e.dead_letter_pending)
+                    .map(|e| DeadLetter {
+                        group: group.clone(),
+                        entry: e.clone(),
+                    })
+            })
+            .collect();
+        pending.sort_by(|a, b| (&a.group, &a.entry.key).cmp(&(&b.group, &b.entry.key)));
+        pending
+    }
+
+    /// Puts dead letters back into `group`'s retry set with a fresh delivery
+    /// count, due now, their bytes read from the DLQ copy.
+    pub fn redrive(
+        &self,
+        group: &str,
+        records: Vec<(RetryKey, RecordLocation)>,
+        now_ms: i64,
+    ) -> Result<(), StorageError> {
+        let changes: Vec<Record> = records
+            .into_iter()
+            .map(|(key, data)| {
+                upsert(
+                    group,
+                    &RetryEntry {
+                        key,
+                        data,
+                        deliveries: 0,
+                        first_failure_ms: now_ms,
+                        last_failure_ms: now_ms,
+                        next_delivery_ms: now_ms,
+                        last_reason: String::new(),
+                        error_class: String::new(),
+                        dead_letter_pending: false,
+                    },
+                )
+            })
+            .collect();
+        self.state.append(&changes)
+    }
+
+    /// How far redrives of `dlq_topic`/`partition` have gone: the next DLQ
+    /// offset not yet redriven.
+    pub fn redrive_progress(&self, dlq_topic: &str, partition: u32) -> Option<u64> {
+        self.state
+            .state()
+            .redrive_progress
+            .get(&(dlq_topic.to_owned(), partition))
+            .copied()
+    }
+
+    pub fn set_redrive_progress(
+        &self,
+        dlq_topic: &str,
+        partition: u32,
+        next_offset: u64,
+    ) -> Result<(), StorageError> {
+        let mut value = vec![KIND_REDRIVE_PROGRESS];
+        put_str(&mut value, dlq_topic);
+        value.extend_from_slice(&partition.to_le_bytes());
+        value.extend_from_slice(&next_offset.to_le_bytes());
+        self.state.append(&[Record {
+            key: None,
+            value: value.into(),
+            headers: vec![],
+            timestamp: 0,
+        }])
+    }
+
+    /// Entries in `group`'s retry set (pending dead letters included).
+    pub fn len(&self, group: &str) -> usize {
+        self.state
+            .state()
+            .groups
+            .get(group)
+            .map_or(0, BTreeMap::len)
+    }
+
+    pub fn is_empty(&self, group: &str) -> bool {
+        self.len(group) == 0
+    }
+
+    /// One entry, if present.
+    pub fn get(&self, group: &str, key: &RetryKey) -> Option<RetryEntry> {
+        self.state
+            .state()
+            .groups
+            .get(group)
+            .and_then(|g| g.get(key))
+            .cloned()
+    }
+
+    pub fn close(&self) -> Result<(), StorageError> {
+        self.state.close()
+    }
+}
+
+fn duration_ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn upsert(group: &str, entry: &RetryEntry) -> Record {
+    let mut value = vec![KIND_UPSERT];
+    put_entry(&mut value, entry);
+    Record {
+        key: Some(Bytes::copy_from_slice(group.as_bytes())),
+        value: value.into(),
+        headers: vec![],
+        timestamp: entry.last_failure_ms,
+    }
+}
+
+fn remove(group: &str, key: &RetryKey) -> Record {
+    let mut value = vec![KIND_REMOVE];
+    put_key(&mut value, key);
+    Record {
+        key: Some(Bytes::copy_from_slice(group.as_bytes())),
+        value: value.into(),
+        headers: vec![],
+        timestamp: 0,
+    }
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn get_str(r: &mut ByteReader<'_>) -> Option<String> {
+    let len = r.u32()? as usize;
+    String::from_utf8(r.take(len)?.to_vec()).ok()
+}
+
+fn put_key(out: &mut Vec<u8>, key: &RetryKey) {
+    put_str(out, &key.topic);
+    out.extend_from_slice(&key.partition.to_le_bytes());
+    out.extend_from_slice(&key.offset.to_le_bytes());
+}
+
+fn get_key(r: &mut ByteReader<'_>) -> Option<RetryKey> {
+    Some(RetryKey {
+        topic: get_str(r)?,
+        partition: r.u32()?,
+        offset: r.u64()?,
+    })
+}
+
+fn put_entry(out: &mut Vec<u8>, e: &RetryEntry) {
+    put_key(out, &e.key);
+    put_str(out, &e.data.topic);
+    out.extend_from_slice(&e.data.partition.to_le_bytes());
+    out.extend_from_slice(&e.data.offset.to_le_bytes());
+    out.extend_from_slice(&e.deliveries.to_le_bytes());
+    for t in [e.first_failure_ms, e.last_failure_ms, e.next_delivery_ms] {
+        out.extend_from_slice(&t.to_le_bytes());
+    }
+    put_str(out, &e.last_reason);
+    put_str(out, &e.error_class);
+    out.push(u8::from(e.dead_letter_pending));
+}
+
+fn get_entry(r: &mut ByteReader<'_>) -> Option<RetryEntry> {
+    Some(RetryEntry {
+        key: get_key(r)?,
+        data: RecordLocation {
+            topic: get_str(r)?,
+            partition: r.u32()?,
+            offset: r.u64()?,
+        },
+        deliveries: r.u32()?,
+        first_failure_ms: r.u64()? as i64,
+        last_failure_ms: r.u64()? as i64,
+        next_delivery_ms: r.u64()? as i64,
+        last_reason: get_str(r)?,
+        error_class: get_str(r)?,
+        dead_letter_pending: r.take(1)?[0] != 0,
+    })
+}
+
+impl StateMachine for RetryState {
+    fn apply(&mut self, record: &Record) {
+        let group = record
+            .key
+            .as_ref()
+            .and_then(|k| std::str::from_utf8(k).ok())
+            .map(str::to_owned);
+        let mut r = ByteReader::new(record.value.get(1..).unwrap_or_default());
+        match (record.value.first(), group) {
+            (Some(&KIND_UPSERT), Some(group)) => match get_entry(&mut r) {
+                Some(entry) => {
+                    self.groups
+                        .entry(group)
+                        .or_default()
+                        .insert(entry.key.clone(), entry);
+                }
+                None => tracing::warn!(group, "malformed retry record skipped"),
+            },
+            (Some(&KIND_REMOVE), Some(group)) => match get_key(&mut r) {
+                Some(key) => {
+                    if let Some(entries) = self.groups.get_mut(&group) {
+                        entries.remove(&key);
+                        if entries.is_empty() {
+                            self.groups.remove(&group);
+                        }
+                    }
+                }
+                None => tracing::warn!(group, "malformed retry removal skipped"),
+            },
+            (Some(&KIND_REDRIVE_PROGRESS), _) => match (get_str(&mut r), r.u32(), r.u64()) {
+                (Some(topic), Some(partition), Some(offset)) => {
+                    self.redrive_progress.insert((topic, partition), offset);
+                }
+                _ => tracing::warn!("malformed redrive progress skipped"),
+            },
+            _ => tracing::warn!("unknown retry record skipped"),
+        }
+    }
+
+    fn encode_snapshot(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut groups: Vec<_> = self.groups.iter().collect();
+        groups.sort_by(|a, b| a.0.cmp(b.0));
+        out.extend_from_slice(&(groups.len() as u32).to_le_bytes());
+        for (group, entries) in groups {
+            put_str(&mut out, group);
+            out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+            for entry in entries.values() {
+                put_entry(&mut out, entry);
+            }
+        }
+        out.extend_from_slice(&(self.redrive_progress.len() as u32).to_le_bytes());
+        for ((topic, partition), offset) in &self.redrive_progress {
+            put_str(&mut out, topic);
+            out.extend_from_slice(&partition.to_le_bytes());
+            out.extend_from_slice(&offset.to_le_bytes());
+        }
+        out
+    }
+
+    fn decode_snapshot(bytes: &[u8]) -> Result<Self, &'static str> {
+        let truncated = "truncated";
+        let mut r = ByteReader::new(bytes);
+        let mut state = RetryState::default();
+        for _ in 0..r.u32().ok_or(truncated)? {
+            let group = get_str(&mut r).ok_or(truncated)?;
+            let mut entries = BTreeMap::new();
+            for _ in 0..r.u32().ok_or(truncated)? {
+                let entry = get_entry(&mut r).ok_or(truncated)?;
+                entries.insert(entry.key.clone(), entry);
+            }
+            state.groups.insert(group, entries);
+        }
+        for _ in 0..r.u32().ok_or(truncated)? {
+            let topic = get_str(&mut r).ok_or(truncated)?;
+            let partition = r.u32().ok_or(truncated)?;
+            let offset = r.u64().ok_or(truncated)?;
+            state.redrive_progress.insert((topic, partition), offset);
+        }
+        if !r.is_empty() {
+            return Err("bytes after the retry state");
+        }
+        Ok(state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let p = RetryPolicy {
+            max_deliveries: 10,
+            initial_backoff: Duration::from_millis(100),
+            multiplier: 2.0,
+            max_backoff: Duration::from_millis(700),
+        };
+        let got: Vec<u128> = (1..=5).map(|n| p.backoff(n).as_millis()).collect();
+        assert_eq!(got, vec![100, 200, 400, 700, 700]);
+    }
+}

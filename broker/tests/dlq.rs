@@ -1,0 +1,242 @@
+//! Retry sets and dead letters: bounded deliveries with backoff, durable
+//! across reopen, isolated per group, redrivable.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use sluice_broker::dlq::{
+    NackOutcome, RecordLocation, RetryKey, RetryPolicy, RetrySets, dead_letter_headers,
+    dead_letter_source, dlq_topic_name, is_dead_letter_of,
+};
+use sluice_broker::storage::Header;
+
+fn key(offset: u64) -> RetryKey {
+    RetryKey {
+        topic: "orders".into(),
+        partition: 2,
+        offset,
+    }
+}
+
+fn at(offset: u64) -> RecordLocation {
+    RecordLocation {
+        topic: "orders".into(),
+        partition: 2,
+        offset,
+    }
+}
+
+fn policy() -> RetryPolicy {
+    RetryPolicy {
+        max_deliveries: 3,
+        initial_backoff: Duration::from_millis(100),
+        multiplier: 2.0,
+        max_backoff: Duration::from_secs(10),
+    }
+}
+
+fn owned() -> BTreeSet<(String, u32)> {
+    [("orders".to_string(), 2u32)].into()
+}
+
+#[test]
+fn a_record_is_retried_with_backoff_then_dead_lettered_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let sets = RetrySets::open(dir.path()).unwrap();
+    let t = 1_000_000;
+    let first = sets
+        .nack(
+            "g",
+            key(7),
+            at(7),
+            "bad schema",
+            "SchemaError",
+            &policy(),
+            t,
+        )
+        .unwrap();
+    assert_eq!(
+        first,
+        NackOutcome::Retry {
+            deliveries: 1,
+            next_delivery_ms: t + 100
+        }
+    );
+    // Not due before its time, nor for a member that does not own the partition.
+    assert!(sets.due("g", &owned(), t + 99, 10).is_empty());
+    assert!(sets.due("g", &BTreeSet::new(), t + 100, 10).is_empty());
+    let due = sets.due("g", &owned(), t + 100, 10);
+    assert_eq!(due.len(), 1);
+    sets.delivered("g", &key(7), t + 100, Duration::from_secs(30))
+        .unwrap();
+    assert!(
+        sets.due("g", &owned(), t + 200, 10).is_empty(),
+        "handed out: hidden until the timeout"
+    );
+
+    let second = sets
+        .nack(
+            "g",
+            key(7),
+            at(7),
+            "still bad",
+            "SchemaError",
+            &policy(),
+            t + 200,
+        )
+        .unwrap();
+    assert_eq!(
+        second,
+        NackOutcome::Retry {
+            deliveries: 2,
+            next_delivery_ms: t + 400
+        }
+    );
+    let NackOutcome::DeadLetter(dead) = sets
+        .nack(
+            "g",
+            key(7),
+            at(7),
+            "gave up",
+            "SchemaError",
+            &policy(),
+            t + 400,
+        )
+        .unwrap()
+    else {
+        panic!("the third failure dead-letters");
+    };
+    assert_eq!(dead.entry.deliveries, 3);
+    assert_eq!(dead.entry.first_failure_ms, t);
+    assert_eq!(dead.entry.last_reason, "gave up");
+    assert!(
+        sets.due("g", &owned(), i64::MAX, 10).is_empty(),
+        "a pending dead letter is not redelivered"
+    );
+    // A nack racing the dead-lettering does not count a fourth delivery.
+    assert!(matches!(
+        sets.nack("g", key(7), at(7), "again", "X", &policy(), t + 500).unwrap(),
+        NackOutcome::DeadLetter(d) if d.entry.deliveries == 3
+    ));
+
+    let headers = dead_letter_headers("g", &dead.entry);
+    let value = |name: &str| {
+        headers
+            .iter()
+            .find(|h| h.key == name)
+            .map(|h| String::from_utf8(h.value.to_vec()).unwrap())
+    };
+    assert_eq!(value("sluice.dlq.source-topic").as_deref(), Some("orders"));
+    assert_eq!(value("sluice.dlq.source-offset").as_deref(), Some("7"));
+    assert_eq!(value("sluice.dlq.attempts").as_deref(), Some("3"));
+    assert_eq!(value("sluice.dlq.reason").as_deref(), Some("gave up"));
+    assert_eq!(
+        value("sluice.dlq.error-class").as_deref(),
+        Some("SchemaError")
+    );
+    assert!(is_dead_letter_of(&headers, "g", &key(7)));
+    assert!(!is_dead_letter_of(&headers, "other", &key(7)));
+    assert!(!is_dead_letter_of(&headers, "g", &key(8)));
+    assert_eq!(dead_letter_source(&headers), Some(key(7)));
+
+    sets.dead_lettered("g", &key(7)).unwrap();
+    assert!(sets.is_empty("g"));
+    assert_eq!(dlq_topic_name("orders", "g"), "orders.g.dlq");
+}
+
+#[test]
+fn the_retry_set_survives_a_reopen_without_loss_or_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let sets = RetrySets::open(dir.path()).unwrap();
+        for offset in 0..50 {
+            sets.nack("g", key(offset), at(offset), "boom", "E", &policy(), 0)
+                .unwrap();
+        }
+        // Offset 0 fails for good but the process dies before the DLQ append.
+        sets.nack("g", key(0), at(0), "boom", "E", &policy(), 1)
+            .unwrap();
+        sets.nack("g", key(0), at(0), "boom", "E", &policy(), 2)
+            .unwrap();
+        // Offset 1 was processed on redelivery.
+        assert!(sets.ack("g", &key(1)).unwrap());
+        assert!(!sets.ack("g", &key(999)).unwrap());
+        sets.nack("other", key(5), at(5), "x", "E", &policy(), 0)
+            .unwrap();
+    }
+    let sets = RetrySets::open(dir.path()).unwrap();
+    assert_eq!(sets.len("g"), 49);
+    assert_eq!(sets.get("g", &key(10)).unwrap().deliveries, 1);
+    assert_eq!(sets.get("g", &key(10)).unwrap().next_delivery_ms, 100);
+    assert!(sets.get("g", &key(1)).is_none());
+    let pending = sets.pending_dead_letters();
+    assert_eq!(pending.len(), 1, "exactly one dead letter to finish");
+    assert_eq!(
+        (pending[0].group.as_str(), pending[0].entry.key.offset),
+        ("g", 0)
+    );
+    // Groups are separate.
+    assert_eq!(sets.len("other"), 1);
+    assert!(sets.get("other", &key(10)).is_none());
+}
+
+#[test]
+fn redrive_gives_a_fresh_count_reads_the_dlq_copy_and_remembers_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let sets = RetrySets::open(dir.path()).unwrap();
+        let copy = RecordLocation {
+            topic: "orders.g.dlq".into(),
+            partition: 0,
+            offset: 3,
+        };
+        sets.redrive("g", vec![(key(7), copy.clone())], 5_000)
+            .unwrap();
+        let due = sets.due("g", &owned(), 5_000, 10);
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].deliveries, 0);
+        assert_eq!(due[0].data, copy);
+        sets.set_redrive_progress("orders.g.dlq", 0, 4).unwrap();
+    }
+    let sets = RetrySets::open(dir.path()).unwrap();
+    assert_eq!(sets.redrive_progress("orders.g.dlq", 0), Some(4));
+    assert_eq!(sets.redrive_progress("orders.g.dlq", 1), None);
+    assert_eq!(sets.len("g"), 1);
+}
+
+#[test]
+fn the_state_log_compacts_as_it_grows_and_reads_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let long_reason = "r".repeat(30_000);
+    {
+        let sets = RetrySets::open(dir.path()).unwrap();
+        for round in 0..3000u64 {
+            let offset = round % 40;
+            match sets
+                .nack(
+                    "g",
+                    key(offset),
+                    at(offset),
+                    &long_reason,
+                    "E",
+                    &RetryPolicy {
+                        max_deliveries: 1000,
+                        ..policy()
+                    },
+                    round as i64,
+                )
+                .unwrap()
+            {
+                NackOutcome::Retry { .. } => {}
+                NackOutcome::DeadLetter(_) => panic!("limit is 1000"),
+            }
+        }
+    }
+    let files = std::fs::read_dir(dir.path().join("log")).unwrap().count();
+    assert!(files <= 10, "{files} files");
+    let sets = RetrySets::open(dir.path()).unwrap();
+    assert_eq!(sets.len("g"), 40);
+    assert_eq!(sets.get("g", &key(3)).unwrap().deliveries, 75);
+    let headers: Vec<Header> = vec![];
+    assert_eq!(dead_letter_source(&headers), None);
+}
