@@ -1,9 +1,12 @@
 //! Sluice broker: a persistent log broker.
 //!
-//! Data flows one way: `server` → ([`producers`], [`groups`], [`dlq`]) →
-//! `topics` → [`storage`]. Each module's doc says what it owns.
+//! Data flows one way: [`server`] → ([`producers`], [`groups`], [`dlq`]) →
+//! [`topics`] → [`storage`]. Each module's doc says what it owns.
 
+pub mod config;
 pub mod dlq;
 pub mod groups;
 pub mod producers;
+pub mod server;
 pub mod storage;
+pub mod topics;

@@ -75,6 +75,21 @@ impl IdempotentLog {
         batch: &EncodedBatch,
         now_ms: i64,
     ) -> Result<ProducerAppend, ProducerAppendError> {
+        let appended = self.write(batch, now_ms)?;
+        self.wait(&appended)?;
+        Ok(appended)
+    }
+
+    /// The first half of [`IdempotentLog::append`]: checks and writes (or
+    /// finds the duplicate) but does not wait for the sync. Call
+    /// [`IdempotentLog::wait`] before acknowledging. Writes made in order
+    /// keep their order, so a pipelining caller writes request after request
+    /// and waits for their syncs together.
+    pub fn write(
+        &self,
+        batch: &EncodedBatch,
+        now_ms: i64,
+    ) -> Result<ProducerAppend, ProducerAppendError> {
         let header = *batch.header();
         let result = {
             // Check, write and record under one lock so that two copies of a
@@ -104,10 +119,13 @@ impl IdempotentLog {
                 }
             }
         };
-        // A duplicate of a batch whose sync is still pending waits for it
-        // too: its first copy has not been acknowledged either.
-        self.log.wait_appended(&result.info)?;
         Ok(result)
+    }
+
+    /// Waits until a written batch is as durable as the flush policy
+    /// promises. A duplicate waits too: its first copy may still be syncing.
+    pub fn wait(&self, appended: &ProducerAppend) -> Result<(), StorageError> {
+        self.log.wait_appended(&appended.info)
     }
 
     /// Forgets producers idle for longer than `max_idle`.

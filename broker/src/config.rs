@@ -1,0 +1,219 @@
+//! The broker's settings: defaults, an optional TOML file, environment
+//! variables and flags, in increasing order of precedence.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+
+use crate::server::ServerSettings;
+use crate::storage::FlushPolicy;
+use crate::topics::TopicDefaults;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
+pub const DEFAULT_DATA_DIR: &str = "sluice-data";
+
+/// Command-line flags; each also reads a `SLUICE_*` environment variable.
+#[derive(Debug, Clone, Default, Parser)]
+#[command(
+    name = "sluice-broker",
+    version,
+    about = "Sluice: a persistent log broker"
+)]
+pub struct Args {
+    /// TOML file with any of the settings below (flags and environment win).
+    #[arg(long, env = "SLUICE_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+/// Every setting. Unset ones come from the file, then the defaults.
+#[derive(Debug, Clone, Default, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Address to serve gRPC on [default: 127.0.0.1:7070]; port 0 picks a free one.
+    #[arg(long, env = "SLUICE_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Data directory [default: ./sluice-data].
+    #[arg(long, env = "SLUICE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Partitions of a topic created without a count [default: 1].
+    #[arg(long, env = "SLUICE_DEFAULT_PARTITIONS")]
+    pub default_partitions: Option<u32>,
+    /// Most partitions a topic may have [default: 1024].
+    #[arg(long, env = "SLUICE_MAX_PARTITIONS")]
+    pub max_partitions: Option<u32>,
+    /// Segment file size for new topics [default: 134217728].
+    #[arg(long, env = "SLUICE_SEGMENT_BYTES")]
+    pub segment_bytes: Option<u64>,
+    /// Flush policy for new topics: every-batch, interval(<n>ms) or os [default: every-batch].
+    #[arg(long, env = "SLUICE_FLUSH")]
+    pub flush: Option<String>,
+    /// Time retention for new topics in ms, 0 = forever [default: 604800000].
+    #[arg(long, env = "SLUICE_RETENTION_MS")]
+    pub retention_ms: Option<u64>,
+    /// Size retention per partition for new topics, 0 = none [default: 0].
+    #[arg(long, env = "SLUICE_RETENTION_BYTES")]
+    pub retention_bytes: Option<u64>,
+    /// Largest record (key + value + headers) for new topics [default: 1048576].
+    #[arg(long, env = "SLUICE_MAX_RECORD_BYTES")]
+    pub max_record_bytes: Option<u32>,
+    /// Largest gRPC message in either direction [default: 67108864].
+    #[arg(long, env = "SLUICE_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<usize>,
+    /// How long shutdown waits for open calls, in ms [default: 10000].
+    #[arg(long, env = "SLUICE_SHUTDOWN_TIMEOUT_MS")]
+    pub shutdown_timeout_ms: Option<u64>,
+    /// How often retention runs, in ms [default: 30000].
+    #[arg(long, env = "SLUICE_MAINTENANCE_INTERVAL_MS")]
+    pub maintenance_interval_ms: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("invalid setting: {0}")]
+    Invalid(String),
+}
+
+/// Settings resolved: everything the daemon needs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub topics: TopicDefaults,
+    pub server: ServerSettings,
+}
+
+impl Config {
+    /// Resolves flags and environment over the file over the defaults.
+    pub fn load(args: Args) -> Result<Config, ConfigError> {
+        let file = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                toml::from_str::<Settings>(&text).map_err(|source| ConfigError::Parse {
+                    path: path.clone(),
+                    source,
+                })?
+            }
+            None => Settings::default(),
+        };
+        Config::resolve(args.settings, file)
+    }
+
+    fn resolve(flags: Settings, file: Settings) -> Result<Config, ConfigError> {
+        macro_rules! pick {
+            ($field:ident) => {
+                flags.$field.clone().or(file.$field.clone())
+            };
+        }
+        let topic_defaults = TopicDefaults::default();
+        let server_defaults = ServerSettings::default();
+        let flush = match pick!(flush) {
+            Some(text) => text
+                .parse::<FlushPolicy>()
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?,
+            None => topic_defaults.flush,
+        };
+        let zero_is_none = |v: u64| (v > 0).then_some(v);
+        let topics = TopicDefaults {
+            partitions: pick!(default_partitions).unwrap_or(topic_defaults.partitions),
+            max_partitions: pick!(max_partitions).unwrap_or(topic_defaults.max_partitions),
+            retention_ms: pick!(retention_ms).map_or(topic_defaults.retention_ms, zero_is_none),
+            retention_bytes: pick!(retention_bytes)
+                .map_or(topic_defaults.retention_bytes, zero_is_none),
+            flush,
+            max_record_bytes: pick!(max_record_bytes).unwrap_or(topic_defaults.max_record_bytes),
+            segment_bytes: pick!(segment_bytes).unwrap_or(topic_defaults.segment_bytes),
+        };
+        // The defaults must make a valid topic.
+        topics
+            .config(&Default::default())
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let server = ServerSettings {
+            max_message_bytes: pick!(max_message_bytes)
+                .unwrap_or(server_defaults.max_message_bytes),
+            shutdown_timeout: pick!(shutdown_timeout_ms)
+                .map_or(server_defaults.shutdown_timeout, Duration::from_millis),
+            maintenance_interval: pick!(maintenance_interval_ms)
+                .map_or(server_defaults.maintenance_interval, Duration::from_millis),
+        };
+        if server.max_message_bytes < topics.max_record_bytes as usize + 1024 {
+            return Err(ConfigError::Invalid(format!(
+                "max message size {} cannot carry a record of the largest size {}",
+                server.max_message_bytes, topics.max_record_bytes
+            )));
+        }
+        if server.maintenance_interval.is_zero() {
+            return Err(ConfigError::Invalid(
+                "maintenance interval must be above 0".into(),
+            ));
+        }
+        Ok(Config {
+            listen: pick!(listen).unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default")),
+            data_dir: pick!(data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            topics,
+            server,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_beat_the_file_and_the_file_beats_defaults() {
+        let file: Settings = toml::from_str(
+            r#"
+            listen = "127.0.0.1:9000"
+            flush = "os"
+            retention_ms = 0
+            segment_bytes = 1048576
+            "#,
+        )
+        .unwrap();
+        let flags = Settings {
+            listen: Some("127.0.0.1:9100".parse().unwrap()),
+            ..Settings::default()
+        };
+        let config = Config::resolve(flags, file).unwrap();
+        assert_eq!(config.listen.port(), 9100);
+        assert_eq!(config.topics.flush, FlushPolicy::Os);
+        assert_eq!(config.topics.retention_ms, None);
+        assert_eq!(config.topics.segment_bytes, 1048576);
+        assert_eq!(config.data_dir, PathBuf::from("sluice-data"));
+    }
+
+    #[test]
+    fn bad_settings_say_what_is_wrong() {
+        let bad: Result<Settings, _> = toml::from_str("colour = \"blue\"");
+        assert!(bad.unwrap_err().to_string().contains("colour"));
+        let flags = Settings {
+            flush: Some("sometimes".into()),
+            ..Settings::default()
+        };
+        let err = Config::resolve(flags, Settings::default()).unwrap_err();
+        assert!(err.to_string().contains("flush policy"), "{err}");
+        let flags = Settings {
+            max_message_bytes: Some(1000),
+            ..Settings::default()
+        };
+        assert!(Config::resolve(flags, Settings::default()).is_err());
+    }
+}

@@ -1,0 +1,143 @@
+//! `AdminService`: topic administration.
+
+use std::sync::Arc;
+
+use sluice_proto::v1::{self, admin_service_server::AdminService};
+use tonic::{Request, Response, Status};
+
+use super::status;
+use crate::topics::{Topic, TopicConfig, TopicConfigPatch, TopicRegistry};
+
+pub(crate) struct Admin {
+    pub(crate) topics: Arc<TopicRegistry>,
+}
+
+fn patch(config: Option<v1::TopicConfig>) -> TopicConfigPatch {
+    let c = config.unwrap_or_default();
+    TopicConfigPatch {
+        partitions: c.partitions,
+        retention_ms: c.retention_ms,
+        retention_bytes: c.retention_bytes,
+        flush: c.flush,
+        max_record_bytes: c.max_record_bytes,
+        segment_bytes: c.segment_bytes,
+    }
+}
+
+fn to_proto(config: &TopicConfig) -> v1::TopicConfig {
+    v1::TopicConfig {
+        partitions: Some(config.partitions),
+        retention_ms: Some(config.retention_ms.unwrap_or(0)),
+        retention_bytes: Some(config.retention_bytes.unwrap_or(0)),
+        flush: Some(config.flush.clone()),
+        max_record_bytes: Some(config.max_record_bytes),
+        segment_bytes: Some(config.segment_bytes),
+    }
+}
+
+fn describe(topic: &Topic) -> v1::DescribeTopicResponse {
+    v1::DescribeTopicResponse {
+        name: topic.name().to_owned(),
+        config: Some(to_proto(&topic.config())),
+        partitions: topic
+            .partitions()
+            .iter()
+            .map(|p| {
+                let log = p.log();
+                v1::PartitionDescription {
+                    partition: p.index,
+                    earliest_offset: log.log_start_offset(),
+                    latest_offset: log.high_watermark(),
+                    size_bytes: log.size_bytes(),
+                    segments: log.segment_count() as u32,
+                }
+            })
+            .collect(),
+    }
+}
+
+/// Runs a registry change on the blocking pool: it creates, syncs and
+/// deletes files.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f).await.map_err(status::join)?
+}
+
+#[tonic::async_trait]
+impl AdminService for Admin {
+    #[tracing::instrument(skip_all, fields(topic = %request.get_ref().name))]
+    async fn create_topic(
+        &self,
+        request: Request<v1::CreateTopicRequest>,
+    ) -> Result<Response<v1::CreateTopicResponse>, Status> {
+        let request = request.into_inner();
+        let topics = Arc::clone(&self.topics);
+        let config = blocking(move || {
+            topics
+                .create(&request.name, &patch(request.config))
+                .map_err(status::topic)
+        })
+        .await?;
+        Ok(Response::new(v1::CreateTopicResponse {
+            config: Some(to_proto(&config)),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(topic = %request.get_ref().name))]
+    async fn delete_topic(
+        &self,
+        request: Request<v1::DeleteTopicRequest>,
+    ) -> Result<Response<v1::DeleteTopicResponse>, Status> {
+        let name = request.into_inner().name;
+        let topics = Arc::clone(&self.topics);
+        blocking(move || topics.delete(&name).map_err(status::topic)).await?;
+        Ok(Response::new(v1::DeleteTopicResponse {}))
+    }
+
+    async fn list_topics(
+        &self,
+        _request: Request<v1::ListTopicsRequest>,
+    ) -> Result<Response<v1::ListTopicsResponse>, Status> {
+        let topics = self
+            .topics
+            .list()
+            .iter()
+            .map(|t| v1::TopicSummary {
+                name: t.name().to_owned(),
+                config: Some(to_proto(&t.config())),
+            })
+            .collect();
+        Ok(Response::new(v1::ListTopicsResponse { topics }))
+    }
+
+    #[tracing::instrument(skip_all, fields(topic = %request.get_ref().name))]
+    async fn describe_topic(
+        &self,
+        request: Request<v1::DescribeTopicRequest>,
+    ) -> Result<Response<v1::DescribeTopicResponse>, Status> {
+        let topic = self
+            .topics
+            .get(&request.into_inner().name)
+            .map_err(status::topic)?;
+        Ok(Response::new(describe(&topic)))
+    }
+
+    #[tracing::instrument(skip_all, fields(topic = %request.get_ref().name))]
+    async fn alter_topic_config(
+        &self,
+        request: Request<v1::AlterTopicConfigRequest>,
+    ) -> Result<Response<v1::AlterTopicConfigResponse>, Status> {
+        let request = request.into_inner();
+        let topics = Arc::clone(&self.topics);
+        let config = blocking(move || {
+            topics
+                .alter(&request.name, &patch(request.config))
+                .map_err(status::topic)
+        })
+        .await?;
+        Ok(Response::new(v1::AlterTopicConfigResponse {
+            config: Some(to_proto(&config)),
+        }))
+    }
+}

@@ -1,0 +1,176 @@
+//! The gRPC front of the broker.
+//!
+//! This module owns the tonic services of `sluice.v1` plus health and
+//! reflection: it validates requests at the edge, calls [`crate::topics`]
+//! (and through it producers and storage), and maps every error to a
+//! `Status` with the right code and a message that names the problem.
+//! Storage calls block (syncs, page faults), so they run on tokio's blocking
+//! pool, never on a runtime worker.
+//!
+//! Shutdown: when the future given to [`serve`] completes, the server stops
+//! accepting, subscriptions and produce streams end (a subscription gets
+//! `UNAVAILABLE`), and in-flight unary calls finish; [`serve`] then returns,
+//! bounded by [`ServerSettings::shutdown_timeout`]. Closing the topics
+//! (flush and sync) is the caller's last step.
+
+mod admin;
+mod consume;
+mod convert;
+mod produce;
+mod status;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_proto::v1::admin_service_server::AdminServiceServer;
+use sluice_proto::v1::consume_service_server::ConsumeServiceServer;
+use sluice_proto::v1::produce_service_server::ProduceServiceServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::topics::TopicRegistry;
+
+/// HTTP/2 flow-control windows. tonic's 64 KiB default caps a single
+/// stream at one window per round trip; these let a produce stream or a
+/// subscription keep a few MiB in flight.
+pub const STREAM_WINDOW_BYTES: u32 = 4 * 1024 * 1024;
+pub const CONNECTION_WINDOW_BYTES: u32 = 16 * 1024 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// Largest gRPC message accepted or sent (tonic's default is 4 MiB).
+    pub max_message_bytes: usize,
+    /// How long shutdown waits for open calls before giving up on them.
+    pub shutdown_timeout: Duration,
+    /// How often retention runs and producer state is snapshotted.
+    pub maintenance_interval: Duration,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            max_message_bytes: 64 * 1024 * 1024,
+            shutdown_timeout: Duration::from_secs(10),
+            maintenance_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Serves the broker's API on `listener` until `shutdown` completes.
+pub async fn serve(
+    topics: Arc<TopicRegistry>,
+    listener: TcpListener,
+    settings: ServerSettings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let (stop, stopping) = watch::channel(false);
+    let limit = settings.max_message_bytes;
+    let admin = AdminServiceServer::new(admin::Admin {
+        topics: Arc::clone(&topics),
+    })
+    .max_decoding_message_size(limit)
+    .max_encoding_message_size(limit);
+    let produce = ProduceServiceServer::new(produce::Produce {
+        topics: Arc::clone(&topics),
+        shutdown: stopping.clone(),
+    })
+    .max_decoding_message_size(limit)
+    .max_encoding_message_size(limit);
+    let consume = ConsumeServiceServer::new(consume::Consume {
+        topics: Arc::clone(&topics),
+        shutdown: stopping.clone(),
+    })
+    .max_decoding_message_size(limit)
+    .max_encoding_message_size(limit);
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<AdminServiceServer<admin::Admin>>()
+        .await;
+    health
+        .set_serving::<ProduceServiceServer<produce::Produce>>()
+        .await;
+    health
+        .set_serving::<ConsumeServiceServer<consume::Consume>>()
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(sluice_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(sluice_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let maintenance = tokio::spawn(maintain(
+        Arc::clone(&topics),
+        settings.maintenance_interval,
+        stopping.clone(),
+    ));
+    let mut stopped = stopping.clone();
+    let server = tonic::transport::Server::builder()
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+        .trace_fn(|request| tracing::info_span!("grpc", path = %request.uri().path()))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(admin)
+        .add_service(produce)
+        .add_service(consume)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        });
+    let mut server = tokio::spawn(server);
+    tokio::select! {
+        result = &mut server => {
+            let _ = stop.send(true);
+            maintenance.abort();
+            return result.unwrap_or(Ok(())).map_err(ServeError::from);
+        }
+        () = shutdown => {}
+    }
+    tracing::info!("shutting down: no new calls; ending subscriptions and streams");
+    health
+        .set_not_serving::<AdminServiceServer<admin::Admin>>()
+        .await;
+    let _ = stop.send(true);
+    maintenance.abort();
+    match tokio::time::timeout(settings.shutdown_timeout, &mut server).await {
+        Ok(result) => result.unwrap_or(Ok(())).map_err(ServeError::from),
+        Err(_) => {
+            tracing::warn!(timeout = ?settings.shutdown_timeout, "calls still open at the shutdown deadline; dropping them");
+            server.abort();
+            Ok(())
+        }
+    }
+}
+
+/// Runs retention and producer-state snapshots every `interval`.
+async fn maintain(
+    topics: Arc<TopicRegistry>,
+    interval: Duration,
+    mut stopping: watch::Receiver<bool>,
+) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stopping.wait_for(|stop| *stop) => return,
+        }
+        let topics = Arc::clone(&topics);
+        let _ = tokio::task::spawn_blocking(move || topics.maintain(convert::now_ms())).await;
+    }
+}

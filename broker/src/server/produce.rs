@@ -1,0 +1,251 @@
+//! `ProduceService`: validation, routing, batching and writes.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use sluice_proto::v1::{self, produce_service_server::ProduceService};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::convert::{now_ms, record_from_proto, record_size};
+use super::status;
+use crate::producers::ProducerAppend;
+use crate::storage::{BatchBuilder, EncodedBatch, ProducerInfo};
+use crate::topics::{Topic, TopicRegistry};
+
+/// Requests of one stream written but not yet acknowledged, at most.
+const STREAM_IN_FLIGHT: usize = 64;
+/// A batch is cut at this size (or half a segment, if smaller).
+const MAX_BATCH_BYTES: u64 = 16 * 1024 * 1024;
+
+pub(crate) struct Produce {
+    pub(crate) topics: Arc<TopicRegistry>,
+    pub(crate) shutdown: watch::Receiver<bool>,
+}
+
+/// A request that passed validation: batches per partition, each with the
+/// request positions of its records.
+struct Prepared {
+    topic: Arc<Topic>,
+    batches: Vec<(u32, EncodedBatch, Vec<usize>)>,
+    records: usize,
+}
+
+/// Batches written, waiting for their sync.
+struct Written {
+    topic: Arc<Topic>,
+    batches: Vec<(u32, ProducerAppend, Vec<usize>)>,
+    records: usize,
+}
+
+/// Checks everything about a request before anything is written: a bad
+/// record anywhere rejects the whole request.
+fn prepare(topics: &TopicRegistry, request: v1::ProduceRequest) -> Result<Prepared, Status> {
+    let topic = topics.get(&request.topic).map_err(status::topic)?;
+    if request.records.is_empty() {
+        return Err(Status::invalid_argument(
+            "a produce request needs at least one record",
+        ));
+    }
+    if let Some(partition) = request.partition {
+        topic.partition(partition).map_err(status::topic)?;
+    }
+    let config = topic.config();
+    let max = config.max_record_bytes as usize;
+    if let Some((index, size)) = request
+        .records
+        .iter()
+        .map(record_size)
+        .enumerate()
+        .find(|(_, size)| *size > max)
+    {
+        return Err(Status::invalid_argument(format!(
+            "record {index} is {size} bytes; topic {:?} accepts records of at most {max} bytes \
+             (key, value and headers)",
+            topic.name()
+        )));
+    }
+    let now = now_ms();
+    let records = request.records.len();
+    let mut by_partition: BTreeMap<u32, Vec<(usize, crate::storage::Record)>> = BTreeMap::new();
+    for (index, record) in request.records.into_iter().enumerate() {
+        let partition = request
+            .partition
+            .unwrap_or_else(|| topic.route(record.key.as_deref()));
+        by_partition
+            .entry(partition)
+            .or_default()
+            .push((index, record_from_proto(record, now)));
+    }
+    let batch_limit = MAX_BATCH_BYTES.min(config.segment_bytes / 2) as usize;
+    let mut batches = Vec::new();
+    for (partition, records) in by_partition {
+        let mut builder = BatchBuilder::default();
+        let mut indexes = Vec::new();
+        for (index, record) in records {
+            if !builder.is_empty()
+                && builder.encoded_len() + builder.record_encoded_len(&record) > batch_limit
+            {
+                let full = std::mem::take(&mut builder);
+                batches.push((
+                    partition,
+                    full.finish(ProducerInfo::NONE),
+                    std::mem::take(&mut indexes),
+                ));
+            }
+            builder.push(&record);
+            indexes.push(index);
+        }
+        batches.push((partition, builder.finish(ProducerInfo::NONE), indexes));
+    }
+    Ok(Prepared {
+        topic,
+        batches,
+        records,
+    })
+}
+
+/// Writes the batches in order (no sync wait).
+async fn write(prepared: Prepared) -> Result<Written, Status> {
+    tokio::task::spawn_blocking(move || {
+        let now = now_ms();
+        let mut written = Vec::with_capacity(prepared.batches.len());
+        for (partition, batch, indexes) in prepared.batches {
+            let appended = prepared
+                .topic
+                .partition(partition)
+                .map_err(status::topic)?
+                .appender()
+                .write(&batch, now)
+                .map_err(status::producer_append)?;
+            written.push((partition, appended, indexes));
+        }
+        Ok(Written {
+            topic: prepared.topic,
+            batches: written,
+            records: prepared.records,
+        })
+    })
+    .await
+    .map_err(status::join)?
+}
+
+/// Waits for the writes' syncs and says where each record landed.
+async fn acknowledge(written: Written) -> Result<v1::ProduceResponse, Status> {
+    tokio::task::spawn_blocking(move || {
+        let mut positions = vec![v1::RecordPosition::default(); written.records];
+        for (partition, appended, indexes) in &written.batches {
+            written
+                .topic
+                .partition(*partition)
+                .map_err(status::topic)?
+                .appender()
+                .wait(appended)
+                .map_err(status::storage)?;
+            for (i, index) in indexes.iter().enumerate() {
+                positions[*index] = v1::RecordPosition {
+                    partition: *partition,
+                    offset: appended.info.base_offset + i as u64,
+                };
+            }
+        }
+        Ok(v1::ProduceResponse { positions })
+    })
+    .await
+    .map_err(status::join)?
+}
+
+fn stream_error(request_id: u64, status: Status) -> v1::ProduceStreamResponse {
+    v1::ProduceStreamResponse {
+        request_id,
+        response: None,
+        error_code: status.code() as i32,
+        error_message: status.message().to_owned(),
+    }
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<v1::ProduceStreamResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ProduceService for Produce {
+    #[tracing::instrument(skip_all, fields(topic = %request.get_ref().topic, records = request.get_ref().records.len()))]
+    async fn produce(
+        &self,
+        request: Request<v1::ProduceRequest>,
+    ) -> Result<Response<v1::ProduceResponse>, Status> {
+        let prepared = prepare(&self.topics, request.into_inner())?;
+        let written = write(prepared).await?;
+        Ok(Response::new(acknowledge(written).await?))
+    }
+
+    type ProduceStreamStream = ResponseStream;
+
+    async fn produce_stream(
+        &self,
+        request: Request<Streaming<v1::ProduceRequest>>,
+    ) -> Result<Response<Self::ProduceStreamStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (responses, out) = mpsc::channel(STREAM_IN_FLIGHT);
+        // Acknowledgements in request order: one task per request, awaited
+        // in turn, so syncs of consecutive requests overlap.
+        let (pending, mut pending_rx) =
+            mpsc::channel::<tokio::task::JoinHandle<v1::ProduceStreamResponse>>(STREAM_IN_FLIGHT);
+        let topics = Arc::clone(&self.topics);
+        let mut shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let message = tokio::select! {
+                    message = inbound.message() => message,
+                    _ = shutdown.wait_for(|stop| *stop) => break,
+                };
+                let request = match message {
+                    Ok(Some(request)) => request,
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::debug!(%status, "produce stream ended by the client");
+                        break;
+                    }
+                };
+                let id = request.request_id;
+                // Writes happen here, one request after the other, so
+                // the stream's order is the log's order.
+                let written = match prepare(&topics, request) {
+                    Ok(prepared) => write(prepared).await,
+                    Err(status) => Err(status),
+                };
+                let handle = tokio::spawn(async move {
+                    match written {
+                        Ok(written) => match acknowledge(written).await {
+                            Ok(response) => v1::ProduceStreamResponse {
+                                request_id: id,
+                                response: Some(response),
+                                error_code: 0,
+                                error_message: String::new(),
+                            },
+                            Err(status) => stream_error(id, status),
+                        },
+                        Err(status) => stream_error(id, status),
+                    }
+                });
+                if pending.send(handle).await.is_err() {
+                    break;
+                }
+            }
+        });
+        tokio::spawn(async move {
+            while let Some(handle) = pending_rx.recv().await {
+                let response = match handle.await {
+                    Ok(response) => response,
+                    Err(e) => stream_error(0, status::join(e)),
+                };
+                if responses.send(Ok(response)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out))))
+    }
+}

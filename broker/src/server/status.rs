@@ -1,0 +1,78 @@
+//! Mapping of broker errors to gRPC statuses a client can act on.
+
+use tonic::{Code, Status};
+
+use crate::producers::{ProducerAppendError, ProducerStateError, SequenceError};
+use crate::storage::StorageError;
+use crate::topics::TopicError;
+
+pub(crate) fn storage(error: StorageError) -> Status {
+    let code = match &error {
+        StorageError::OffsetOutOfRange { .. } => Code::OutOfRange,
+        StorageError::BatchTooLarge { .. } => Code::InvalidArgument,
+        StorageError::InvalidConfig(_) => Code::InvalidArgument,
+        // A deleted topic's logs are closed under requests still in flight.
+        StorageError::Closed(_) => Code::Unavailable,
+        StorageError::Failed { .. } => Code::Unavailable,
+        StorageError::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull => {
+            Code::ResourceExhausted
+        }
+        StorageError::Io { .. }
+        | StorageError::Locked { .. }
+        | StorageError::Corrupt { .. }
+        | StorageError::SegmentGap { .. }
+        | StorageError::Batch(_) => Code::Internal,
+    };
+    if code == Code::Internal {
+        tracing::error!(%error, "storage error");
+    }
+    Status::new(code, error.to_string())
+}
+
+pub(crate) fn topic(error: TopicError) -> Status {
+    match error {
+        TopicError::NotFound(_) | TopicError::NoSuchPartition { .. } => {
+            Status::not_found(error.to_string())
+        }
+        TopicError::AlreadyExists(_) => Status::already_exists(error.to_string()),
+        TopicError::InvalidName { .. } | TopicError::InvalidConfig(_) => {
+            Status::invalid_argument(error.to_string())
+        }
+        TopicError::Storage(e) => storage(e),
+        TopicError::Metadata { .. } | TopicError::ProducerState(_) => {
+            tracing::error!(%error, "topic metadata error");
+            Status::internal(error.to_string())
+        }
+    }
+}
+
+pub(crate) fn producer_append(error: ProducerAppendError) -> Status {
+    match error {
+        ProducerAppendError::Sequence(e) => sequence(e),
+        ProducerAppendError::Storage(e) => storage(e),
+    }
+}
+
+pub(crate) fn sequence(error: SequenceError) -> Status {
+    match error {
+        SequenceError::InvalidSequence { .. } => Status::invalid_argument(error.to_string()),
+        SequenceError::Fenced { .. }
+        | SequenceError::OutOfOrder { .. }
+        | SequenceError::UnknownProducer { .. } => Status::failed_precondition(error.to_string()),
+    }
+}
+
+#[allow(dead_code)]
+pub(crate) fn producer_state(error: ProducerStateError) -> Status {
+    match error {
+        ProducerStateError::NameTooLong(_) => Status::invalid_argument(error.to_string()),
+        ProducerStateError::Storage(e) => storage(e),
+        ProducerStateError::Corrupt { .. } => Status::internal(error.to_string()),
+    }
+}
+
+/// A blocking task that panicked or was cancelled.
+pub(crate) fn join(error: tokio::task::JoinError) -> Status {
+    tracing::error!(%error, "blocking task failed");
+    Status::internal(format!("internal error: {error}"))
+}

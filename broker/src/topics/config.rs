@@ -1,0 +1,261 @@
+//! Topic settings: what is stored, the broker's defaults, and validation.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::TopicError;
+use crate::storage::{FlushPolicy, LogConfig};
+
+/// A topic's settings as stored in `meta/topics.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicConfig {
+    pub partitions: u32,
+    /// `None`: kept forever.
+    pub retention_ms: Option<u64>,
+    /// `None`: no size limit.
+    pub retention_bytes: Option<u64>,
+    /// `every-batch`, `interval(<n>ms)` or `os`.
+    pub flush: String,
+    pub max_record_bytes: u32,
+    pub segment_bytes: u64,
+}
+
+/// Settings a request asks for; `None` leaves the default (create) or the
+/// current value (alter). A retention of 0 means "none".
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TopicConfigPatch {
+    pub partitions: Option<u32>,
+    pub retention_ms: Option<u64>,
+    pub retention_bytes: Option<u64>,
+    pub flush: Option<String>,
+    pub max_record_bytes: Option<u32>,
+    pub segment_bytes: Option<u64>,
+}
+
+/// The broker-wide defaults and limits for topics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicDefaults {
+    pub partitions: u32,
+    pub max_partitions: u32,
+    pub retention_ms: Option<u64>,
+    pub retention_bytes: Option<u64>,
+    pub flush: FlushPolicy,
+    pub max_record_bytes: u32,
+    pub segment_bytes: u64,
+}
+
+impl Default for TopicDefaults {
+    fn default() -> Self {
+        TopicDefaults {
+            partitions: 1,
+            max_partitions: 1024,
+            retention_ms: Some(7 * 24 * 3600 * 1000),
+            retention_bytes: None,
+            flush: FlushPolicy::EveryBatch,
+            max_record_bytes: 1024 * 1024,
+            segment_bytes: crate::storage::DEFAULT_SEGMENT_BYTES,
+        }
+    }
+}
+
+impl TopicDefaults {
+    /// A new topic's settings: `patch` over the defaults, validated.
+    pub fn config(&self, patch: &TopicConfigPatch) -> Result<TopicConfig, TopicError> {
+        let base = TopicConfig {
+            partitions: self.partitions,
+            retention_ms: self.retention_ms,
+            retention_bytes: self.retention_bytes,
+            flush: self.flush.to_string(),
+            max_record_bytes: self.max_record_bytes,
+            segment_bytes: self.segment_bytes,
+        };
+        let mut config = base.apply(patch);
+        config.partitions = patch.partitions.unwrap_or(self.partitions);
+        if config.partitions == 0 || config.partitions > self.max_partitions {
+            return Err(TopicError::InvalidConfig(format!(
+                "partition count {} is outside 1..={}",
+                config.partitions, self.max_partitions
+            )));
+        }
+        config.log_config()?;
+        Ok(config)
+    }
+}
+
+impl TopicConfig {
+    fn apply(&self, patch: &TopicConfigPatch) -> TopicConfig {
+        let zero_is_none = |v: u64| (v > 0).then_some(v);
+        TopicConfig {
+            partitions: self.partitions,
+            retention_ms: patch.retention_ms.map_or(self.retention_ms, zero_is_none),
+            retention_bytes: patch
+                .retention_bytes
+                .map_or(self.retention_bytes, zero_is_none),
+            flush: patch.flush.clone().unwrap_or_else(|| self.flush.clone()),
+            max_record_bytes: patch.max_record_bytes.unwrap_or(self.max_record_bytes),
+            segment_bytes: patch.segment_bytes.unwrap_or(self.segment_bytes),
+        }
+    }
+
+    /// These settings changed by `patch`, validated. The partition count
+    /// cannot change.
+    pub fn patched(&self, patch: &TopicConfigPatch) -> Result<TopicConfig, TopicError> {
+        if let Some(partitions) = patch.partitions
+            && partitions != self.partitions
+        {
+            return Err(TopicError::InvalidConfig(format!(
+                "the partition count ({}) cannot be changed (asked for {partitions})",
+                self.partitions
+            )));
+        }
+        let config = self.apply(patch);
+        config.log_config()?;
+        Ok(config)
+    }
+
+    pub fn flush_policy(&self) -> Result<FlushPolicy, TopicError> {
+        self.flush
+            .parse()
+            .map_err(|e: crate::storage::StorageError| TopicError::InvalidConfig(e.to_string()))
+    }
+
+    /// The storage settings of each partition.
+    pub fn log_config(&self) -> Result<LogConfig, TopicError> {
+        if self.max_record_bytes == 0 {
+            return Err(TopicError::InvalidConfig(
+                "the largest record size must be at least 1 byte".into(),
+            ));
+        }
+        // A batch of one maximal record must fit in a segment.
+        if u64::from(self.max_record_bytes) + 4096 > self.segment_bytes {
+            return Err(TopicError::InvalidConfig(format!(
+                "records of up to {} bytes do not fit in segments of {} bytes",
+                self.max_record_bytes, self.segment_bytes
+            )));
+        }
+        let config = LogConfig {
+            segment_bytes: self.segment_bytes,
+            flush: self.flush_policy()?,
+            retention_age: self.retention_ms.map(Duration::from_millis),
+            retention_bytes: self.retention_bytes,
+            ..LogConfig::default()
+        };
+        config
+            .validate()
+            .map_err(|e| TopicError::InvalidConfig(e.to_string()))?;
+        Ok(config)
+    }
+}
+
+/// Kafka's rules: 1 to 249 characters of `[a-zA-Z0-9._-]`, not `.` or `..`.
+pub fn validate_topic_name(name: &str) -> Result<(), TopicError> {
+    let invalid = |reason| TopicError::InvalidName {
+        name: name.to_owned(),
+        reason,
+    };
+    if name.is_empty() {
+        return Err(invalid("it is empty"));
+    }
+    if name.len() > 249 {
+        return Err(invalid("it is longer than 249 characters"));
+    }
+    if name == "." || name == ".." {
+        return Err(invalid("\".\" and \"..\" are reserved"));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err(invalid(
+            "only ASCII letters, digits, '.', '_' and '-' are allowed",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_kafka_rules() {
+        for good in ["orders", "a", "Orders.v2_x-1", &"x".repeat(249)] {
+            assert!(validate_topic_name(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "has space",
+            "slash/no",
+            "ünï",
+            &"x".repeat(250),
+        ] {
+            assert!(validate_topic_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn defaults_fill_in_and_zero_retention_means_forever() {
+        let defaults = TopicDefaults::default();
+        let config = defaults
+            .config(&TopicConfigPatch {
+                partitions: Some(3),
+                retention_ms: Some(0),
+                flush: Some("os".into()),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(config.partitions, 3);
+        assert_eq!(config.retention_ms, None);
+        assert_eq!(config.flush, "os");
+        assert_eq!(config.max_record_bytes, defaults.max_record_bytes);
+    }
+
+    #[test]
+    fn bad_settings_are_refused_with_the_reason() {
+        let defaults = TopicDefaults::default();
+        for (patch, needle) in [
+            (
+                TopicConfigPatch {
+                    partitions: Some(0),
+                    ..Default::default()
+                },
+                "partition count",
+            ),
+            (
+                TopicConfigPatch {
+                    partitions: Some(5000),
+                    ..Default::default()
+                },
+                "partition count",
+            ),
+            (
+                TopicConfigPatch {
+                    flush: Some("sometimes".into()),
+                    ..Default::default()
+                },
+                "flush policy",
+            ),
+            (
+                TopicConfigPatch {
+                    segment_bytes: Some(10),
+                    ..Default::default()
+                },
+                "do not fit",
+            ),
+        ] {
+            let err = defaults.config(&patch).unwrap_err().to_string();
+            assert!(err.contains(needle), "{err}");
+        }
+        let config = defaults.config(&TopicConfigPatch::default()).unwrap();
+        let err = config
+            .patched(&TopicConfigPatch {
+                partitions: Some(2),
+                ..Default::default()
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("cannot be changed"), "{err}");
+    }
+}

@@ -1,0 +1,382 @@
+//! Topics: the registry, their settings, their partitions, routing, and the
+//! data directory's layout.
+//!
+//! This module owns:
+//!
+//! ```text
+//! <data-dir>/LOCK                                     (storage::DataDirLock)
+//! <data-dir>/meta/topics.json                         topic settings, written atomically
+//! <data-dir>/topics/<topic>/<partition>/              each partition's log (storage)
+//! <data-dir>/internal/producers/<topic>/<partition>/  its producer state (producers)
+//! ```
+//!
+//! A topic exists once its settings are in `topics.json`: creation writes
+//! the partitions first and the settings last, deletion removes the
+//! settings first and the files after. Directories a crash left without
+//! settings (an unacknowledged create, an interrupted delete) are removed
+//! when the registry opens.
+//!
+//! It knows nothing of gRPC; names and settings are validated here, so
+//! every caller gets the same rules.
+
+mod config;
+
+pub use config::{TopicConfig, TopicConfigPatch, TopicDefaults, validate_topic_name};
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+
+use crate::producers::{IdempotentLog, ProducerStateError};
+use crate::storage::{DataDirLock, IntervalFlusher, PartitionLog, StorageError, write_atomically};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TopicError {
+    #[error("topic {0:?} does not exist")]
+    NotFound(String),
+    #[error("topic {0:?} already exists")]
+    AlreadyExists(String),
+    #[error("invalid topic name {name:?}: {reason}")]
+    InvalidName { name: String, reason: &'static str },
+    #[error("invalid topic setting: {0}")]
+    InvalidConfig(String),
+    #[error("topic {topic:?} has {partitions} partition(s); there is no partition {partition}")]
+    NoSuchPartition {
+        topic: String,
+        partition: u32,
+        partitions: u32,
+    },
+    #[error("topic metadata {path}: {reason}")]
+    Metadata { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    ProducerState(#[from] ProducerStateError),
+}
+
+/// One partition: its log, behind the producer-sequence check.
+pub struct Partition {
+    pub index: u32,
+    appender: IdempotentLog,
+}
+
+impl Partition {
+    pub fn log(&self) -> &Arc<PartitionLog> {
+        self.appender.log()
+    }
+
+    /// The log behind idempotent-producer checks: appends go through here.
+    pub fn appender(&self) -> &IdempotentLog {
+        &self.appender
+    }
+}
+
+pub struct Topic {
+    name: String,
+    config: RwLock<TopicConfig>,
+    partitions: Vec<Arc<Partition>>,
+    round_robin: AtomicU32,
+}
+
+impl Topic {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn config(&self) -> TopicConfig {
+        self.config.read().clone()
+    }
+
+    pub fn partition_count(&self) -> u32 {
+        self.partitions.len() as u32
+    }
+
+    pub fn partitions(&self) -> &[Arc<Partition>] {
+        &self.partitions
+    }
+
+    pub fn partition(&self, index: u32) -> Result<&Arc<Partition>, TopicError> {
+        self.partitions
+            .get(index as usize)
+            .ok_or_else(|| TopicError::NoSuchPartition {
+                topic: self.name.clone(),
+                partition: index,
+                partitions: self.partition_count(),
+            })
+    }
+
+    /// The partition for a record: by key hash (the same function every
+    /// client uses), else round-robin.
+    pub fn route(&self, key: Option<&[u8]>) -> u32 {
+        let n = self.partition_count();
+        match key {
+            Some(key) => sluice_proto::partition_for_key(key, n),
+            None => self.round_robin.fetch_add(1, Ordering::Relaxed) % n,
+        }
+    }
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct TopicsFile {
+    version: u32,
+    topics: BTreeMap<String, TopicConfig>,
+}
+
+/// Every topic of a data directory. Holds the directory's lock for as long
+/// as it lives.
+pub struct TopicRegistry {
+    data_dir: PathBuf,
+    _lock: DataDirLock,
+    defaults: TopicDefaults,
+    topics: RwLock<BTreeMap<String, Arc<Topic>>>,
+    /// Serialises changes to the set of topics and to `topics.json`.
+    changes: Mutex<()>,
+    flusher: IntervalFlusher,
+}
+
+impl TopicRegistry {
+    /// Locks `data_dir` and opens every topic in it (recovering each
+    /// partition's log).
+    pub fn open(
+        data_dir: impl Into<PathBuf>,
+        defaults: TopicDefaults,
+    ) -> Result<TopicRegistry, TopicError> {
+        let data_dir = data_dir.into();
+        let lock = DataDirLock::acquire(&data_dir)?;
+        for dir in ["meta", "topics", "internal/producers"] {
+            let path = data_dir.join(dir);
+            fs::create_dir_all(&path)
+                .map_err(|e| StorageError::io("create directory", &path, e))?;
+        }
+        let meta_path = data_dir.join("meta/topics.json");
+        let file: TopicsFile = match fs::read(&meta_path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| TopicError::Metadata {
+                path: meta_path.clone(),
+                reason: e.to_string(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => TopicsFile::default(),
+            Err(e) => return Err(StorageError::io("read topic metadata", &meta_path, e).into()),
+        };
+        let registry = TopicRegistry {
+            data_dir,
+            _lock: lock,
+            defaults,
+            topics: RwLock::new(BTreeMap::new()),
+            changes: Mutex::new(()),
+            flusher: IntervalFlusher::start(),
+        };
+        remove_orphans(&registry.data_dir, &file.topics)?;
+        let mut topics = BTreeMap::new();
+        for (name, config) in file.topics {
+            let topic = registry.open_topic(&name, config)?;
+            topics.insert(name, topic);
+        }
+        tracing::info!(data_dir = %registry.data_dir.display(), topics = topics.len(), "opened topics");
+        *registry.topics.write() = topics;
+        Ok(registry)
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    pub fn defaults(&self) -> &TopicDefaults {
+        &self.defaults
+    }
+
+    fn topic_dir(&self, name: &str) -> PathBuf {
+        self.data_dir.join("topics").join(name)
+    }
+
+    fn producer_dir(&self, name: &str) -> PathBuf {
+        self.data_dir.join("internal/producers").join(name)
+    }
+
+    fn open_topic(&self, name: &str, config: TopicConfig) -> Result<Arc<Topic>, TopicError> {
+        let log_config = config.log_config()?;
+        let mut partitions = Vec::with_capacity(config.partitions as usize);
+        for index in 0..config.partitions {
+            let log = Arc::new(PartitionLog::open(
+                self.topic_dir(name).join(index.to_string()),
+                log_config.clone(),
+            )?);
+            self.flusher.register(&log);
+            let appender =
+                IdempotentLog::open(log, self.producer_dir(name).join(index.to_string()))?;
+            partitions.push(Arc::new(Partition { index, appender }));
+        }
+        Ok(Arc::new(Topic {
+            name: name.to_owned(),
+            config: RwLock::new(config),
+            partitions,
+            round_robin: AtomicU32::new(0),
+        }))
+    }
+
+    fn write_metadata(&self, topics: &BTreeMap<String, TopicConfig>) -> Result<(), TopicError> {
+        let file = TopicsFile {
+            version: 1,
+            topics: topics.clone(),
+        };
+        let bytes = serde_json::to_vec_pretty(&file).map_err(|e| TopicError::Metadata {
+            path: self.data_dir.join("meta/topics.json"),
+            reason: e.to_string(),
+        })?;
+        write_atomically(&self.data_dir.join("meta/topics.json"), &bytes)?;
+        Ok(())
+    }
+
+    fn configs(&self) -> BTreeMap<String, TopicConfig> {
+        self.topics
+            .read()
+            .iter()
+            .map(|(name, t)| (name.clone(), t.config()))
+            .collect()
+    }
+
+    /// Creates a topic; unset settings take the broker's defaults.
+    pub fn create(&self, name: &str, patch: &TopicConfigPatch) -> Result<TopicConfig, TopicError> {
+        validate_topic_name(name)?;
+        let config = self.defaults.config(patch)?;
+        let _changes = self.changes.lock();
+        if self.topics.read().contains_key(name) {
+            return Err(TopicError::AlreadyExists(name.to_owned()));
+        }
+        // Leftovers of an unacknowledged create must not leak into this one.
+        remove_dir_if_present(&self.topic_dir(name))?;
+        remove_dir_if_present(&self.producer_dir(name))?;
+        let topic = self.open_topic(name, config.clone())?;
+        let mut configs = self.configs();
+        configs.insert(name.to_owned(), config.clone());
+        self.write_metadata(&configs)?;
+        self.topics.write().insert(name.to_owned(), topic);
+        tracing::info!(
+            topic = name,
+            partitions = config.partitions,
+            "created topic"
+        );
+        Ok(config)
+    }
+
+    /// Deletes a topic and its data. Readers still holding its records keep
+    /// them until they let go.
+    pub fn delete(&self, name: &str) -> Result<(), TopicError> {
+        let _changes = self.changes.lock();
+        let topic = self
+            .topics
+            .read()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| TopicError::NotFound(name.to_owned()))?;
+        let mut configs = self.configs();
+        configs.remove(name);
+        self.write_metadata(&configs)?;
+        self.topics.write().remove(name);
+        for partition in topic.partitions() {
+            if let Err(e) = partition.log().close() {
+                tracing::warn!(topic = name, partition = partition.index, error = %e, "closing a deleted partition failed");
+            }
+        }
+        remove_dir_if_present(&self.topic_dir(name))?;
+        remove_dir_if_present(&self.producer_dir(name))?;
+        tracing::info!(topic = name, "deleted topic");
+        Ok(())
+    }
+
+    pub fn get(&self, name: &str) -> Result<Arc<Topic>, TopicError> {
+        self.topics
+            .read()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| TopicError::NotFound(name.to_owned()))
+    }
+
+    pub fn list(&self) -> Vec<Arc<Topic>> {
+        self.topics.read().values().cloned().collect()
+    }
+
+    /// Changes settings of a topic (not its partition count).
+    pub fn alter(&self, name: &str, patch: &TopicConfigPatch) -> Result<TopicConfig, TopicError> {
+        let _changes = self.changes.lock();
+        let topic = self.get(name)?;
+        let config = topic.config().patched(patch)?;
+        let log_config = config.log_config()?;
+        let mut configs = self.configs();
+        configs.insert(name.to_owned(), config.clone());
+        self.write_metadata(&configs)?;
+        for partition in topic.partitions() {
+            partition.log().set_config(log_config.clone())?;
+        }
+        *topic.config.write() = config.clone();
+        tracing::info!(topic = name, "altered topic settings");
+        Ok(config)
+    }
+
+    /// Applies retention to every partition, and snapshots producer state
+    /// so that a restart replays little of each log.
+    pub fn maintain(&self, now_ms: i64) {
+        for topic in self.list() {
+            for partition in topic.partitions() {
+                if let Err(e) = partition.log().enforce_retention(now_ms) {
+                    tracing::warn!(topic = topic.name(), partition = partition.index, error = %e, "retention failed");
+                }
+                if let Err(e) = partition.appender().snapshot() {
+                    tracing::warn!(topic = topic.name(), partition = partition.index, error = %e, "producer snapshot failed");
+                }
+            }
+        }
+    }
+
+    /// Syncs and closes every partition. Appends fail afterwards.
+    pub fn close(&self) -> Result<(), TopicError> {
+        let mut first_error = None;
+        for topic in self.list() {
+            for partition in topic.partitions() {
+                let closed = partition
+                    .appender()
+                    .snapshot()
+                    .map_err(TopicError::from)
+                    .and(partition.log().close().map_err(TopicError::from));
+                if let Err(e) = closed {
+                    tracing::error!(topic = topic.name(), partition = partition.index, error = %e, "closing a partition failed");
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+fn remove_dir_if_present(path: &Path) -> Result<(), StorageError> {
+    match fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(StorageError::io("remove directory", path, e)),
+    }
+}
+
+/// Removes topic directories that have no settings: what a crash left of a
+/// create that was never acknowledged or a delete that was.
+fn remove_orphans(
+    data_dir: &Path,
+    topics: &BTreeMap<String, TopicConfig>,
+) -> Result<(), StorageError> {
+    for parent in [data_dir.join("topics"), data_dir.join("internal/producers")] {
+        let entries =
+            fs::read_dir(&parent).map_err(|e| StorageError::io("list directory", &parent, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| StorageError::io("list directory", &parent, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !topics.contains_key(&name) {
+                tracing::warn!(path = %entry.path().display(), "removing the files of a topic that does not exist");
+                remove_dir_if_present(&entry.path())?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,112 @@
+//! Sluice's gRPC contract, `sluice.v1`, as Rust types and tonic services.
+//!
+//! The `.proto` files under `proto/sluice/v1/` are the contract other
+//! languages read; this crate compiles them (with protox, so no `protoc` is
+//! needed), exposes the encoded descriptor set for server reflection, and
+//! holds the one key partitioner that the broker and every client share.
+
+#[allow(clippy::all, missing_docs)]
+pub mod v1 {
+    tonic::include_proto!("sluice.v1");
+
+    /// The encoded `FileDescriptorSet` of every `sluice.v1` file, for gRPC
+    /// server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("sluice_descriptor");
+}
+
+/// Kafka's murmur2 hash (`org.apache.kafka.common.utils.Utils.murmur2`),
+/// bit for bit, so keys land where a Kafka client would put them.
+pub fn murmur2(data: &[u8]) -> i32 {
+    const SEED: u32 = 0x9747_b28c;
+    const M: u32 = 0x5bd1_e995;
+    const R: u32 = 24;
+    let mut h: u32 = SEED ^ data.len() as u32;
+    let mut chunks = data.chunks_exact(4);
+    for chunk in &mut chunks {
+        let mut k = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> R;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    let tail = chunks.remainder();
+    if !tail.is_empty() {
+        if tail.len() >= 3 {
+            h ^= u32::from(tail[2]) << 16;
+        }
+        if tail.len() >= 2 {
+            h ^= u32::from(tail[1]) << 8;
+        }
+        h ^= u32::from(tail[0]);
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h as i32
+}
+
+/// The partition a key goes to among `partitions`: Kafka's default,
+/// `(murmur2(key) & 0x7fffffff) % partitions`. Stable across restarts and
+/// versions: changing it would reorder every keyed topic.
+pub fn partition_for_key(key: &[u8], partitions: u32) -> u32 {
+    assert!(partitions > 0, "a topic has at least one partition");
+    ((murmur2(key) as u32) & 0x7fff_ffff) % partitions
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Vectors from Kafka's `UtilsTest.testMurmur2`.
+    #[test]
+    fn murmur2_matches_kafka() {
+        let cases: &[(&[u8], i32)] = &[
+            (b"21", -973_932_308),
+            (b"foobar", -790_332_482),
+            (b"a-little-bit-long-string", -985_981_536),
+            (b"a-little-bit-longer-string", -1_486_304_829),
+            (
+                b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+                -58_897_971,
+            ),
+            (b"abc", 479_470_107),
+        ];
+        for (input, expected) in cases {
+            assert_eq!(
+                murmur2(input),
+                *expected,
+                "{}",
+                String::from_utf8_lossy(input)
+            );
+        }
+    }
+
+    #[test]
+    fn partitions_are_in_range_and_stable() {
+        for n in [1u32, 2, 7, 64] {
+            for key in [&b""[..], b"a", b"user-42", &[0xff; 33]] {
+                let p = partition_for_key(key, n);
+                assert!(p < n);
+                assert_eq!(p, partition_for_key(key, n));
+            }
+        }
+        assert_eq!(
+            partition_for_key(b"foobar", 10),
+            ((-790_332_482i32 as u32) & 0x7fff_ffff) % 10
+        );
+    }
+
+    #[test]
+    fn the_descriptor_set_names_every_service() {
+        // The encoded set holds the names as plain strings.
+        let text = String::from_utf8_lossy(v1::FILE_DESCRIPTOR_SET);
+        for service in ["AdminService", "ProduceService", "ConsumeService"] {
+            assert!(
+                text.contains(service),
+                "{service} missing from the descriptor set"
+            );
+        }
+    }
+}
