@@ -122,6 +122,9 @@ pub async fn serve(
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .trace_fn(|request| tracing::info_span!("grpc", path = %request.uri().path()))
+        .layer(tower::util::MapResponseLayer::new(
+            status::remap_message_limit,
+        ))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

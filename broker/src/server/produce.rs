@@ -205,7 +205,12 @@ impl ProduceService for Produce {
                     Ok(Some(request)) => request,
                     Ok(None) => break,
                     Err(status) => {
-                        tracing::debug!(%status, "produce stream ended by the client");
+                        // Tell the client why its stream stops (an
+                        // over-limit message, say), then stop reading.
+                        let status = status::inbound(status);
+                        tracing::debug!(%status, "produce stream ended");
+                        let report = tokio::spawn(async move { stream_error(0, status) });
+                        let _ = pending.send(report).await;
                         break;
                     }
                 };

@@ -76,3 +76,35 @@ pub(crate) fn join(error: tokio::task::JoinError) -> Status {
     tracing::error!(%error, "blocking task failed");
     Status::internal(format!("internal error: {error}"))
 }
+
+/// What tonic says when a message is over the size limit. The gRPC spec
+/// answers that with RESOURCE_EXHAUSTED; tonic uses OUT_OF_RANGE, which a
+/// Sluice client would read as "offset out of range".
+const TOO_LARGE: &str = "message length too large";
+
+/// Corrects the code of an over-limit status that reached our code (a
+/// streamed request message).
+pub(crate) fn inbound(status: Status) -> Status {
+    if status.code() == Code::OutOfRange && status.message().contains(TOO_LARGE) {
+        return Status::resource_exhausted(status.message().to_owned());
+    }
+    status
+}
+
+/// Corrects the code of an over-limit status that tonic answered before
+/// our code ran (a unary request): it is in the response headers.
+pub(crate) fn remap_message_limit<B>(mut response: http::Response<B>) -> http::Response<B> {
+    let headers = response.headers_mut();
+    let over_limit = headers.get("grpc-status").is_some_and(|v| v == "11")
+        && headers
+            .get("grpc-message")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|m| m.contains("message%20length%20too%20large") || m.contains(TOO_LARGE));
+    if over_limit {
+        headers.insert(
+            "grpc-status",
+            http::HeaderValue::from_static("8"), // RESOURCE_EXHAUSTED
+        );
+    }
+    response
+}
