@@ -184,7 +184,7 @@ mod tests {
             listen = "127.0.0.1:9000"
             flush = "os"
             retention_ms = 0
-            segment_bytes = 1048576
+            segment_bytes = 8388608
             "#,
         )
         .unwrap();
@@ -196,7 +196,7 @@ mod tests {
         assert_eq!(config.listen.port(), 9100);
         assert_eq!(config.topics.flush, FlushPolicy::Os);
         assert_eq!(config.topics.retention_ms, None);
-        assert_eq!(config.topics.segment_bytes, 1048576);
+        assert_eq!(config.topics.segment_bytes, 8388608);
         assert_eq!(config.data_dir, PathBuf::from("sluice-data"));
     }
 
