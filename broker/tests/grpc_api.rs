@@ -275,7 +275,7 @@ async fn pipelined_stream_produce_acknowledges_in_order() {
     assert_eq!(records[40].value, "r21a", "the failed request left no gap");
 }
 
-async fn status_of<T>(result: Result<T, tonic::Status>) -> tonic::Status {
+fn status_of<T>(result: Result<T, tonic::Status>) -> tonic::Status {
     match result {
         Ok(_) => panic!("expected an error"),
         Err(status) => status,
@@ -320,8 +320,7 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
                     config: None,
                 })
                 .await,
-        )
-        .await;
+        );
         expect(s, Code::InvalidArgument, needle);
     }
     for partitions in [0, 100_000] {
@@ -335,8 +334,7 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
                     }),
                 })
                 .await,
-        )
-        .await;
+        );
         expect(s, Code::InvalidArgument, "partition count");
     }
     let s = status_of(
@@ -346,8 +344,7 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
                 config: None,
             })
             .await,
-    )
-    .await;
+    );
     expect(s, Code::AlreadyExists, "already exists");
     let s = status_of(
         admin
@@ -355,8 +352,7 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
                 name: "nope".into(),
             })
             .await,
-    )
-    .await;
+    );
     expect(s, Code::NotFound, "nope");
     let s = status_of(
         admin
@@ -364,8 +360,7 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
                 name: "nope".into(),
             })
             .await,
-    )
-    .await;
+    );
     expect(s, Code::NotFound, "nope");
     let listed = admin
         .list_topics(v1::ListTopicsRequest {})
@@ -393,17 +388,15 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
         producer
             .produce(produce("nope", None, vec![record(None, "x")]))
             .await,
-    )
-    .await;
+    );
     expect(s, Code::NotFound, "nope");
-    let s = status_of(producer.produce(produce("t", None, vec![])).await).await;
+    let s = status_of(producer.produce(produce("t", None, vec![])).await);
     expect(s, Code::InvalidArgument, "at least one record");
     let s = status_of(
         producer
             .produce(produce("t", Some(7), vec![record(None, "x")]))
             .await,
-    )
-    .await;
+    );
     expect(s, Code::NotFound, "partition 7");
     let big = "x".repeat(1001);
     let s = status_of(
@@ -414,11 +407,10 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
                 vec![record(None, "fine"), record(None, &big)],
             ))
             .await,
-    )
-    .await;
+    );
     expect(s, Code::InvalidArgument, "record 1 is");
     let huge: Vec<v1::Record> = (0..400).map(|_| record(None, &"y".repeat(900))).collect();
-    let s = status_of(producer.produce(produce("t", Some(0), huge.clone())).await).await;
+    let s = status_of(producer.produce(produce("t", Some(0), huge.clone())).await);
     expect(s, Code::ResourceExhausted, "too large");
     let mut stream = producer
         .produce_stream(tokio_stream::iter([produce("t", Some(0), huge)]))
@@ -452,7 +444,7 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
         offset,
         ..Default::default()
     };
-    let s = status_of(consumer.fetch(fetch(3)).await).await;
+    let s = status_of(consumer.fetch(fetch(3)).await);
     expect(s, Code::OutOfRange, "offset 3 is out of range");
     let at_end = consumer.fetch(fetch(2)).await.unwrap().into_inner();
     assert!(at_end.records.is_empty());
@@ -464,8 +456,7 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
                 ..fetch(0)
             })
             .await,
-    )
-    .await;
+    );
     expect(s, Code::NotFound, "nope");
     let s = status_of(
         consumer
@@ -474,8 +465,7 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
                 ..fetch(0)
             })
             .await,
-    )
-    .await;
+    );
     expect(s, Code::NotFound, "partition 9");
     let s = status_of(
         consumer
@@ -486,8 +476,7 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
                 max_batch_records: 0,
             })
             .await,
-    )
-    .await;
+    );
     expect(s, Code::InvalidArgument, "where to start");
 }
 

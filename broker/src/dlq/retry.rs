@@ -76,6 +76,23 @@ pub struct RetryEntry {
     pub dead_letter_pending: bool,
 }
 
+impl RetryEntry {
+    /// An entry with no failed delivery yet, due at `now_ms`.
+    fn fresh(key: RetryKey, data: RecordLocation, now_ms: i64) -> RetryEntry {
+        RetryEntry {
+            key,
+            data,
+            deliveries: 0,
+            first_failure_ms: now_ms,
+            last_failure_ms: now_ms,
+            next_delivery_ms: now_ms,
+            last_reason: String::new(),
+            error_class: String::new(),
+            dead_letter_pending: false,
+        }
+    }
+}
+
 /// What a nack led to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NackOutcome {
@@ -135,17 +152,7 @@ impl RetrySets {
             .get(group)
             .and_then(|g| g.get(&key))
             .cloned();
-        let mut entry = existing.unwrap_or(RetryEntry {
-            key,
-            data,
-            deliveries: 0,
-            first_failure_ms: now_ms,
-            last_failure_ms: now_ms,
-            next_delivery_ms: now_ms,
-            last_reason: String::new(),
-            error_class: String::new(),
-            dead_letter_pending: false,
-        });
+        let mut entry = existing.unwrap_or_else(|| RetryEntry::fresh(key, data, now_ms));
         if entry.dead_letter_pending {
             return Ok(NackOutcome::DeadLetter(DeadLetter {
                 group: group.to_owned(),
@@ -277,22 +284,7 @@ impl RetrySets {
     ) -> Result<(), StorageError> {
         let changes: Vec<Record> = records
             .into_iter()
-            .map(|(key, data)| {
-                upsert(
-                    group,
-                    &RetryEntry {
-                        key,
-                        data,
-                        deliveries: 0,
-                        first_failure_ms: now_ms,
-                        last_failure_ms: now_ms,
-                        next_delivery_ms: now_ms,
-                        last_reason: String::new(),
-                        error_class: String::new(),
-                        dead_letter_pending: false,
-                    },
-                )
-            })
+            .map(|(key, data)| upsert(group, &RetryEntry::fresh(key, data, now_ms)))
             .collect();
         self.state.append(&changes)
     }
