@@ -1,14 +1,12 @@
 //! The broker over gRPC, as a client in any language sees it: the real
 //! binary, a temp data dir, a free port.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::Bytes;
 use sluice_proto::v1;
-use support::Broker;
+use sluice_testkit::Broker;
 use tokio_stream::StreamExt;
 use tonic::Code;
 
@@ -66,7 +64,7 @@ async fn fetch_all(broker: &Broker, topic: &str, partition: u32) -> Vec<v1::Cons
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keyed_records_come_back_in_order_and_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path(), &[]);
+    let broker = start_broker(dir.path(), &[]);
     create_topic(&broker, "orders", 4).await;
     let mut producer = broker.producer().await;
     let mut sent: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -146,7 +144,7 @@ async fn keyed_records_come_back_in_order_and_survive_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscription_receives_records_appended_after_it_started() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path(), &[]);
+    let broker = start_broker(dir.path(), &[]);
     create_topic(&broker, "events", 2).await;
     let mut producer = broker.producer().await;
     producer
@@ -228,7 +226,7 @@ async fn a_subscription_receives_records_appended_after_it_started() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_stream_produce_acknowledges_in_order() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path(), &[]);
+    let broker = start_broker(dir.path(), &[]);
     create_topic(&broker, "pipe", 1).await;
     let requests: Vec<v1::ProduceRequest> = (0..50)
         .map(|id| v1::ProduceRequest {
@@ -285,7 +283,7 @@ fn status_of<T>(result: Result<T, tonic::Status>) -> tonic::Status {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_the_right_status_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(
+    let broker = start_broker(
         dir.path(),
         &[
             "--max-record-bytes",
@@ -483,7 +481,7 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fetch_long_polls_and_list_offsets_answers_by_time() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path(), &[]);
+    let broker = start_broker(dir.path(), &[]);
     create_topic(&broker, "t", 1).await;
     let mut consumer = broker.consumer().await;
     let waiting = tokio::spawn({
@@ -577,7 +575,7 @@ async fn fetch_long_polls_and_list_offsets_answers_by_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_reflection_are_served() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path(), &[]);
+    let broker = start_broker(dir.path(), &[]);
     let mut health = tonic_health::pb::health_client::HealthClient::new(broker.channel().await);
     let serving = health
         .check(tonic_health::pb::HealthCheckRequest {
@@ -627,7 +625,7 @@ async fn health_and_reflection_are_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_ends_open_subscriptions_and_exits_promptly() {
     let dir = tempfile::tempdir().unwrap();
-    let mut broker = Broker::start(dir.path(), &[]);
+    let mut broker = start_broker(dir.path(), &[]);
     create_topic(&broker, "t", 1).await;
     let mut stream = broker
         .consumer()
@@ -662,4 +660,12 @@ async fn sigterm_ends_open_subscriptions_and_exits_promptly() {
         ),
         Some(Ok(message)) => panic!("unexpected message {message:?}"),
     }
+}
+
+fn start_broker(dir: &std::path::Path, args: &[&str]) -> sluice_testkit::Broker {
+    sluice_testkit::Broker::start(
+        std::path::Path::new(env!("CARGO_BIN_EXE_sluice-broker")),
+        dir,
+        args,
+    )
 }

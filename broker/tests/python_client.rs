@@ -1,8 +1,6 @@
 //! The broker from another language: a Python grpcio client whose stubs are
 //! generated from our .proto files at test time.
 
-mod support;
-
 use std::path::Path;
 use std::process::Command;
 
@@ -20,7 +18,7 @@ fn a_python_grpc_client_creates_produces_fetches_and_subscribes() {
     );
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let dir = tempfile::tempdir().unwrap();
-    let broker = support::Broker::start(dir.path(), &[]);
+    let broker = start_broker(dir.path(), &[]);
     let output = Command::new("python3")
         .arg(root.join("tests/python/sluice_smoke.py"))
         .arg(broker.addr.to_string())
@@ -34,4 +32,12 @@ fn a_python_grpc_client_creates_produces_fetches_and_subscribes() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(stdout.contains("python client: ok"), "{stdout}");
+}
+
+fn start_broker(dir: &std::path::Path, args: &[&str]) -> sluice_testkit::Broker {
+    sluice_testkit::Broker::start(
+        std::path::Path::new(env!("CARGO_BIN_EXE_sluice-broker")),
+        dir,
+        args,
+    )
 }

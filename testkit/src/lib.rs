@@ -1,5 +1,5 @@
-//! Runs the real `sluice-broker` binary for integration tests.
-#![allow(dead_code)]
+//! Runs the real `sluice-broker` binary for integration tests, on a free
+//! port with its data in a directory the test owns.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -17,16 +17,19 @@ pub struct Broker {
     child: Child,
     pub addr: SocketAddr,
     pub data_dir: PathBuf,
+    binary: PathBuf,
     args: Vec<String>,
 }
 
 impl Broker {
-    /// Starts the broker and waits until it listens.
-    pub fn start(data_dir: &Path, args: &[&str]) -> Broker {
+    /// Starts `binary` and waits until it listens.
+    pub fn start(binary: &Path, data_dir: &Path, args: &[&str]) -> Broker {
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice-broker"))
-            .arg("--listen")
-            .arg("127.0.0.1:0")
+        let mut command = Command::new(binary);
+        if !args.iter().any(|a| a == "--listen") {
+            command.arg("--listen").arg("127.0.0.1:0");
+        }
+        let mut child = command
             .arg("--data-dir")
             .arg(data_dir)
             .args(&args)
@@ -58,6 +61,7 @@ impl Broker {
         Broker {
             child,
             addr,
+            binary: binary.to_owned(),
             data_dir: data_dir.to_owned(),
             args,
         }
@@ -121,8 +125,25 @@ impl Broker {
     pub fn restart(mut self) -> Broker {
         let status = self.stop(Duration::from_secs(15));
         assert!(status.success(), "clean shutdown: {status}");
+        self.start_again()
+    }
+
+    /// Stops this broker (SIGTERM) and starts a new one on the same data
+    /// directory and the same address, so clients can reconnect to it.
+    pub fn restart_on(mut self, addr: SocketAddr) -> Broker {
+        let status = self.stop(Duration::from_secs(15));
+        assert!(status.success(), "clean shutdown: {status}");
+        let mut args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let addr = addr.to_string();
+        args.extend(["--listen", &addr]);
+        Broker::start(&self.binary, &self.data_dir, &args)
+    }
+
+    /// A new broker process on the same data directory and arguments, after
+    /// this one exited or was killed.
+    pub fn start_again(&self) -> Broker {
         let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
-        Broker::start(&self.data_dir, &args)
+        Broker::start(&self.binary, &self.data_dir, &args)
     }
 }
 
@@ -131,4 +152,33 @@ impl Drop for Broker {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The `sluice-broker` binary of this build, for test crates other than the
+/// broker's own (which use `env!("CARGO_BIN_EXE_sluice-broker")`): built
+/// with the same profile next to the running test binary.
+pub fn broker_binary() -> PathBuf {
+    static BINARY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BINARY
+        .get_or_init(|| {
+            let exe = std::env::current_exe().expect("test binary path");
+            // target/<profile>/deps/<test> -> target/<profile>
+            let profile_dir = exe
+                .parent()
+                .and_then(Path::parent)
+                .expect("target/<profile>");
+            let binary = profile_dir.join("sluice-broker");
+            if !binary.exists() {
+                let release = profile_dir.ends_with("release");
+                let mut build = Command::new(env!("CARGO"));
+                build.args(["build", "-p", "sluice-broker", "--bin", "sluice-broker"]);
+                if release {
+                    build.arg("--release");
+                }
+                let status = build.status().expect("run cargo build");
+                assert!(status.success(), "building sluice-broker failed");
+            }
+            binary
+        })
+        .clone()
 }

@@ -1,0 +1,431 @@
+//! `sluice`: the command line for a Sluice broker.
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use base64::Engine;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use sluice_client::{
+    Admin, ClientConfig, ConsumedRecord, Consumer, Producer, ProducerConfig, Record, StartFrom,
+    TopicSettings,
+};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio_stream::StreamExt;
+
+#[derive(Parser)]
+#[command(
+    name = "sluice",
+    version,
+    about = "Command line for the Sluice log broker"
+)]
+struct Cli {
+    /// The broker's URL.
+    #[arg(
+        long,
+        env = "SLUICE_BROKER",
+        default_value = "http://127.0.0.1:7070",
+        global = true
+    )]
+    broker: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create, list, describe, change and delete topics.
+    #[command(subcommand)]
+    Topic(TopicCommand),
+    /// Produce records from lines of standard input or a file.
+    Produce(ProduceArgs),
+    /// Print records of a topic.
+    Consume(ConsumeArgs),
+    /// Print the offsets of a topic's partitions.
+    Offsets(OffsetsArgs),
+}
+
+#[derive(Subcommand)]
+enum TopicCommand {
+    Create {
+        name: String,
+        #[command(flatten)]
+        settings: SettingsArgs,
+    },
+    List,
+    Describe {
+        name: String,
+    },
+    Alter {
+        name: String,
+        #[command(flatten)]
+        settings: SettingsArgs,
+    },
+    Delete {
+        name: String,
+    },
+}
+
+#[derive(Args)]
+struct SettingsArgs {
+    #[arg(long)]
+    partitions: Option<u32>,
+    /// Time retention in ms (0: forever).
+    #[arg(long)]
+    retention_ms: Option<u64>,
+    /// Size retention per partition (0: none).
+    #[arg(long)]
+    retention_bytes: Option<u64>,
+    /// every-batch, interval(<n>ms) or os.
+    #[arg(long)]
+    flush: Option<String>,
+    #[arg(long)]
+    max_record_bytes: Option<u32>,
+    #[arg(long)]
+    segment_bytes: Option<u64>,
+}
+
+impl SettingsArgs {
+    fn settings(self) -> TopicSettings {
+        TopicSettings {
+            partitions: self.partitions,
+            retention_ms: self.retention_ms,
+            retention_bytes: self.retention_bytes,
+            flush: self.flush,
+            max_record_bytes: self.max_record_bytes,
+            segment_bytes: self.segment_bytes,
+        }
+    }
+}
+
+#[derive(Args)]
+struct ProduceArgs {
+    topic: String,
+    /// Read lines from this file instead of standard input.
+    #[arg(long)]
+    file: Option<std::path::PathBuf>,
+    /// The key of every record.
+    #[arg(long, conflicts_with = "key_separator")]
+    key: Option<String>,
+    /// Split each line at the first SEP into key and value.
+    #[arg(long, value_name = "SEP")]
+    key_separator: Option<String>,
+    /// A header for every record, as name=value; repeatable.
+    #[arg(long = "header", value_name = "NAME=VALUE")]
+    headers: Vec<String>,
+    /// Send every record to this partition.
+    #[arg(long)]
+    partition: Option<u32>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    /// `partition/offset key value`.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Args)]
+struct ConsumeArgs {
+    topic: String,
+    /// Partitions to read (repeatable); all if none.
+    #[arg(long = "partition")]
+    partitions: Vec<u32>,
+    /// earliest, latest, offset:<n> or time:<ms since the epoch>.
+    #[arg(long, default_value = "earliest", value_parser = parse_start)]
+    from: StartFrom,
+    /// Keep waiting for new records instead of stopping at the end.
+    #[arg(long)]
+    follow: bool,
+    /// Stop after this many records.
+    #[arg(long)]
+    max: Option<u64>,
+    #[arg(long, value_enum, default_value = "text")]
+    format: Format,
+}
+
+#[derive(Args)]
+struct OffsetsArgs {
+    topic: String,
+    /// earliest, latest or time:<ms since the epoch>.
+    #[arg(long, default_value = "latest", value_parser = parse_start)]
+    at: StartFrom,
+}
+
+fn parse_start(text: &str) -> Result<StartFrom, String> {
+    match text {
+        "earliest" => Ok(StartFrom::Earliest),
+        "latest" => Ok(StartFrom::Latest),
+        _ => {
+            if let Some(n) = text.strip_prefix("offset:") {
+                return n
+                    .parse()
+                    .map(StartFrom::Offset)
+                    .map_err(|e| format!("{text}: {e}"));
+            }
+            if let Some(ms) = text.strip_prefix("time:") {
+                return ms
+                    .parse()
+                    .map(StartFrom::Timestamp)
+                    .map_err(|e| format!("{text}: {e}"));
+            }
+            Err(format!(
+                "{text:?}: expected earliest, latest, offset:<n> or time:<ms>"
+            ))
+        }
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let config = ClientConfig::new(cli.broker.clone());
+    match cli.command {
+        Command::Topic(command) => topic(&config, command).await,
+        Command::Produce(args) => produce(&config, args).await,
+        Command::Consume(args) => consume(&config, args).await,
+        Command::Offsets(args) => {
+            let admin = Admin::new(&config)?;
+            for (partition, offset) in admin.offsets(&args.topic, &[], args.at).await? {
+                println!("{partition}\t{offset}");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn print_settings(s: &TopicSettings) {
+    let or = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+    println!(
+        "  partitions={} retention_ms={} retention_bytes={} flush={} max_record_bytes={} segment_bytes={}",
+        s.partitions.map_or("-".into(), |v| v.to_string()),
+        or(s.retention_ms),
+        or(s.retention_bytes),
+        s.flush.as_deref().unwrap_or("-"),
+        s.max_record_bytes.map_or("-".into(), |v| v.to_string()),
+        or(s.segment_bytes),
+    );
+}
+
+async fn topic(config: &ClientConfig, command: TopicCommand) -> anyhow::Result<()> {
+    let admin = Admin::new(config)?;
+    match command {
+        TopicCommand::Create { name, settings } => {
+            let created = admin.create_topic_with(&name, settings.settings()).await?;
+            println!("created {name}");
+            print_settings(&created);
+        }
+        TopicCommand::List => {
+            for topic in admin.list_topics().await? {
+                println!("{}", topic.name);
+            }
+        }
+        TopicCommand::Describe { name } => {
+            let info = admin.describe_topic(&name).await?;
+            println!("{}", info.name);
+            print_settings(&info.settings);
+            println!("  partition\tearliest\tlatest\tbytes\tsegments");
+            for p in info.partitions {
+                println!(
+                    "  {}\t{}\t{}\t{}\t{}",
+                    p.partition, p.earliest_offset, p.latest_offset, p.size_bytes, p.segments
+                );
+            }
+        }
+        TopicCommand::Alter { name, settings } => {
+            let altered = admin.alter_topic(&name, settings.settings()).await?;
+            println!("altered {name}");
+            print_settings(&altered);
+        }
+        TopicCommand::Delete { name } => {
+            admin.delete_topic(&name).await?;
+            println!("deleted {name}");
+        }
+    }
+    Ok(())
+}
+
+/// A progress display on standard error, only when it is a terminal.
+fn progress(len: Option<u64>, what: &str) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = match len {
+        Some(len) => ProgressBar::new(len).with_style(
+            ProgressStyle::with_template("{bar:40} {pos}/{len} {msg} ({per_sec}, eta {eta})")
+                .expect("valid template"),
+        ),
+        None => ProgressBar::new_spinner().with_style(
+            ProgressStyle::with_template("{spinner} {pos} {msg} ({per_sec})")
+                .expect("valid template"),
+        ),
+    };
+    bar.set_message(what.to_owned());
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+async fn produce(config: &ClientConfig, args: ProduceArgs) -> anyhow::Result<()> {
+    let mut headers = Vec::new();
+    for header in &args.headers {
+        let (name, value) = header
+            .split_once('=')
+            .with_context(|| format!("header {header:?} is not name=value"))?;
+        headers.push((name.to_owned(), value.to_owned()));
+    }
+    let input: Box<dyn tokio::io::AsyncRead + Unpin + Send> = match &args.file {
+        Some(path) => Box::new(
+            tokio::fs::File::open(path)
+                .await
+                .with_context(|| format!("opening {}", path.display()))?,
+        ),
+        None => Box::new(tokio::io::stdin()),
+    };
+    let producer = Producer::new(config, ProducerConfig::default())?;
+    let bar = progress(None, "records sent");
+    let mut lines = BufReader::new(input).lines();
+    let mut deliveries = Vec::new();
+    while let Some(line) = lines.next_line().await? {
+        let (key, value) = match (&args.key, &args.key_separator) {
+            (Some(key), _) => (Some(key.clone()), line),
+            (None, Some(separator)) => match line.split_once(separator.as_str()) {
+                Some((key, value)) => (Some(key.to_owned()), value.to_owned()),
+                None => (None, line),
+            },
+            (None, None) => (None, line),
+        };
+        let mut record = Record::new(value);
+        if let Some(key) = key {
+            record = record.with_key(key);
+        }
+        for (name, value) in &headers {
+            record = record.with_header(name.clone(), value.clone());
+        }
+        if let Some(partition) = args.partition {
+            record = record.with_partition(partition);
+        }
+        deliveries.push(producer.enqueue(&args.topic, record).await?);
+        bar.inc(1);
+    }
+    producer.flush().await?;
+    let mut failed = 0;
+    for delivery in deliveries.iter_mut() {
+        if let Err(error) = delivery.await {
+            failed += 1;
+            if failed <= 5 {
+                eprintln!("not delivered: {error}");
+            }
+        }
+    }
+    producer.close().await?;
+    bar.finish_and_clear();
+    let sent = deliveries.len() - failed;
+    eprintln!("{sent} record(s) produced to {}", args.topic);
+    if failed > 0 {
+        bail!("{failed} record(s) were not delivered");
+    }
+    Ok(())
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn json_line(record: &ConsumedRecord) -> String {
+    let mut object = serde_json::Map::new();
+    object.insert("topic".into(), record.topic.clone().into());
+    object.insert("partition".into(), record.partition.into());
+    object.insert("offset".into(), record.offset.into());
+    object.insert("timestamp_ms".into(), record.timestamp_ms.into());
+    let mut put_bytes = |name: &str, bytes: Option<&[u8]>| match bytes.map(std::str::from_utf8) {
+        None => {
+            object.insert(name.into(), serde_json::Value::Null);
+        }
+        Some(Ok(s)) => {
+            object.insert(name.into(), s.into());
+        }
+        Some(Err(_)) => {
+            let encoded =
+                base64::engine::general_purpose::STANDARD.encode(bytes.unwrap_or_default());
+            object.insert(format!("{name}_base64"), encoded.into());
+        }
+    };
+    put_bytes("key", record.key.as_deref());
+    put_bytes("value", Some(&record.value));
+    let headers: serde_json::Map<String, serde_json::Value> = record
+        .headers
+        .iter()
+        .map(|h| (h.key.clone(), text(&h.value).into()))
+        .collect();
+    object.insert("headers".into(), headers.into());
+    serde_json::Value::Object(object).to_string()
+}
+
+async fn consume(config: &ClientConfig, args: ConsumeArgs) -> anyhow::Result<()> {
+    let admin = Admin::new(config)?;
+    // Without --follow, stop at the end the partitions had when we started.
+    let mut remaining: std::collections::HashMap<u32, u64> = if args.follow {
+        Default::default()
+    } else {
+        admin
+            .offsets(&args.topic, &args.partitions, StartFrom::Latest)
+            .await?
+            .into_iter()
+            .collect()
+    };
+    let mut consumer = Consumer::new(config)?;
+    consumer
+        .assign(&args.topic, &args.partitions, args.from)
+        .await?;
+    if !args.follow {
+        for (partition, end) in remaining.clone() {
+            if consumer
+                .position(&args.topic, partition)
+                .is_some_and(|p| p >= end)
+            {
+                remaining.remove(&partition);
+            }
+        }
+    }
+    let total: Option<u64> = if args.follow { args.max } else { None };
+    let bar = progress(total, "records read");
+    let mut out = tokio::io::BufWriter::new(tokio::io::stdout());
+    let mut count = 0u64;
+    while args.follow || !remaining.is_empty() {
+        if args.max.is_some_and(|max| count >= max) {
+            break;
+        }
+        let Some(record) = consumer.next().await else {
+            break;
+        };
+        let record = record?;
+        let line = match args.format {
+            Format::Json => json_line(&record),
+            Format::Text => format!(
+                "{}/{}\t{}\t{}",
+                record.partition,
+                record.offset,
+                record.key.as_deref().map(text).unwrap_or_default(),
+                text(&record.value)
+            ),
+        };
+        out.write_all(line.as_bytes()).await?;
+        out.write_all(b"\n").await?;
+        if args.follow {
+            out.flush().await?;
+        }
+        count += 1;
+        bar.inc(1);
+        if remaining
+            .get(&record.partition)
+            .is_some_and(|end| record.offset + 1 >= *end)
+        {
+            remaining.remove(&record.partition);
+        }
+    }
+    out.flush().await?;
+    bar.finish_and_clear();
+    Ok(())
+}

@@ -1,0 +1,72 @@
+//! The client's errors, and which of them are worth retrying.
+
+use std::time::Duration;
+
+use tonic::Code;
+
+/// What went wrong, in terms a caller can act on: [`Error::is_retryable`]
+/// says whether trying again later may succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The broker refused the request as it stands (bad input, unknown
+    /// topic, offset out of range ...). Retrying the same request fails the
+    /// same way.
+    #[error("{}: {}", code_name(.0.code()), .0.message())]
+    Rejected(tonic::Status),
+    /// The broker could not be reached or is shutting down; retry later.
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+    /// A record was not delivered within the producer's delivery timeout.
+    #[error("not delivered within {0:?}: {1}")]
+    Timeout(Duration, String),
+    /// The producer or consumer was closed.
+    #[error("closed")]
+    Closed,
+    /// The broker's URL is not valid.
+    #[error("invalid broker URL {url:?}: {reason}")]
+    InvalidUrl { url: String, reason: String },
+}
+
+impl Error {
+    /// Whether the same operation may succeed if tried again later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Error::Unavailable(_) | Error::Timeout(..))
+    }
+
+    /// The gRPC code of a broker refusal.
+    pub fn code(&self) -> Option<Code> {
+        match self {
+            Error::Rejected(status) => Some(status.code()),
+            _ => None,
+        }
+    }
+}
+
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::NotFound => "not found",
+        Code::AlreadyExists => "already exists",
+        Code::InvalidArgument => "invalid argument",
+        Code::OutOfRange => "out of range",
+        Code::FailedPrecondition => "failed precondition",
+        Code::ResourceExhausted => "resource exhausted",
+        _ => "refused",
+    }
+}
+
+/// Transport failures and statuses that mean "not now" become
+/// [`Error::Unavailable`]; the rest are refusals.
+impl From<tonic::Status> for Error {
+    fn from(status: tonic::Status) -> Self {
+        match status.code() {
+            Code::Unavailable
+            | Code::Unknown
+            | Code::Cancelled
+            | Code::DeadlineExceeded
+            | Code::Aborted => Error::Unavailable(status.message().to_owned()),
+            _ => Error::Rejected(status),
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

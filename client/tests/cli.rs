@@ -1,0 +1,140 @@
+//! The `sluice` command line against the real broker.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use sluice_testkit::{Broker, broker_binary};
+
+fn sluice(broker: &Broker, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("--broker")
+        .arg(broker.url())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(text) = stdin {
+        input.write_all(text.as_bytes()).unwrap();
+    }
+    drop(input);
+    let output = child.wait_with_output().unwrap();
+    (
+        output.status.success(),
+        String::from_utf8(output.stdout).unwrap(),
+        String::from_utf8(output.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn produce_lines_from_stdin_and_consume_them_as_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(&broker_binary(), dir.path(), &[]);
+    let (ok, out, err) = sluice(
+        &broker,
+        &["topic", "create", "clicks", "--partitions", "2"],
+        None,
+    );
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("created clicks") && out.contains("partitions=2"),
+        "{out}"
+    );
+
+    let lines: String = (0..50)
+        .map(|i| format!("user-{}|click {i}\n", i % 3))
+        .collect();
+    let (ok, _, err) = sluice(
+        &broker,
+        &[
+            "produce",
+            "clicks",
+            "--key-separator",
+            "|",
+            "--header",
+            "source=cli",
+        ],
+        Some(&lines),
+    );
+    assert!(ok, "{err}");
+    assert!(err.contains("50 record(s) produced"), "{err}");
+
+    let (ok, out, err) = sluice(&broker, &["consume", "clicks", "--format", "json"], None);
+    assert!(ok, "{err}");
+    let records: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 50);
+    for user in 0..3 {
+        let key = format!("user-{user}");
+        let values: Vec<&str> = records
+            .iter()
+            .filter(|r| r["key"] == key.as_str())
+            .map(|r| r["value"].as_str().unwrap())
+            .collect();
+        let expected: Vec<String> = (0..50)
+            .filter(|i| i % 3 == user)
+            .map(|i| format!("click {i}"))
+            .collect();
+        assert_eq!(values, expected, "{key} in order");
+    }
+    assert!(
+        records
+            .iter()
+            .all(|r| r["headers"]["source"] == "cli" && r["topic"] == "clicks")
+    );
+
+    // Reading from an offset, with a limit, as text.
+    let (ok, out, _) = sluice(
+        &broker,
+        &[
+            "consume",
+            "clicks",
+            "--partition",
+            "0",
+            "--from",
+            "offset:1",
+            "--max",
+            "2",
+        ],
+        None,
+    );
+    assert!(ok);
+    let first = out.lines().next().unwrap();
+    assert!(first.starts_with("0/1\t"), "{out}");
+    assert_eq!(out.lines().count(), 2);
+
+    let (ok, out, _) = sluice(&broker, &["topic", "describe", "clicks"], None);
+    assert!(ok);
+    assert!(out.contains("partition\tearliest\tlatest"), "{out}");
+    let (ok, out, _) = sluice(&broker, &["offsets", "clicks"], None);
+    assert!(ok);
+    let total: u64 = out
+        .lines()
+        .map(|l| l.split('\t').nth(1).unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(total, 50);
+    let (ok, out, _) = sluice(&broker, &["topic", "list"], None);
+    assert!(ok && out.trim() == "clicks", "{out}");
+}
+
+#[test]
+fn errors_are_reported_with_a_non_zero_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(&broker_binary(), dir.path(), &[]);
+    let (ok, _, err) = sluice(&broker, &["topic", "describe", "missing"], None);
+    assert!(!ok);
+    assert!(
+        err.contains("not found") && err.contains("missing"),
+        "{err}"
+    );
+    let (ok, _, err) = sluice(&broker, &["consume", "x", "--from", "sometime"], None);
+    assert!(!ok);
+    assert!(err.contains("expected earliest"), "{err}");
+    let (ok, _, err) = sluice(&broker, &["topic", "create", "bad name"], None);
+    assert!(!ok);
+    assert!(err.contains("invalid topic name"), "{err}");
+}
