@@ -49,7 +49,7 @@ pub struct Settings {
     /// Segment file size for new topics [default: 134217728].
     #[arg(long, env = "SLUICE_SEGMENT_BYTES")]
     pub segment_bytes: Option<u64>,
-    /// Flush policy for new topics: every-batch, interval(<n>ms) or os [default: every-batch].
+    /// Flush policy for new topics: every-batch, interval(Nms) or os [default: every-batch].
     #[arg(long, env = "SLUICE_FLUSH")]
     pub flush: Option<String>,
     /// Time retention for new topics in ms, 0 = forever [default: 604800000].

@@ -13,12 +13,17 @@ use crate::error::Result;
 /// the current value (on alter). A retention of 0 means "none".
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TopicSettings {
+    /// Number of partitions (fixed once created).
     pub partitions: Option<u32>,
+    /// Delete segments whose newest record is older than this (ms).
     pub retention_ms: Option<u64>,
+    /// Delete the oldest segments while a partition stays this big without them.
     pub retention_bytes: Option<u64>,
-    /// `every-batch`, `interval(<n>ms)` or `os`.
+    /// `every-batch`, `interval(Nms)` or `os`.
     pub flush: Option<String>,
+    /// Largest record (key + value + headers) accepted.
     pub max_record_bytes: Option<u32>,
+    /// Size of a segment file.
     pub segment_bytes: Option<u64>,
 }
 
@@ -49,18 +54,26 @@ impl TopicSettings {
 /// One partition of a described topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartitionInfo {
+    /// The partition's index.
     pub partition: u32,
+    /// The first offset still kept.
     pub earliest_offset: u64,
+    /// The offset the next record will get.
     pub latest_offset: u64,
+    /// Bytes on disk.
     pub size_bytes: u64,
+    /// Segment files.
     pub segments: u32,
 }
 
 /// A topic, its settings and (when described) its partitions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopicInfo {
+    /// The topic's name.
     pub name: String,
+    /// Its settings, defaults filled in.
     pub settings: TopicSettings,
+    /// Its partitions (from `describe_topic`; empty from `list_topics`).
     pub partitions: Vec<PartitionInfo>,
 }
 
@@ -73,6 +86,7 @@ pub struct Admin {
 }
 
 impl Admin {
+    /// An admin handle for the broker of `config` (connects on first use).
     pub fn new(config: &ClientConfig) -> Result<Admin> {
         let channel = config.channel()?;
         Ok(Admin {
@@ -121,6 +135,7 @@ impl Admin {
         ))
     }
 
+    /// Deletes a topic and all its records.
     pub async fn delete_topic(&self, name: &str) -> Result<()> {
         self.admin
             .clone()

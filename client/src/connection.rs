@@ -14,12 +14,14 @@ pub struct ClientConfig {
     /// Largest gRPC message sent or received; match the broker's
     /// `max_message_bytes` (64 MiB by default).
     pub max_message_bytes: usize,
+    /// How long to wait for a connection to the broker.
     pub connect_timeout: Duration,
     /// Deadline of unary calls (admin, fetch).
     pub request_timeout: Duration,
 }
 
 impl ClientConfig {
+    /// Settings for the broker at `url` (`http://host:port`), defaults otherwise.
     pub fn new(url: impl Into<String>) -> Self {
         ClientConfig {
             url: url.into(),

@@ -66,6 +66,7 @@ pub struct Consumer {
 }
 
 impl Consumer {
+    /// A consumer of the broker of `config`, with nothing assigned yet.
     pub fn new(config: &ClientConfig) -> Result<Consumer> {
         let client = ConsumeServiceClient::new(config.channel()?)
             .max_decoding_message_size(config.max_message_bytes);

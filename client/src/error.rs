@@ -24,7 +24,12 @@ pub enum Error {
     Closed,
     /// The broker's URL is not valid.
     #[error("invalid broker URL {url:?}: {reason}")]
-    InvalidUrl { url: String, reason: String },
+    InvalidUrl {
+        /// The URL given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 impl Error {
@@ -69,4 +74,5 @@ impl From<tonic::Status> for Error {
     }
 }
 
+/// The client's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -53,6 +53,7 @@ pub struct ProducerConfig {
     pub delivery_timeout: Duration,
     /// First wait before reconnecting; doubles up to `max_retry_backoff`.
     pub retry_backoff: Duration,
+    /// Longest wait between reconnection attempts.
     pub max_retry_backoff: Duration,
 }
 
@@ -143,6 +144,7 @@ struct Inner {
 }
 
 impl Producer {
+    /// A producer for the broker of `client` (connects on first use).
     pub fn new(client: &ClientConfig, config: ProducerConfig) -> Result<Producer> {
         let grpc = ProduceServiceClient::new(client.channel()?)
             .max_decoding_message_size(client.max_message_bytes)

@@ -6,15 +6,20 @@ use sluice_proto::v1;
 /// A header: a UTF-8 key and a binary value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
+    /// The header's name.
     pub key: String,
+    /// Its value.
     pub value: Bytes,
 }
 
 /// A record to produce.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Record {
+    /// Routes the record: the same key goes to the same partition, in order.
     pub key: Option<Bytes>,
+    /// The payload.
     pub value: Bytes,
+    /// Headers, in order.
     pub headers: Vec<Header>,
     /// Milliseconds since the epoch; 0 lets the broker stamp it.
     pub timestamp_ms: i64,
@@ -23,6 +28,7 @@ pub struct Record {
 }
 
 impl Record {
+    /// A record with this value, no key, no headers, stamped by the broker.
     pub fn new(value: impl Into<Bytes>) -> Self {
         Record {
             value: value.into(),
@@ -30,11 +36,13 @@ impl Record {
         }
     }
 
+    /// Sets the key.
     pub fn with_key(mut self, key: impl Into<Bytes>) -> Self {
         self.key = Some(key.into());
         self
     }
 
+    /// Adds a header.
     pub fn with_header(mut self, key: impl Into<String>, value: impl Into<Bytes>) -> Self {
         self.headers.push(Header {
             key: key.into(),
@@ -43,11 +51,13 @@ impl Record {
         self
     }
 
+    /// Sets the timestamp (ms since the epoch).
     pub fn with_timestamp(mut self, timestamp_ms: i64) -> Self {
         self.timestamp_ms = timestamp_ms;
         self
     }
 
+    /// Sends the record to this partition instead of routing it by key.
     pub fn with_partition(mut self, partition: u32) -> Self {
         self.partition = Some(partition);
         self
@@ -84,19 +94,28 @@ impl Record {
 /// Where a produced record landed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Position {
+    /// The partition it went to.
     pub partition: u32,
+    /// Its offset there.
     pub offset: u64,
 }
 
 /// A record read from a topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConsumedRecord {
+    /// The topic it was read from.
     pub topic: String,
+    /// Its partition.
     pub partition: u32,
+    /// Its offset in the partition.
     pub offset: u64,
+    /// Its key, if it has one.
     pub key: Option<Bytes>,
+    /// The payload.
     pub value: Bytes,
+    /// Headers, in order.
     pub headers: Vec<Header>,
+    /// Milliseconds since the epoch.
     pub timestamp_ms: i64,
 }
 

@@ -134,7 +134,7 @@ impl IdempotentLog {
     }
 
     /// Writes a snapshot of the producer state as of the log's current end,
-    /// and removes snapshots older than the last [`SNAPSHOTS_KEPT`].
+    /// and removes all but the newest two.
     pub fn snapshot(&self) -> Result<(), ProducerStateError> {
         let (offset, bytes) = {
             let state = self.state.lock();

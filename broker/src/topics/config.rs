@@ -15,7 +15,7 @@ pub struct TopicConfig {
     pub retention_ms: Option<u64>,
     /// `None`: no size limit.
     pub retention_bytes: Option<u64>,
-    /// `every-batch`, `interval(<n>ms)` or `os`.
+    /// `every-batch`, `interval(Nms)` or `os`.
     pub flush: String,
     pub max_record_bytes: u32,
     pub segment_bytes: u64,

@@ -77,7 +77,7 @@ struct SettingsArgs {
     /// Size retention per partition (0: none).
     #[arg(long)]
     retention_bytes: Option<u64>,
-    /// every-batch, interval(<n>ms) or os.
+    /// every-batch, interval(Nms) or os.
     #[arg(long)]
     flush: Option<String>,
     #[arg(long)]
@@ -133,7 +133,7 @@ struct ConsumeArgs {
     /// Partitions to read (repeatable); all if none.
     #[arg(long = "partition")]
     partitions: Vec<u32>,
-    /// earliest, latest, offset:<n> or time:<ms since the epoch>.
+    /// earliest, latest, offset:N or time:MS (ms since the epoch).
     #[arg(long, default_value = "earliest", value_parser = parse_start)]
     from: StartFrom,
     /// Keep waiting for new records instead of stopping at the end.
@@ -149,7 +149,7 @@ struct ConsumeArgs {
 #[derive(Args)]
 struct OffsetsArgs {
     topic: String,
-    /// earliest, latest or time:<ms since the epoch>.
+    /// earliest, latest or time:MS (ms since the epoch).
     #[arg(long, default_value = "latest", value_parser = parse_start)]
     at: StartFrom,
 }
