@@ -131,7 +131,7 @@ impl Config {
             None => topic_defaults.flush,
         };
         let zero_is_none = |v: u64| (v > 0).then_some(v);
-        let topics = TopicDefaults {
+        let mut topics = TopicDefaults {
             partitions: pick!(default_partitions).unwrap_or(topic_defaults.partitions),
             max_partitions: pick!(max_partitions).unwrap_or(topic_defaults.max_partitions),
             retention_ms: pick!(retention_ms).map_or(topic_defaults.retention_ms, zero_is_none),
@@ -140,11 +140,8 @@ impl Config {
             flush,
             max_record_bytes: pick!(max_record_bytes).unwrap_or(topic_defaults.max_record_bytes),
             segment_bytes: pick!(segment_bytes).unwrap_or(topic_defaults.segment_bytes),
+            max_record_bytes_limit: topic_defaults.max_record_bytes_limit,
         };
-        // The defaults must make a valid topic.
-        topics
-            .config(&Default::default())
-            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         let server = ServerSettings {
             max_message_bytes: pick!(max_message_bytes)
                 .unwrap_or(server_defaults.max_message_bytes),
@@ -153,12 +150,22 @@ impl Config {
             maintenance_interval: pick!(maintenance_interval_ms)
                 .map_or(server_defaults.maintenance_interval, Duration::from_millis),
         };
-        if server.max_message_bytes < topics.max_record_bytes as usize + 1024 {
+        // Every record a topic accepts must fit in a message back to a
+        // consumer, with room for the rest of the message.
+        topics.max_record_bytes_limit = u32::try_from(server.max_message_bytes)
+            .unwrap_or(u32::MAX)
+            .saturating_sub(1024);
+        if topics.max_record_bytes > topics.max_record_bytes_limit {
             return Err(ConfigError::Invalid(format!(
-                "max message size {} cannot carry a record of the largest size {}",
+                "max message size {} cannot carry a record of the largest size {} \
+                 (it needs at least 1 KiB more)",
                 server.max_message_bytes, topics.max_record_bytes
             )));
         }
+        // The defaults must make a valid topic.
+        topics
+            .config(&Default::default())
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if server.maintenance_interval.is_zero() {
             return Err(ConfigError::Invalid(
                 "maintenance interval must be above 0".into(),

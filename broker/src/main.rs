@@ -2,6 +2,7 @@
 //! and shut down cleanly on SIGINT or SIGTERM.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
@@ -19,12 +20,17 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
     let config = Config::load(Args::parse())?;
-    tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("sluice-worker")
         .build()
-        .context("starting the async runtime")?
-        .block_on(run(config))
+        .context("starting the async runtime")?;
+    let result = runtime.block_on(run(config));
+    // Every partition is closed by now. A blocking task still running (a
+    // call abandoned at the shutdown deadline) must not hold up the exit,
+    // which dropping the runtime would wait for without bound.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {

@@ -1,65 +1,15 @@
 //! The broker over gRPC, as a client in any language sees it: the real
 //! binary, a temp data dir, a free port.
 
+mod grpc_common;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use bytes::Bytes;
+use grpc_common::*;
 use sluice_proto::v1;
-use sluice_testkit::Broker;
 use tokio_stream::StreamExt;
 use tonic::Code;
-
-fn record(key: Option<&str>, value: &str) -> v1::Record {
-    v1::Record {
-        key: key.map(|k| Bytes::copy_from_slice(k.as_bytes())),
-        value: Bytes::copy_from_slice(value.as_bytes()),
-        headers: vec![v1::Header {
-            key: "source".into(),
-            value: Bytes::from_static(b"test"),
-        }],
-        timestamp_ms: 0,
-    }
-}
-
-async fn create_topic(broker: &Broker, name: &str, partitions: u32) {
-    broker
-        .admin()
-        .await
-        .create_topic(v1::CreateTopicRequest {
-            name: name.into(),
-            config: Some(v1::TopicConfig {
-                partitions: Some(partitions),
-                ..Default::default()
-            }),
-        })
-        .await
-        .expect("create topic");
-}
-
-async fn fetch_all(broker: &Broker, topic: &str, partition: u32) -> Vec<v1::ConsumedRecord> {
-    let mut consumer = broker.consumer().await;
-    let mut out = Vec::new();
-    let mut offset = 0;
-    loop {
-        let response = consumer
-            .fetch(v1::FetchRequest {
-                topic: topic.into(),
-                partition,
-                offset,
-                max_records: 100,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if response.records.is_empty() {
-            return out;
-        }
-        offset = response.next_offset;
-        out.extend(response.records);
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keyed_records_come_back_in_order_and_survive_a_restart() {
@@ -273,211 +223,6 @@ async fn pipelined_stream_produce_acknowledges_in_order() {
     assert_eq!(records[40].value, "r21a", "the failed request left no gap");
 }
 
-fn status_of<T>(result: Result<T, tonic::Status>) -> tonic::Status {
-    match result {
-        Ok(_) => panic!("expected an error"),
-        Err(status) => status,
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_input_gets_the_right_status_and_changes_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = start_broker(
-        dir.path(),
-        &[
-            "--max-record-bytes",
-            "1000",
-            "--max-message-bytes",
-            "200000",
-        ],
-    );
-    create_topic(&broker, "t", 2).await;
-    let mut admin = broker.admin().await;
-    let mut producer = broker.producer().await;
-    let mut consumer = broker.consumer().await;
-    let expect = |status: tonic::Status, code: Code, needle: &str| {
-        assert_eq!(status.code(), code, "{status:?}");
-        assert!(
-            status.message().contains(needle),
-            "{:?} lacks {needle:?}",
-            status.message()
-        );
-    };
-
-    // Topics.
-    for (name, needle) in [
-        ("has space", "invalid topic name"),
-        ("", "empty"),
-        ("..", "reserved"),
-    ] {
-        let s = status_of(
-            admin
-                .create_topic(v1::CreateTopicRequest {
-                    name: name.into(),
-                    config: None,
-                })
-                .await,
-        );
-        expect(s, Code::InvalidArgument, needle);
-    }
-    for partitions in [0, 100_000] {
-        let s = status_of(
-            admin
-                .create_topic(v1::CreateTopicRequest {
-                    name: format!("p{partitions}"),
-                    config: Some(v1::TopicConfig {
-                        partitions: Some(partitions),
-                        ..Default::default()
-                    }),
-                })
-                .await,
-        );
-        expect(s, Code::InvalidArgument, "partition count");
-    }
-    let s = status_of(
-        admin
-            .create_topic(v1::CreateTopicRequest {
-                name: "t".into(),
-                config: None,
-            })
-            .await,
-    );
-    expect(s, Code::AlreadyExists, "already exists");
-    let s = status_of(
-        admin
-            .delete_topic(v1::DeleteTopicRequest {
-                name: "nope".into(),
-            })
-            .await,
-    );
-    expect(s, Code::NotFound, "nope");
-    let s = status_of(
-        admin
-            .describe_topic(v1::DescribeTopicRequest {
-                name: "nope".into(),
-            })
-            .await,
-    );
-    expect(s, Code::NotFound, "nope");
-    let listed = admin
-        .list_topics(v1::ListTopicsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        listed
-            .topics
-            .iter()
-            .map(|t| t.name.as_str())
-            .collect::<Vec<_>>(),
-        vec!["t"]
-    );
-
-    // Produce.
-    let produce =
-        |topic: &str, partition: Option<u32>, records: Vec<v1::Record>| v1::ProduceRequest {
-            topic: topic.into(),
-            partition,
-            records,
-            request_id: 0,
-        };
-    let s = status_of(
-        producer
-            .produce(produce("nope", None, vec![record(None, "x")]))
-            .await,
-    );
-    expect(s, Code::NotFound, "nope");
-    let s = status_of(producer.produce(produce("t", None, vec![])).await);
-    expect(s, Code::InvalidArgument, "at least one record");
-    let s = status_of(
-        producer
-            .produce(produce("t", Some(7), vec![record(None, "x")]))
-            .await,
-    );
-    expect(s, Code::NotFound, "partition 7");
-    let big = "x".repeat(1001);
-    let s = status_of(
-        producer
-            .produce(produce(
-                "t",
-                Some(0),
-                vec![record(None, "fine"), record(None, &big)],
-            ))
-            .await,
-    );
-    expect(s, Code::InvalidArgument, "record 1 is");
-    let huge: Vec<v1::Record> = (0..400).map(|_| record(None, &"y".repeat(900))).collect();
-    let s = status_of(producer.produce(produce("t", Some(0), huge.clone())).await);
-    expect(s, Code::ResourceExhausted, "too large");
-    let mut stream = producer
-        .produce_stream(tokio_stream::iter([produce("t", Some(0), huge)]))
-        .await
-        .unwrap()
-        .into_inner();
-    let refused = stream.next().await.unwrap().unwrap();
-    assert_eq!(
-        refused.error_code,
-        Code::ResourceExhausted as i32,
-        "{refused:?}"
-    );
-
-    // Nothing of the refused requests was written.
-    for partition in 0..2 {
-        assert!(fetch_all(&broker, "t", partition).await.is_empty());
-    }
-
-    // Consume.
-    producer
-        .produce(produce(
-            "t",
-            Some(0),
-            vec![record(None, "a"), record(None, "b")],
-        ))
-        .await
-        .unwrap();
-    let fetch = |offset| v1::FetchRequest {
-        topic: "t".into(),
-        partition: 0,
-        offset,
-        ..Default::default()
-    };
-    let s = status_of(consumer.fetch(fetch(3)).await);
-    expect(s, Code::OutOfRange, "offset 3 is out of range");
-    let at_end = consumer.fetch(fetch(2)).await.unwrap().into_inner();
-    assert!(at_end.records.is_empty());
-    assert_eq!(at_end.high_watermark, 2);
-    let s = status_of(
-        consumer
-            .fetch(v1::FetchRequest {
-                topic: "nope".into(),
-                ..fetch(0)
-            })
-            .await,
-    );
-    expect(s, Code::NotFound, "nope");
-    let s = status_of(
-        consumer
-            .fetch(v1::FetchRequest {
-                partition: 9,
-                ..fetch(0)
-            })
-            .await,
-    );
-    expect(s, Code::NotFound, "partition 9");
-    let s = status_of(
-        consumer
-            .subscribe(v1::SubscribeRequest {
-                topic: "t".into(),
-                partitions: vec![],
-                start: None,
-                max_batch_records: 0,
-            })
-            .await,
-    );
-    expect(s, Code::InvalidArgument, "where to start");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fetch_long_polls_and_list_offsets_answers_by_time() {
     let dir = tempfile::tempdir().unwrap();
@@ -662,10 +407,408 @@ async fn sigterm_ends_open_subscriptions_and_exits_promptly() {
     }
 }
 
-fn start_broker(dir: &std::path::Path, args: &[&str]) -> sluice_testkit::Broker {
-    sluice_testkit::Broker::start(
-        std::path::Path::new(env!("CARGO_BIN_EXE_sluice-broker")),
-        dir,
-        args,
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyless_records_of_a_request_share_a_partition_and_requests_rotate() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start_broker(dir.path(), &[]);
+    create_topic(&broker, "rr", 3).await;
+    let mut producer = broker.producer().await;
+    let mut used = Vec::new();
+    for request in 0..6 {
+        let records = (0..5)
+            .map(|i| record(None, &format!("{request}-{i}")))
+            .collect();
+        let positions = producer
+            .produce(produce_request("rr", None, records))
+            .await
+            .unwrap()
+            .into_inner()
+            .positions;
+        let partition = positions[0].partition;
+        assert!(
+            positions.iter().all(|p| p.partition == partition),
+            "one request, one partition: {positions:?}"
+        );
+        let offsets: Vec<u64> = positions.iter().map(|p| p.offset).collect();
+        let first = offsets[0];
+        assert_eq!(offsets, (first..first + 5).collect::<Vec<_>>());
+        used.push(partition);
+    }
+    // Round-robin: every partition twice, each three requests apart.
+    for window in used.windows(3) {
+        let mut sorted = window.to_vec();
+        sorted.sort_unstable();
+        assert_eq!(sorted, vec![0, 1, 2], "{used:?}");
+    }
+    for partition in 0..3 {
+        assert_eq!(fetch_all(&broker, "rr", partition).await.len(), 10);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_stay_under_the_message_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    // A 20 kB message limit: a default fetch (1 MiB of records) would
+    // exceed it, so the broker must send fewer records per answer.
+    let broker = start_broker(
+        dir.path(),
+        &["--max-record-bytes", "1000", "--max-message-bytes", "20000"],
+    );
+    create_topic(&broker, "big", 1).await;
+    let mut producer = broker.producer().await;
+    for batch in 0..10 {
+        let records = (0..10)
+            .map(|i| record(None, &format!("{batch}-{i}-{}", "x".repeat(900))))
+            .collect();
+        producer
+            .produce(produce_request("big", Some(0), records))
+            .await
+            .unwrap();
+    }
+    let mut consumer = broker.consumer().await;
+    let mut offset = 0;
+    let mut pages = 0;
+    while offset < 100 {
+        let page = consumer
+            .fetch(v1::FetchRequest {
+                topic: "big".into(),
+                partition: 0,
+                offset,
+                ..Default::default()
+            })
+            .await
+            .expect("a fetch fits in the message limit")
+            .into_inner();
+        assert!(!page.records.is_empty());
+        assert!(prost::Message::encoded_len(&page) <= 20_000);
+        assert_eq!(page.records[0].offset, offset);
+        offset = page.next_offset;
+        pages += 1;
+    }
+    assert!(pages >= 5, "100 records of ~1 kB in {pages} answers");
+
+    let mut stream = consumer
+        .subscribe(v1::SubscribeRequest {
+            topic: "big".into(),
+            partitions: vec![],
+            start: Some(v1::subscribe_request::Start::Position(
+                v1::StartPosition::Earliest as i32,
+            )),
+            max_batch_records: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut next = 0;
+    while next < 100 {
+        let message = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .expect("pushed")
+            .expect("open")
+            .expect("a push fits in the message limit");
+        assert!(prost::Message::encoded_len(&message) <= 20_000);
+        for r in message.records {
+            assert_eq!(r.offset, next);
+            next += 1;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_topic_ends_its_subscriptions_and_long_polls() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start_broker(dir.path(), &[]);
+    create_topic(&broker, "gone", 2).await;
+    broker
+        .producer()
+        .await
+        .produce(produce_request("gone", Some(0), vec![record(None, "old")]))
+        .await
+        .unwrap();
+    let mut consumer = broker.consumer().await;
+    let mut stream = consumer
+        .subscribe(v1::SubscribeRequest {
+            topic: "gone".into(),
+            partitions: vec![],
+            start: Some(v1::subscribe_request::Start::Offset(0)),
+            max_batch_records: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.next().await.unwrap().unwrap();
+    assert_eq!(first.records[0].value, "old");
+    let long_poll = tokio::spawn({
+        let mut consumer = consumer.clone();
+        async move {
+            consumer
+                .fetch(v1::FetchRequest {
+                    topic: "gone".into(),
+                    partition: 1,
+                    offset: 0,
+                    max_wait_ms: 20_000,
+                    ..Default::default()
+                })
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    broker
+        .admin()
+        .await
+        .delete_topic(v1::DeleteTopicRequest {
+            name: "gone".into(),
+        })
+        .await
+        .unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("the subscription ended")
+        .expect("with a status");
+    expect_status(&end.unwrap_err(), Code::NotFound, "\"gone\" was deleted");
+    let polled = tokio::time::timeout(Duration::from_secs(5), long_poll)
+        .await
+        .expect("the long poll ended")
+        .unwrap();
+    expect_status(&status_of(polled), Code::NotFound, "\"gone\" was deleted");
+    assert!(!dir.path().join("topics/gone").exists(), "files removed");
+
+    // A topic created again under the name starts empty.
+    create_topic(&broker, "gone", 1).await;
+    assert!(fetch_all(&broker, "gone", 0).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_settings_can_be_altered_and_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start_broker(dir.path(), &[]);
+    let mut admin = broker.admin().await;
+    let created = admin
+        .create_topic(v1::CreateTopicRequest {
+            name: "cfg".into(),
+            config: Some(v1::TopicConfig {
+                partitions: Some(2),
+                flush: Some("interval(20ms)".into()),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .config
+        .unwrap();
+    assert_eq!(created.flush.as_deref(), Some("interval(20ms)"));
+    assert_eq!(created.retention_ms, Some(7 * 24 * 3600 * 1000), "default");
+    let altered = admin
+        .alter_topic_config(v1::AlterTopicConfigRequest {
+            name: "cfg".into(),
+            config: Some(v1::TopicConfig {
+                retention_ms: Some(0),
+                retention_bytes: Some(1 << 30),
+                flush: Some("os".into()),
+                max_record_bytes: Some(4096),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .config
+        .unwrap();
+    let expected = v1::TopicConfig {
+        partitions: Some(2),
+        retention_ms: Some(0),
+        retention_bytes: Some(1 << 30),
+        flush: Some("os".into()),
+        max_record_bytes: Some(4096),
+        segment_bytes: created.segment_bytes,
+    };
+    assert_eq!(altered, expected);
+    // The new record limit applies at once.
+    let s = status_of(
+        broker
+            .producer()
+            .await
+            .produce(produce_request(
+                "cfg",
+                Some(0),
+                vec![record(None, &"z".repeat(5000))],
+            ))
+            .await,
+    );
+    expect_status(&s, Code::InvalidArgument, "at most 4096 bytes");
+    broker
+        .producer()
+        .await
+        .produce(produce_request(
+            "cfg",
+            Some(1),
+            vec![record(None, "a"), record(None, "b")],
+        ))
+        .await
+        .unwrap();
+
+    let broker = broker.restart();
+    let mut admin = broker.admin().await;
+    let described = admin
+        .describe_topic(v1::DescribeTopicRequest { name: "cfg".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(described.config, Some(expected.clone()));
+    let p1 = &described.partitions[1];
+    assert_eq!(
+        (p1.partition, p1.earliest_offset, p1.latest_offset),
+        (1, 0, 2)
+    );
+    assert!(p1.size_bytes > 0 && p1.segments >= 1, "{p1:?}");
+    assert_eq!(described.partitions[0].latest_offset, 0);
+    let listed = admin
+        .list_topics(v1::ListTopicsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .topics;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].config, Some(expected));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_come_from_flags_the_environment_and_a_toml_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sluice.toml");
+    std::fs::write(
+        &config,
+        "default_partitions = 5\nflush = \"os\"\nretention_ms = 0\nmax_record_bytes = 3000\n",
     )
+    .unwrap();
+    let data = dir.path().join("data");
+    let config_arg = config.to_str().unwrap();
+    let broker = start_broker_with_env(
+        &data,
+        // The flag beats the environment and the file.
+        &["--config", config_arg, "--max-record-bytes", "2000"],
+        // The environment beats the file.
+        &[
+            ("SLUICE_DEFAULT_PARTITIONS", "4"),
+            ("SLUICE_MAX_RECORD_BYTES", "2500"),
+        ],
+    );
+    let got = broker
+        .admin()
+        .await
+        .create_topic(v1::CreateTopicRequest {
+            name: "defaults".into(),
+            config: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .config
+        .unwrap();
+    assert_eq!(got.partitions, Some(4), "from SLUICE_DEFAULT_PARTITIONS");
+    assert_eq!(got.flush.as_deref(), Some("os"), "from the file");
+    assert_eq!(got.retention_ms, Some(0), "from the file");
+    assert_eq!(got.max_record_bytes, Some(2000), "from the flag");
+    assert!(data.join("meta/topics.json").exists());
+    assert!(data.join("topics/defaults/3").is_dir());
+
+    // A bad setting stops the broker with a message that names it.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_sluice-broker"))
+        .args(["--data-dir", data.to_str().unwrap(), "--flush", "sometimes"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("flush policy \"sometimes\""), "{stderr}");
+    // So does a second broker on a locked data directory.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_sluice-broker"))
+        .args([
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("locked by another process (pid {})", broker.pid())),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_subscriber_does_not_hold_up_shutdown_or_lose_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = start_broker(
+        dir.path(),
+        &["--shutdown-timeout-ms", "1000", "--flush", "os"],
+    );
+    create_topic(&broker, "backlog", 1).await;
+    let mut producer = broker.producer().await;
+    let value = "v".repeat(10_000);
+    for _ in 0..40 {
+        let records = (0..100).map(|_| record(None, &value)).collect();
+        producer
+            .produce(produce_request("backlog", Some(0), records))
+            .await
+            .unwrap();
+    }
+    let before = anonymous_memory_kib(broker.pid());
+    // 40 MB behind and never reading: flow control holds the broker back
+    // instead of it reading (and buffering) the whole backlog.
+    let stalled = broker
+        .consumer()
+        .await
+        .subscribe(v1::SubscribeRequest {
+            topic: "backlog".into(),
+            partitions: vec![],
+            start: Some(v1::subscribe_request::Start::Offset(0)),
+            max_batch_records: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let growth = anonymous_memory_kib(broker.pid()).saturating_sub(before);
+    assert!(
+        growth < 24 * 1024,
+        "the broker's memory grew by {growth} KiB for a stalled subscriber"
+    );
+    let started = std::time::Instant::now();
+    let (status, broker) = tokio::task::spawn_blocking(move || {
+        let status = broker.stop(Duration::from_secs(8));
+        (status, broker)
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "{status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "exit took {:?} with a 1 s shutdown timeout",
+        started.elapsed()
+    );
+    drop(stalled);
+    // Everything was flushed and closed: a new broker reads it all back.
+    let broker = broker.start_again();
+    let records = fetch_all(&broker, "backlog", 0).await;
+    assert_eq!(records.len(), 4000);
+    assert!(
+        records
+            .iter()
+            .enumerate()
+            .all(|(i, r)| r.offset == i as u64)
+    );
+}
+
+/// The broker's anonymous resident memory (heap, not mapped files).
+fn anonymous_memory_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("RssAnon:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("RssAnon in /proc/<pid>/status")
 }

@@ -98,6 +98,117 @@ mod tests {
         );
     }
 
+    /// The .proto files are the contract other languages read: every
+    /// service, method, message, field, oneof, enum and enum value carries a
+    /// comment. The embedded descriptor set keeps the comments (protox
+    /// includes source info), so reflection clients see them too.
+    #[test]
+    fn every_element_of_the_contract_is_documented() {
+        use prost::Message;
+        use prost_types::{DescriptorProto, EnumDescriptorProto, FileDescriptorSet};
+        use std::collections::HashMap;
+
+        fn check_enum(
+            e: &EnumDescriptorProto,
+            path: Vec<i32>,
+            name: &str,
+            docs: &HashMap<Vec<i32>, String>,
+            missing: &mut Vec<String>,
+        ) {
+            let mut need = |path: &[i32], what: String| {
+                if docs.get(path).is_none_or(|c| c.trim().is_empty()) {
+                    missing.push(what);
+                }
+            };
+            need(&path, format!("enum {name}"));
+            for (i, value) in e.value.iter().enumerate() {
+                let mut p = path.clone();
+                p.extend([2, i as i32]);
+                need(&p, format!("enum value {name}.{}", value.name()));
+            }
+        }
+
+        fn check_message(
+            m: &DescriptorProto,
+            path: Vec<i32>,
+            name: &str,
+            docs: &HashMap<Vec<i32>, String>,
+            missing: &mut Vec<String>,
+        ) {
+            let need = |path: &[i32], what: String, missing: &mut Vec<String>| {
+                if docs.get(path).is_none_or(|c| c.trim().is_empty()) {
+                    missing.push(what);
+                }
+            };
+            need(&path, format!("message {name}"), missing);
+            for (i, field) in m.field.iter().enumerate() {
+                let mut p = path.clone();
+                p.extend([2, i as i32]);
+                need(&p, format!("field {name}.{}", field.name()), missing);
+            }
+            for (i, oneof) in m.oneof_decl.iter().enumerate() {
+                // proto3 `optional` makes a synthetic oneof with no source.
+                let synthetic = m
+                    .field
+                    .iter()
+                    .any(|f| f.oneof_index == Some(i as i32) && f.proto3_optional());
+                if !synthetic {
+                    let mut p = path.clone();
+                    p.extend([8, i as i32]);
+                    need(&p, format!("oneof {name}.{}", oneof.name()), missing);
+                }
+            }
+            for (i, nested) in m.nested_type.iter().enumerate() {
+                let mut p = path.clone();
+                p.extend([3, i as i32]);
+                let nested_name = format!("{name}.{}", nested.name());
+                check_message(nested, p, &nested_name, docs, missing);
+            }
+            for (i, e) in m.enum_type.iter().enumerate() {
+                let mut p = path.clone();
+                p.extend([4, i as i32]);
+                check_enum(e, p, &format!("{name}.{}", e.name()), docs, missing);
+            }
+        }
+
+        let set = FileDescriptorSet::decode(v1::FILE_DESCRIPTOR_SET).unwrap();
+        let mut missing = Vec::new();
+        let mut checked = 0;
+        for file in set.file.iter().filter(|f| f.package() == "sluice.v1") {
+            let docs: HashMap<Vec<i32>, String> = file
+                .source_code_info
+                .as_ref()
+                .expect("the descriptor set keeps source info")
+                .location
+                .iter()
+                .filter_map(|l| Some((l.path.clone(), l.leading_comments.clone()?)))
+                .collect();
+            for (i, m) in file.message_type.iter().enumerate() {
+                check_message(m, vec![4, i as i32], m.name(), &docs, &mut missing);
+                checked += 1;
+            }
+            for (i, e) in file.enum_type.iter().enumerate() {
+                check_enum(e, vec![5, i as i32], e.name(), &docs, &mut missing);
+            }
+            let undocumented = |path: &[i32]| docs.get(path).is_none_or(|c| c.trim().is_empty());
+            for (i, service) in file.service.iter().enumerate() {
+                if undocumented(&[6, i as i32]) {
+                    missing.push(format!("service {}", service.name()));
+                }
+                for (j, method) in service.method.iter().enumerate() {
+                    if undocumented(&[6, i as i32, 2, j as i32]) {
+                        missing.push(format!("method {}.{}", service.name(), method.name()));
+                    }
+                }
+            }
+        }
+        assert!(checked > 20, "only {checked} messages found");
+        assert!(
+            missing.is_empty(),
+            "undocumented in the .proto files: {missing:#?}"
+        );
+    }
+
     #[test]
     fn the_descriptor_set_names_every_service() {
         // The encoded set holds the names as plain strings.

@@ -19,13 +19,30 @@ pub struct Broker {
     pub data_dir: PathBuf,
     binary: PathBuf,
     args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Broker {
     /// Starts `binary` and waits until it listens.
     pub fn start(binary: &Path, data_dir: &Path, args: &[&str]) -> Broker {
+        Broker::start_with_env(binary, data_dir, args, &[])
+    }
+
+    /// Starts `binary` with extra environment variables (`SLUICE_*`
+    /// settings, say) and waits until it listens.
+    pub fn start_with_env(
+        binary: &Path,
+        data_dir: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Broker {
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let mut command = Command::new(binary);
+        command.envs(env.iter().map(|(k, v)| (k, v)));
         if !args.iter().any(|a| a == "--listen") {
             command.arg("--listen").arg("127.0.0.1:0");
         }
@@ -64,6 +81,7 @@ impl Broker {
             binary: binary.to_owned(),
             data_dir: data_dir.to_owned(),
             args,
+            env,
         }
     }
 
@@ -136,14 +154,21 @@ impl Broker {
         let mut args: Vec<&str> = self.args.iter().map(String::as_str).collect();
         let addr = addr.to_string();
         args.extend(["--listen", &addr]);
-        Broker::start(&self.binary, &self.data_dir, &args)
+        Broker::start_with_env(&self.binary, &self.data_dir, &args, &self.env_refs())
     }
 
     /// A new broker process on the same data directory and arguments, after
     /// this one exited or was killed.
     pub fn start_again(&self) -> Broker {
         let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
-        Broker::start(&self.binary, &self.data_dir, &args)
+        Broker::start_with_env(&self.binary, &self.data_dir, &args, &self.env_refs())
+    }
+
+    fn env_refs(&self) -> Vec<(&str, &str)> {
+        self.env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect()
     }
 }
 

@@ -1,17 +1,21 @@
 //! `ConsumeService`: fetch, push subscriptions, offset lookups.
+//!
+//! Reads go through the blocking pool (a read can fault pages in from
+//! disk). Waiting for new records never polls: a long-polling fetch and a
+//! caught-up subscription sleep on the partition's high-watermark `watch`
+//! and wake when it moves. Every answer stays under the broker's message
+//! limit, so a consumer can always make progress.
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use sluice_proto::v1::{self, consume_service_server::ConsumeService};
 use tokio::sync::{mpsc, watch};
-use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::convert::consumed;
-use super::status;
+use super::{EndsWith, status};
 use crate::storage::{PartitionLog, StorageError, StoredRecord};
 use crate::topics::{Topic, TopicRegistry};
 
@@ -19,35 +23,66 @@ const DEFAULT_MAX_RECORDS: usize = 500;
 const DEFAULT_MAX_BYTES: usize = 1024 * 1024;
 const MAX_FETCH_WAIT: Duration = Duration::from_secs(30);
 /// Messages a subscription may have queued for a slow reader: past this,
-/// its partition readers wait (flow control).
+/// its partition readers wait (flow control; HTTP/2 windows do the rest).
 const SUBSCRIBE_QUEUE: usize = 8;
+/// Room left in a message for everything but the records.
+const RESPONSE_OVERHEAD: usize = 1024;
 
 pub(crate) struct Consume {
     pub(crate) topics: Arc<TopicRegistry>,
     pub(crate) shutdown: watch::Receiver<bool>,
+    /// The largest message the server sends.
+    pub(crate) max_message_bytes: usize,
 }
 
-/// Reads and decodes up to `max_records` records from `from`, on the
-/// blocking pool (a read may fault pages in from disk).
+impl Consume {
+    /// Bytes of records one answer may carry.
+    fn records_budget(&self) -> usize {
+        self.max_message_bytes
+            .saturating_sub(RESPONSE_OVERHEAD)
+            .max(1)
+    }
+}
+
+/// Reads and decodes up to `max_records` records from `from` on the
+/// blocking pool. The outer error is a failed task, the inner one the log's.
 async fn read(
     log: Arc<PartitionLog>,
     from: u64,
     max_records: usize,
     max_bytes: usize,
-) -> Result<Vec<StoredRecord>, StorageError> {
+) -> Result<Result<Vec<StoredRecord>, StorageError>, Status> {
     tokio::task::spawn_blocking(move || {
         let mut records = log.read_records(from, max_bytes)?;
         records.truncate(max_records);
         Ok(records)
     })
     .await
-    .unwrap_or_else(|e| {
-        Err(StorageError::Io {
-            op: "read",
-            path: Default::default(),
-            source: std::io::Error::other(e.to_string()),
-        })
-    })
+    .map_err(status::join)
+}
+
+/// Turns records into their wire form, keeping as many as fit in `budget`
+/// encoded bytes (at least one, which every record does: topics cap record
+/// sizes below the message limit).
+fn to_wire(
+    topic: &str,
+    partition: u32,
+    records: Vec<StoredRecord>,
+    budget: usize,
+) -> Vec<v1::ConsumedRecord> {
+    let mut used = 0;
+    let mut out = Vec::with_capacity(records.len());
+    for record in records {
+        let record = consumed(topic, partition, record);
+        let len = prost::Message::encoded_len(&record);
+        // Tag byte, length prefix, message.
+        used += 1 + prost::length_delimiter_len(len) + len;
+        if used > budget && !out.is_empty() {
+            break;
+        }
+        out.push(record);
+    }
+    out
 }
 
 fn partitions_of(topic: &Topic, requested: &[u32]) -> Result<Vec<u32>, Status> {
@@ -63,7 +98,29 @@ fn partitions_of(topic: &Topic, requested: &[u32]) -> Result<Vec<u32>, Status> {
     Ok(partitions)
 }
 
-type SubscribeStream = Pin<Box<dyn Stream<Item = Result<v1::SubscribeResponse, Status>> + Send>>;
+fn deleted_status(topic: &str) -> Status {
+    Status::not_found(format!("topic {topic:?} was deleted"))
+}
+
+/// Completes when the broker shuts down or the topic is deleted, with the
+/// status that ends a stream or a wait for that reason.
+fn interruption(
+    topic: &Topic,
+    mut shutdown: watch::Receiver<bool>,
+) -> impl Future<Output = Status> + Send + 'static {
+    let mut deleted = topic.deleted();
+    let name = topic.name().to_owned();
+    async move {
+        // A closed channel means the same as `true`: the sender went with
+        // the topic or the server.
+        tokio::select! {
+            _ = shutdown.wait_for(|stop| *stop) => Status::unavailable("the broker is shutting down"),
+            _ = deleted.wait_for(|deleted| *deleted) => deleted_status(&name),
+        }
+    }
+}
+
+type SubscribeStream = EndsWith<ReceiverStream<Result<v1::SubscribeResponse, Status>>>;
 
 #[tonic::async_trait]
 impl ConsumeService for Consume {
@@ -84,33 +141,38 @@ impl ConsumeService for Consume {
             0 => DEFAULT_MAX_RECORDS,
             n => n as usize,
         };
+        let budget = self.records_budget();
         let max_bytes = match request.max_bytes {
             0 => DEFAULT_MAX_BYTES,
             n => n as usize,
-        };
+        }
+        .min(budget);
         let wait = Duration::from_millis(u64::from(request.max_wait_ms)).min(MAX_FETCH_WAIT);
         let from = request.offset;
         // Validates the offset (OUT_OF_RANGE) even when we go on to wait.
         let mut records = read(Arc::clone(&log), from, max_records, max_bytes)
-            .await
+            .await?
             .map_err(status::storage)?;
         if records.is_empty() && !wait.is_zero() {
             let mut watcher = log.subscribe();
-            let mut shutdown = self.shutdown.clone();
+            let interrupted = interruption(&topic, self.shutdown.clone());
             tokio::select! {
                 _ = tokio::time::timeout(wait, watcher.wait_for(|hw| *hw > from)) => {}
-                _ = shutdown.wait_for(|stop| *stop) => {}
+                status = interrupted => {
+                    if topic.is_deleted() {
+                        return Err(status);
+                    }
+                    // Shutting down: answer with what there is (nothing).
+                }
             }
             records = read(Arc::clone(&log), from, max_records, max_bytes)
-                .await
+                .await?
                 .map_err(status::storage)?;
         }
+        let records = to_wire(topic.name(), request.partition, records, budget);
         let next_offset = records.last().map_or(from, |r| r.offset + 1);
         Ok(Response::new(v1::FetchResponse {
-            records: records
-                .into_iter()
-                .map(|r| consumed(topic.name(), request.partition, r))
-                .collect(),
+            records,
             next_offset,
             high_watermark: log.high_watermark(),
             log_start_offset: log.log_start_offset(),
@@ -131,24 +193,50 @@ impl ConsumeService for Consume {
             0 => DEFAULT_MAX_RECORDS,
             n => n as usize,
         };
+        let logs: Vec<(u32, Arc<PartitionLog>)> = partitions
+            .iter()
+            .map(|&p| {
+                Ok((
+                    p,
+                    Arc::clone(topic.partition(p).map_err(status::topic)?.log()),
+                ))
+            })
+            .collect::<Result<_, Status>>()?;
+        // Finding a timestamp reads the index and maybe the log.
+        let start = request.start;
+        let starts = tokio::task::spawn_blocking({
+            let logs = logs.clone();
+            move || {
+                logs.iter()
+                    .map(|(_, log)| start_offset(log, start.as_ref()))
+                    .collect::<Result<Vec<u64>, Status>>()
+            }
+        })
+        .await
+        .map_err(status::join)??;
         let (sender, receiver) = mpsc::channel(SUBSCRIBE_QUEUE);
-        for partition in partitions {
-            let log = Arc::clone(topic.partition(partition).map_err(status::topic)?.log());
-            let start = start_offset(&log, request.start.as_ref())?;
+        let budget = self.records_budget();
+        for ((partition, log), next) in logs.into_iter().zip(starts) {
             let reader = PartitionReader {
                 topic: topic.name().to_owned(),
                 partition,
                 log,
-                next: start,
+                next,
                 max_records,
+                budget,
                 sender: sender.clone(),
-                shutdown: self.shutdown.clone(),
             };
             tokio::spawn(reader.run());
         }
-        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+        // The stream ends at once on shutdown or deletion, whatever is still
+        // queued for a slow reader; the readers then see the stream gone.
+        Ok(Response::new(EndsWith::new(
+            ReceiverStream::new(receiver),
+            interruption(&topic, self.shutdown.clone()),
+        )))
     }
 
+    #[tracing::instrument(skip_all, fields(topic = %request.get_ref().topic))]
     async fn list_offsets(
         &self,
         request: Request<v1::ListOffsetsRequest>,
@@ -156,32 +244,49 @@ impl ConsumeService for Consume {
         let request = request.into_inner();
         let topic = self.topics.get(&request.topic).map_err(status::topic)?;
         let partitions = partitions_of(&topic, &request.partitions)?;
-        let mut offsets = Vec::with_capacity(partitions.len());
-        for partition in partitions {
-            let log = topic.partition(partition).map_err(status::topic)?.log();
-            let offset = match request.spec {
-                Some(v1::list_offsets_request::Spec::TimestampMs(ts)) => log
-                    .offset_for_timestamp(ts)
-                    .unwrap_or_else(|| log.high_watermark()),
-                Some(v1::list_offsets_request::Spec::Position(p)) => {
-                    match v1::OffsetSpec::try_from(p) {
-                        Ok(v1::OffsetSpec::Earliest) => log.log_start_offset(),
-                        Ok(v1::OffsetSpec::Latest) => log.high_watermark(),
-                        _ => {
-                            return Err(Status::invalid_argument(
-                                "offset spec must be EARLIEST, LATEST or a timestamp",
-                            ));
-                        }
+        enum Spec {
+            Earliest,
+            Latest,
+            Time(i64),
+        }
+        let spec = match request.spec {
+            Some(v1::list_offsets_request::Spec::TimestampMs(ts)) => Spec::Time(ts),
+            Some(v1::list_offsets_request::Spec::Position(p)) => {
+                match v1::OffsetSpec::try_from(p) {
+                    Ok(v1::OffsetSpec::Earliest) => Spec::Earliest,
+                    Ok(v1::OffsetSpec::Latest) => Spec::Latest,
+                    _ => {
+                        return Err(Status::invalid_argument(format!(
+                            "offset spec {p} is not EARLIEST (1), LATEST (2) or a timestamp"
+                        )));
                     }
                 }
-                None => {
-                    return Err(Status::invalid_argument(
-                        "say which offset: a position (EARLIEST, LATEST) or a timestamp",
-                    ));
-                }
-            };
-            offsets.push(v1::PartitionOffset { partition, offset });
-        }
+            }
+            None => {
+                return Err(Status::invalid_argument(
+                    "say which offset: a position (EARLIEST, LATEST) or a timestamp",
+                ));
+            }
+        };
+        // A lookup by time reads the index and maybe the log.
+        let offsets = tokio::task::spawn_blocking(move || {
+            partitions
+                .into_iter()
+                .map(|partition| {
+                    let log = topic.partition(partition).map_err(status::topic)?.log();
+                    let offset = match spec {
+                        Spec::Earliest => log.log_start_offset(),
+                        Spec::Latest => log.high_watermark(),
+                        Spec::Time(ts) => log
+                            .offset_for_timestamp(ts)
+                            .unwrap_or_else(|| log.high_watermark()),
+                    };
+                    Ok(v1::PartitionOffset { partition, offset })
+                })
+                .collect::<Result<Vec<_>, Status>>()
+        })
+        .await
+        .map_err(status::join)??;
         Ok(Response::new(v1::ListOffsetsResponse { offsets }))
     }
 }
@@ -202,9 +307,9 @@ fn start_offset(
             Ok(v1::StartPosition::Earliest) => log.log_start_offset(),
             Ok(v1::StartPosition::Latest) => log.high_watermark(),
             _ => {
-                return Err(Status::invalid_argument(
-                    "start position must be EARLIEST or LATEST",
-                ));
+                return Err(Status::invalid_argument(format!(
+                    "start position {p} is not EARLIEST (1) or LATEST (2)"
+                )));
             }
         },
         None => {
@@ -215,48 +320,50 @@ fn start_offset(
     })
 }
 
-/// Pushes one partition's records into a subscription as they arrive.
+/// Pushes one partition's records into a subscription as they arrive, until
+/// the subscription's stream is gone.
 struct PartitionReader {
     topic: String,
     partition: u32,
     log: Arc<PartitionLog>,
     next: u64,
     max_records: usize,
+    budget: usize,
     sender: mpsc::Sender<Result<v1::SubscribeResponse, Status>>,
-    shutdown: watch::Receiver<bool>,
 }
 
 impl PartitionReader {
     async fn run(mut self) {
         let mut watcher = self.log.subscribe();
+        let max_bytes = DEFAULT_MAX_BYTES.min(self.budget);
         loop {
-            if *self.shutdown.borrow() {
-                let _ = self
-                    .sender
-                    .send(Err(Status::unavailable("the broker is shutting down")))
-                    .await;
-                return;
-            }
-            match read(
+            let read = match read(
                 Arc::clone(&self.log),
                 self.next,
                 self.max_records,
-                DEFAULT_MAX_BYTES,
+                max_bytes,
             )
             .await
             {
+                Ok(read) => read,
+                Err(status) => {
+                    let _ = self.sender.send(Err(status)).await;
+                    return;
+                }
+            };
+            match read {
                 Ok(records) if !records.is_empty() => {
+                    let records = to_wire(&self.topic, self.partition, records, self.budget);
                     self.next = records.last().map_or(self.next, |r| r.offset + 1);
-                    let message = v1::SubscribeResponse {
-                        records: records
-                            .into_iter()
-                            .map(|r| consumed(&self.topic, self.partition, r))
-                            .collect(),
-                    };
-                    // Waits while the reader is behind: flow control.
-                    tokio::select! {
-                        sent = self.sender.send(Ok(message)) => if sent.is_err() { return },
-                        _ = self.shutdown.wait_for(|stop| *stop) => continue,
+                    // Waits while the reader is behind: flow control. Fails
+                    // once the stream is gone.
+                    if self
+                        .sender
+                        .send(Ok(v1::SubscribeResponse { records }))
+                        .await
+                        .is_err()
+                    {
+                        return;
                     }
                 }
                 Ok(_) => {
@@ -264,7 +371,6 @@ impl PartitionReader {
                     let next = self.next;
                     tokio::select! {
                         changed = watcher.wait_for(|hw| *hw > next) => if changed.is_err() { return },
-                        _ = self.shutdown.wait_for(|stop| *stop) => continue,
                         _ = self.sender.closed() => return,
                     }
                 }
@@ -280,5 +386,40 @@ impl PartitionReader {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::storage::Record;
+
+    fn stored(offset: u64, value_len: usize) -> StoredRecord {
+        StoredRecord {
+            offset,
+            record: Record {
+                key: None,
+                value: Bytes::from(vec![7u8; value_len]),
+                headers: vec![],
+                timestamp: 1,
+            },
+        }
+    }
+
+    #[test]
+    fn answers_keep_to_the_budget_but_carry_at_least_one_record() {
+        let records: Vec<_> = (0..10).map(|o| stored(o, 1000)).collect();
+        let wire = to_wire("t", 0, records.clone(), 3500);
+        assert_eq!(wire.len(), 3, "three records of ~1 KiB fit in 3500 bytes");
+        let response = v1::FetchResponse {
+            records: wire,
+            ..Default::default()
+        };
+        assert!(prost::Message::encoded_len(&response) <= 3500);
+        let wire = to_wire("t", 0, records.clone(), 10);
+        assert_eq!(wire.len(), 1, "one record however small the budget");
+        assert_eq!(to_wire("t", 0, records, usize::MAX).len(), 10);
     }
 }

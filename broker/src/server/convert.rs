@@ -24,15 +24,11 @@ pub(crate) fn record_from_proto(record: v1::Record, now_ms: i64) -> Record {
     }
 }
 
-/// Bytes a record counts against `max_record_bytes`: key, value and headers.
+/// Bytes a record counts against `max_record_bytes`: its encoded `Record`
+/// message (key, value, headers and their framing), so that the limit also
+/// bounds what a consumer receives for it.
 pub(crate) fn record_size(record: &v1::Record) -> usize {
-    record.key.as_ref().map_or(0, |k| k.len())
-        + record.value.len()
-        + record
-            .headers
-            .iter()
-            .map(|h| h.key.len() + h.value.len())
-            .sum::<usize>()
+    prost::Message::encoded_len(record)
 }
 
 pub(crate) fn consumed(topic: &str, partition: u32, stored: StoredRecord) -> v1::ConsumedRecord {

@@ -20,7 +20,9 @@ mod produce;
 mod status;
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use sluice_proto::v1::admin_service_server::AdminServiceServer;
@@ -28,14 +30,18 @@ use sluice_proto::v1::consume_service_server::ConsumeServiceServer;
 use sluice_proto::v1::produce_service_server::ProduceServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_stream::Stream;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::Status;
 
 use crate::topics::TopicRegistry;
 
-/// HTTP/2 flow-control windows. tonic's 64 KiB default caps a single
-/// stream at one window per round trip; these let a produce stream or a
-/// subscription keep a few MiB in flight.
+/// HTTP/2 flow-control window of one stream. tonic's 64 KiB default caps
+/// a stream at 64 KiB per round trip; 4 MiB lets a produce stream or a
+/// subscription keep a few MiB in flight, while a reader that stops
+/// reading still stops the stream after 4 MiB (flow control).
 pub const STREAM_WINDOW_BYTES: u32 = 4 * 1024 * 1024;
+/// HTTP/2 flow-control window of one connection, shared by its streams.
 pub const CONNECTION_WINDOW_BYTES: u32 = 16 * 1024 * 1024;
 
 #[derive(Debug, Clone)]
@@ -89,6 +95,7 @@ pub async fn serve(
     let consume = ConsumeServiceServer::new(consume::Consume {
         topics: Arc::clone(&topics),
         shutdown: stopping.clone(),
+        max_message_bytes: limit,
     })
     .max_decoding_message_size(limit)
     .max_encoding_message_size(limit);
@@ -147,6 +154,15 @@ pub async fn serve(
     health
         .set_not_serving::<AdminServiceServer<admin::Admin>>()
         .await;
+    health
+        .set_not_serving::<ProduceServiceServer<produce::Produce>>()
+        .await;
+    health
+        .set_not_serving::<ConsumeServiceServer<consume::Consume>>()
+        .await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
     let _ = stop.send(true);
     maintenance.abort();
     match tokio::time::timeout(settings.shutdown_timeout, &mut server).await {
@@ -175,5 +191,76 @@ async fn maintain(
         }
         let topics = Arc::clone(&topics);
         let _ = tokio::task::spawn_blocking(move || topics.maintain(convert::now_ms())).await;
+    }
+}
+
+/// A response stream that ends early, with the status `end` resolves to,
+/// when `end` completes first (shutdown, a deleted topic), even if the
+/// inner stream still has messages queued for a slow reader. It also ends
+/// after the inner stream's first error.
+pub(crate) struct EndsWith<S> {
+    inner: S,
+    end: Pin<Box<dyn Future<Output = Status> + Send>>,
+    done: bool,
+}
+
+impl<S> EndsWith<S> {
+    pub(crate) fn new(inner: S, end: impl Future<Output = Status> + Send + 'static) -> Self {
+        EndsWith {
+            inner,
+            end: Box::pin(end),
+            done: false,
+        }
+    }
+}
+
+impl<S, T> Stream for EndsWith<S>
+where
+    S: Stream<Item = Result<T, Status>> + Unpin,
+{
+    type Item = Result<T, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        if let Poll::Ready(status) = self.end.as_mut().poll(cx) {
+            self.done = true;
+            return Poll::Ready(Some(Err(status)));
+        }
+        let next = Pin::new(&mut self.inner).poll_next(cx);
+        if matches!(next, Poll::Ready(Some(Err(_)) | None)) {
+            self.done = true;
+        }
+        next
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio_stream::StreamExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_stream_ends_with_the_status_when_its_end_comes_first() {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<u32, Status>>(4);
+        let (stop, stopped) = watch::channel(false);
+        let mut stream = EndsWith::new(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            async move {
+                let mut stopped = stopped;
+                let _ = stopped.wait_for(|s| *s).await;
+                Status::unavailable("stopping")
+            },
+        );
+        tx.send(Ok(1)).await.unwrap();
+        assert_eq!(stream.next().await.unwrap().unwrap(), 1);
+        // Queued but never delivered: the end wins.
+        tx.send(Ok(2)).await.unwrap();
+        stop.send(true).unwrap();
+        let status = stream.next().await.unwrap().unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(stream.next().await.is_none());
     }
 }

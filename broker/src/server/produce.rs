@@ -1,4 +1,10 @@
 //! `ProduceService`: validation, routing, batching and writes.
+//!
+//! A request is checked whole before anything is written, then encoded
+//! into one batch per partition and written on the blocking pool; the wait
+//! for its sync (under `every-batch`) is a separate step, so a stream's
+//! next request is written while the previous one syncs and many producers
+//! share one sync.
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -64,17 +70,21 @@ fn prepare(topics: &TopicRegistry, request: v1::ProduceRequest) -> Result<Prepar
     {
         return Err(Status::invalid_argument(format!(
             "record {index} is {size} bytes; topic {:?} accepts records of at most {max} bytes \
-             (key, value and headers)",
+             (its encoded key, value and headers)",
             topic.name()
         )));
     }
     let now = now_ms();
     let records = request.records.len();
     let mut by_partition: BTreeMap<u32, Vec<(usize, crate::storage::Record)>> = BTreeMap::new();
+    // The keyless records of one request share one round-robin partition.
+    let mut keyless = None;
     for (index, record) in request.records.into_iter().enumerate() {
-        let partition = request
-            .partition
-            .unwrap_or_else(|| topic.route(record.key.as_deref()));
+        let partition = match (request.partition, record.key.as_deref()) {
+            (Some(partition), _) => partition,
+            (None, Some(key)) => topic.partition_for_key(key),
+            (None, None) => *keyless.get_or_insert_with(|| topic.next_partition()),
+        };
         by_partition
             .entry(partition)
             .or_default()
@@ -108,9 +118,12 @@ fn prepare(topics: &TopicRegistry, request: v1::ProduceRequest) -> Result<Prepar
     })
 }
 
-/// Writes the batches in order (no sync wait).
-async fn write(prepared: Prepared) -> Result<Written, Status> {
+/// Checks and encodes a request, then writes its batches in order (no sync
+/// wait), all on the blocking pool: encoding copies and checksums up to a
+/// message's worth of bytes.
+async fn write(topics: Arc<TopicRegistry>, request: v1::ProduceRequest) -> Result<Written, Status> {
     tokio::task::spawn_blocking(move || {
+        let prepared = prepare(&topics, request)?;
         let now = now_ms();
         let mut written = Vec::with_capacity(prepared.batches.len());
         for (partition, batch, indexes) in prepared.batches {
@@ -176,8 +189,7 @@ impl ProduceService for Produce {
         &self,
         request: Request<v1::ProduceRequest>,
     ) -> Result<Response<v1::ProduceResponse>, Status> {
-        let prepared = prepare(&self.topics, request.into_inner())?;
-        let written = write(prepared).await?;
+        let written = write(Arc::clone(&self.topics), request.into_inner()).await?;
         Ok(Response::new(acknowledge(written).await?))
     }
 
@@ -217,10 +229,7 @@ impl ProduceService for Produce {
                 let id = request.request_id;
                 // Writes happen here, one request after the other, so
                 // the stream's order is the log's order.
-                let written = match prepare(&topics, request) {
-                    Ok(prepared) => write(prepared).await,
-                    Err(status) => Err(status),
-                };
+                let written = write(Arc::clone(&topics), request).await;
                 let handle = tokio::spawn(async move {
                     match written {
                         Ok(written) => match acknowledge(written).await {

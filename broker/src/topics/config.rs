@@ -43,6 +43,10 @@ pub struct TopicDefaults {
     pub flush: FlushPolicy,
     pub max_record_bytes: u32,
     pub segment_bytes: u64,
+    /// The largest `max_record_bytes` any topic may have. The daemon sets it
+    /// 1 KiB below the gRPC message limit, so that every record a producer
+    /// can send also fits in a message back to a consumer.
+    pub max_record_bytes_limit: u32,
 }
 
 impl Default for TopicDefaults {
@@ -55,6 +59,7 @@ impl Default for TopicDefaults {
             flush: FlushPolicy::EveryBatch,
             max_record_bytes: 1024 * 1024,
             segment_bytes: crate::storage::DEFAULT_SEGMENT_BYTES,
+            max_record_bytes_limit: 64 * 1024 * 1024 - 1024,
         }
     }
 }
@@ -78,8 +83,23 @@ impl TopicDefaults {
                 config.partitions, self.max_partitions
             )));
         }
-        config.log_config()?;
+        self.check_limits(&config)?;
         Ok(config)
+    }
+
+    /// Checks settings against the broker's limits (beyond what makes a
+    /// valid log): for a new topic, and for a topic's settings after a
+    /// change.
+    pub fn check_limits(&self, config: &TopicConfig) -> Result<(), TopicError> {
+        if config.max_record_bytes > self.max_record_bytes_limit {
+            return Err(TopicError::InvalidConfig(format!(
+                "the largest record size {} is above the broker's limit of {} bytes \
+                 (its message size limit less 1 KiB)",
+                config.max_record_bytes, self.max_record_bytes_limit
+            )));
+        }
+        config.log_config()?;
+        Ok(())
     }
 }
 
@@ -249,6 +269,17 @@ mod tests {
             let err = defaults.config(&patch).unwrap_err().to_string();
             assert!(err.contains(needle), "{err}");
         }
+        let err = defaults
+            .config(&TopicConfigPatch {
+                max_record_bytes: Some(defaults.max_record_bytes_limit + 1),
+                segment_bytes: Some(crate::storage::DEFAULT_SEGMENT_BYTES),
+                ..Default::default()
+            })
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("above the broker's limit"),
+            "{err}"
+        );
         let config = defaults.config(&TopicConfigPatch::default()).unwrap();
         let err = config
             .patched(&TopicConfigPatch {

@@ -31,6 +31,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
 use crate::producers::{IdempotentLog, ProducerStateError};
 use crate::storage::{DataDirLock, IntervalFlusher, PartitionLog, StorageError, write_atomically};
@@ -81,6 +82,9 @@ pub struct Topic {
     config: RwLock<TopicConfig>,
     partitions: Vec<Arc<Partition>>,
     round_robin: AtomicU32,
+    /// Turns true when the topic is deleted, so that readers waiting on its
+    /// partitions stop waiting.
+    deleted: watch::Sender<bool>,
 }
 
 impl Topic {
@@ -110,14 +114,28 @@ impl Topic {
             })
     }
 
-    /// The partition for a record: by key hash (the same function every
-    /// client uses), else round-robin.
-    pub fn route(&self, key: Option<&[u8]>) -> u32 {
-        let n = self.partition_count();
-        match key {
-            Some(key) => sluice_proto::partition_for_key(key, n),
-            None => self.round_robin.fetch_add(1, Ordering::Relaxed) % n,
-        }
+    /// The partition for a keyed record: the key's hash, with the same
+    /// function every client uses.
+    pub fn partition_for_key(&self, key: &[u8]) -> u32 {
+        sluice_proto::partition_for_key(key, self.partition_count())
+    }
+
+    /// The next partition in round-robin order, for records without a key.
+    /// Callers take one per request, not per record, so that a request's
+    /// keyless records make one batch (Kafka's sticky partitioning).
+    pub fn next_partition(&self) -> u32 {
+        self.round_robin.fetch_add(1, Ordering::Relaxed) % self.partition_count()
+    }
+
+    /// Whether the topic was deleted. A reader that holds the topic learns
+    /// of it here rather than by waiting forever on a log nobody appends to.
+    pub fn is_deleted(&self) -> bool {
+        *self.deleted.borrow()
+    }
+
+    /// A receiver that turns true when the topic is deleted.
+    pub fn deleted(&self) -> watch::Receiver<bool> {
+        self.deleted.subscribe()
     }
 }
 
@@ -173,6 +191,11 @@ impl TopicRegistry {
         remove_orphans(&registry.data_dir, &file.topics)?;
         let mut topics = BTreeMap::new();
         for (name, config) in file.topics {
+            // A hand-edited file must not point outside the data directory.
+            validate_topic_name(&name).map_err(|e| TopicError::Metadata {
+                path: meta_path.clone(),
+                reason: e.to_string(),
+            })?;
             let topic = registry.open_topic(&name, config)?;
             topics.insert(name, topic);
         }
@@ -215,6 +238,7 @@ impl TopicRegistry {
             config: RwLock::new(config),
             partitions,
             round_robin: AtomicU32::new(0),
+            deleted: watch::Sender::new(false),
         }))
     }
 
@@ -250,10 +274,25 @@ impl TopicRegistry {
         // Leftovers of an unacknowledged create must not leak into this one.
         remove_dir_if_present(&self.topic_dir(name))?;
         remove_dir_if_present(&self.producer_dir(name))?;
-        let topic = self.open_topic(name, config.clone())?;
-        let mut configs = self.configs();
-        configs.insert(name.to_owned(), config.clone());
-        self.write_metadata(&configs)?;
+        let created = self.open_topic(name, config.clone()).and_then(|topic| {
+            let mut configs = self.configs();
+            configs.insert(name.to_owned(), config.clone());
+            self.write_metadata(&configs)?;
+            Ok(topic)
+        });
+        let topic = match created {
+            Ok(topic) => topic,
+            Err(e) => {
+                // Nothing of a failed create stays behind (a full disk, say,
+                // part of the way through the partitions).
+                for dir in [self.topic_dir(name), self.producer_dir(name)] {
+                    if let Err(cleanup) = remove_dir_if_present(&dir) {
+                        tracing::warn!(path = %dir.display(), error = %cleanup, "removing a failed topic's files failed; they go at the next start");
+                    }
+                }
+                return Err(e);
+            }
+        };
         self.topics.write().insert(name.to_owned(), topic);
         tracing::info!(
             topic = name,
@@ -277,6 +316,7 @@ impl TopicRegistry {
         configs.remove(name);
         self.write_metadata(&configs)?;
         self.topics.write().remove(name);
+        topic.deleted.send_replace(true);
         for partition in topic.partitions() {
             if let Err(e) = partition.log().close() {
                 tracing::warn!(topic = name, partition = partition.index, error = %e, "closing a deleted partition failed");
@@ -305,6 +345,7 @@ impl TopicRegistry {
         let _changes = self.changes.lock();
         let topic = self.get(name)?;
         let config = topic.config().patched(patch)?;
+        self.defaults.check_limits(&config)?;
         let log_config = config.log_config()?;
         let mut configs = self.configs();
         configs.insert(name.to_owned(), config.clone());
@@ -379,4 +420,146 @@ fn remove_orphans(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn defaults() -> TopicDefaults {
+        TopicDefaults {
+            segment_bytes: 1 << 20,
+            max_record_bytes: 64 * 1024,
+            ..TopicDefaults::default()
+        }
+    }
+
+    fn partitions(n: u32) -> TopicConfigPatch {
+        TopicConfigPatch {
+            partitions: Some(n),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn topics_and_their_settings_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let registry = TopicRegistry::open(dir.path(), defaults()).unwrap();
+            registry.create("a", &partitions(3)).unwrap();
+            registry.create("b", &partitions(1)).unwrap();
+            let altered = registry
+                .alter(
+                    "b",
+                    &TopicConfigPatch {
+                        flush: Some("os".into()),
+                        retention_ms: Some(0),
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
+            assert_eq!(altered.flush, "os");
+            assert_eq!(altered.retention_ms, None);
+            registry.create("c", &partitions(2)).unwrap();
+            registry.delete("c").unwrap();
+            registry.close().unwrap();
+        }
+        let registry = TopicRegistry::open(dir.path(), defaults()).unwrap();
+        let names: Vec<String> = registry
+            .list()
+            .iter()
+            .map(|t| t.name().to_owned())
+            .collect();
+        assert_eq!(names, ["a", "b"]);
+        assert_eq!(registry.get("a").unwrap().partition_count(), 3);
+        let b = registry.get("b").unwrap().config();
+        assert_eq!((b.flush.as_str(), b.retention_ms), ("os", None));
+        assert!(matches!(registry.get("c"), Err(TopicError::NotFound(_))));
+        assert!(!dir.path().join("topics/c").exists());
+        assert!(dir.path().join("topics/a/2").is_dir());
+    }
+
+    #[test]
+    fn the_data_directory_is_locked_while_the_registry_lives() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = TopicRegistry::open(dir.path(), defaults()).unwrap();
+        let Err(TopicError::Storage(StorageError::Locked { .. })) =
+            TopicRegistry::open(dir.path(), defaults())
+        else {
+            panic!("a second registry opened a locked data directory");
+        };
+        drop(registry);
+        TopicRegistry::open(dir.path(), defaults()).expect("free again");
+    }
+
+    #[test]
+    fn routing_hashes_keys_and_rotates_keyless_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = TopicRegistry::open(dir.path(), defaults()).unwrap();
+        registry.create("t", &partitions(4)).unwrap();
+        let topic = registry.get("t").unwrap();
+        for key in [&b"a"[..], b"user-42", b""] {
+            assert_eq!(
+                topic.partition_for_key(key),
+                sluice_proto::partition_for_key(key, 4)
+            );
+        }
+        let rotation: Vec<u32> = (0..8).map(|_| topic.next_partition()).collect();
+        assert_eq!(rotation, [0, 1, 2, 3, 0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn deleting_a_topic_tells_its_readers() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = TopicRegistry::open(dir.path(), defaults()).unwrap();
+        registry.create("t", &partitions(1)).unwrap();
+        let topic = registry.get("t").unwrap();
+        let deleted = topic.deleted();
+        assert!(!*deleted.borrow() && !topic.is_deleted());
+        registry.delete("t").unwrap();
+        assert!(*deleted.borrow() && topic.is_deleted());
+    }
+
+    #[test]
+    fn a_failed_create_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = TopicRegistry::open(dir.path(), defaults()).unwrap();
+        // The settings file cannot be replaced: the create fails at its
+        // last step, after the partitions were made.
+        fs::create_dir_all(dir.path().join("meta/topics.json/x")).unwrap();
+        registry.create("t", &partitions(2)).unwrap_err();
+        assert!(matches!(registry.get("t"), Err(TopicError::NotFound(_))));
+        assert!(!dir.path().join("topics/t").exists());
+        assert!(registry.list().is_empty());
+    }
+
+    #[test]
+    fn a_settings_file_naming_a_bad_topic_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(TopicRegistry::open(dir.path(), defaults()).unwrap());
+        let config = defaults().config(&TopicConfigPatch::default()).unwrap();
+        let file = TopicsFile {
+            version: 1,
+            topics: BTreeMap::from([("../escape".to_owned(), config)]),
+        };
+        fs::write(
+            dir.path().join("meta/topics.json"),
+            serde_json::to_vec(&file).unwrap(),
+        )
+        .unwrap();
+        let Err(error) = TopicRegistry::open(dir.path(), defaults()) else {
+            panic!("opened a registry with a topic named ../escape");
+        };
+        assert!(error.to_string().contains("invalid topic name"), "{error}");
+    }
+
+    #[test]
+    fn directories_without_settings_are_removed_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(TopicRegistry::open(dir.path(), defaults()).unwrap());
+        fs::create_dir_all(dir.path().join("topics/leftover/0")).unwrap();
+        let registry = TopicRegistry::open(dir.path(), defaults()).unwrap();
+        assert!(registry.list().is_empty());
+        assert!(!dir.path().join("topics/leftover").exists());
+    }
 }
