@@ -83,6 +83,7 @@ async fn keyed_records_come_back_in_order_and_survive_a_restart() {
                 partition: None,
                 records,
                 request_id: round,
+                producer: None,
             })
             .await
             .unwrap()
@@ -153,6 +154,7 @@ async fn a_subscription_receives_records_appended_after_it_started() {
             partition: Some(0),
             records: vec![record(None, "before")],
             request_id: 0,
+            producer: None,
         })
         .await
         .unwrap();
@@ -178,6 +180,7 @@ async fn a_subscription_receives_records_appended_after_it_started() {
                 partition: Some(i % 2),
                 records: vec![record(None, &format!("after-{i}"))],
                 request_id: 0,
+                producer: None,
             })
             .await
             .unwrap();
@@ -241,6 +244,7 @@ async fn pipelined_stream_produce_acknowledges_in_order() {
                 record(None, &format!("r{id}b")),
             ],
             request_id: id,
+            producer: None,
         })
         .collect();
     let mut responses = broker
@@ -381,6 +385,7 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
             partition,
             records,
             request_id: 0,
+            producer: None,
         };
     let s = status_of(
         producer
@@ -514,6 +519,7 @@ async fn fetch_long_polls_and_list_offsets_answers_by_time() {
             partition: Some(0),
             records,
             request_id: 0,
+            producer: None,
         })
         .await
         .unwrap();

@@ -43,6 +43,9 @@ pub struct TopicDefaults {
     pub flush: FlushPolicy,
     pub max_record_bytes: u32,
     pub segment_bytes: u64,
+    /// Broker-wide: an idempotent producer idle this long is forgotten; its
+    /// next batch must start a new epoch.
+    pub producer_expiry: Duration,
 }
 
 impl Default for TopicDefaults {
@@ -55,6 +58,7 @@ impl Default for TopicDefaults {
             flush: FlushPolicy::EveryBatch,
             max_record_bytes: 1024 * 1024,
             segment_bytes: crate::storage::DEFAULT_SEGMENT_BYTES,
+            producer_expiry: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
