@@ -67,6 +67,9 @@ pub struct Settings {
     /// How long shutdown waits for open calls, in ms [default: 10000].
     #[arg(long, env = "SLUICE_SHUTDOWN_TIMEOUT_MS")]
     pub shutdown_timeout_ms: Option<u64>,
+    /// Forget idempotent producers idle this long, in ms [default: 604800000].
+    #[arg(long, env = "SLUICE_PRODUCER_EXPIRY_MS")]
+    pub producer_expiry_ms: Option<u64>,
     /// How often retention runs, in ms [default: 30000].
     #[arg(long, env = "SLUICE_MAINTENANCE_INTERVAL_MS")]
     pub maintenance_interval_ms: Option<u64>,
@@ -141,6 +144,8 @@ impl Config {
             max_record_bytes: pick!(max_record_bytes).unwrap_or(topic_defaults.max_record_bytes),
             segment_bytes: pick!(segment_bytes).unwrap_or(topic_defaults.segment_bytes),
             max_record_bytes_limit: topic_defaults.max_record_bytes_limit,
+            producer_expiry: pick!(producer_expiry_ms)
+                .map_or(topic_defaults.producer_expiry, Duration::from_millis),
         };
         let server = ServerSettings {
             max_message_bytes: pick!(max_message_bytes)

@@ -33,6 +33,7 @@ async fn keyed_records_come_back_in_order_and_survive_a_restart() {
                 partition: None,
                 records,
                 request_id: round,
+                producer: None,
             })
             .await
             .unwrap()
@@ -103,6 +104,7 @@ async fn a_subscription_receives_records_appended_after_it_started() {
             partition: Some(0),
             records: vec![record(None, "before")],
             request_id: 0,
+            producer: None,
         })
         .await
         .unwrap();
@@ -128,6 +130,7 @@ async fn a_subscription_receives_records_appended_after_it_started() {
                 partition: Some(i % 2),
                 records: vec![record(None, &format!("after-{i}"))],
                 request_id: 0,
+                producer: None,
             })
             .await
             .unwrap();
@@ -191,6 +194,7 @@ async fn pipelined_stream_produce_acknowledges_in_order() {
                 record(None, &format!("r{id}b")),
             ],
             request_id: id,
+            producer: None,
         })
         .collect();
     let mut responses = broker
@@ -259,6 +263,7 @@ async fn fetch_long_polls_and_list_offsets_answers_by_time() {
             partition: Some(0),
             records,
             request_id: 0,
+            producer: None,
         })
         .await
         .unwrap();

@@ -6,9 +6,18 @@
 //! the broker writes a stream's requests in order and acknowledges them in
 //! order, so pipelining never reorders a partition. When the stream breaks
 //! (the broker restarted, say), the task reconnects with backoff and resends
-//! every unacknowledged batch, oldest first. Until idempotent producers
-//! land, a batch that was written but whose acknowledgement was lost is
-//! written twice; nothing accepted is lost before `delivery_timeout`.
+//! every unacknowledged batch, oldest first.
+//!
+//! Idempotence (on by default) makes those resends harmless: the producer
+//! gets an id and epoch from the broker (`InitProducer`), and each batch
+//! carries its partition's next sequence number, so the broker writes a
+//! resent batch once and answers with the original positions. When the
+//! broker refuses a batch for good (say a record is too large), the batches
+//! behind it are renumbered and resent, so no sequence gap stalls the
+//! partition; when it has forgotten the producer (expiry) or a newer epoch
+//! of it exists, the producer moves to a new epoch and renumbers from 0.
+//! Without idempotence, a batch whose acknowledgement was lost is written
+//! twice. Either way nothing accepted is lost before `delivery_timeout`.
 //!
 //! Memory is bounded: every record holds permits of a `buffer_bytes`
 //! semaphore from `enqueue` until it is acknowledged or fails, so a producer
@@ -55,6 +64,12 @@ pub struct ProducerConfig {
     pub retry_backoff: Duration,
     /// Longest wait between reconnection attempts.
     pub max_retry_backoff: Duration,
+    /// Retries never write a batch twice (see the module docs). With it,
+    /// `max_in_flight` is at most 5, what the broker remembers per producer.
+    pub idempotence: bool,
+    /// A stable name for this producer across restarts: a new instance
+    /// fences the old one. `None`: a fresh id each time.
+    pub producer_name: Option<String>,
 }
 
 impl Default for ProducerConfig {
@@ -67,6 +82,8 @@ impl Default for ProducerConfig {
             delivery_timeout: Duration::from_secs(120),
             retry_backoff: Duration::from_millis(100),
             max_retry_backoff: Duration::from_secs(2),
+            idempotence: true,
+            producer_name: None,
         }
     }
 }
@@ -118,6 +135,12 @@ impl Outstanding {
     }
 }
 
+#[derive(Clone, Copy)]
+struct TopicLimits {
+    partitions: u32,
+    max_record_bytes: usize,
+}
+
 struct Sticky {
     partition: u32,
     bytes: usize,
@@ -132,9 +155,11 @@ pub struct Producer {
 
 struct Inner {
     config: ProducerConfig,
+    identity: Arc<SharedIdentity>,
     client: ProduceServiceClient<Channel>,
     admin: Admin,
-    partition_counts: Mutex<HashMap<String, u32>>,
+    /// Partition count and largest record of each topic used.
+    topics: Mutex<HashMap<String, TopicLimits>>,
     sticky: Mutex<HashMap<String, Sticky>>,
     senders: Mutex<HashMap<(String, u32), mpsc::UnboundedSender<Command>>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -145,18 +170,26 @@ struct Inner {
 
 impl Producer {
     /// A producer for the broker of `client` (connects on first use).
-    pub fn new(client: &ClientConfig, config: ProducerConfig) -> Result<Producer> {
+    pub fn new(client: &ClientConfig, mut config: ProducerConfig) -> Result<Producer> {
+        if config.idempotence {
+            config.max_in_flight = config.max_in_flight.clamp(1, MAX_IDEMPOTENT_IN_FLIGHT);
+        }
         let grpc = ProduceServiceClient::new(client.channel()?)
             .max_decoding_message_size(client.max_message_bytes)
             .max_encoding_message_size(client.max_message_bytes);
         let permits = config.buffer_bytes.clamp(1, Semaphore::MAX_PERMITS);
         Ok(Producer {
             inner: Arc::new(Inner {
+                identity: Arc::new(SharedIdentity {
+                    name: config.producer_name.clone(),
+                    client: grpc.clone(),
+                    current: Mutex::new(None),
+                }),
                 admin: Admin::new(client)?,
                 client: grpc,
                 buffer: Arc::new(Semaphore::new(permits)),
                 config,
-                partition_counts: Mutex::new(HashMap::new()),
+                topics: Mutex::new(HashMap::new()),
                 sticky: Mutex::new(HashMap::new()),
                 senders: Mutex::new(HashMap::new()),
                 tasks: Mutex::new(Vec::new()),
@@ -178,8 +211,19 @@ impl Producer {
         if inner.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
-        let partitions = self.partition_count(topic).await?;
+        let limits = self.topic_limits(topic).await?;
+        let partitions = limits.partitions;
         let size = record.size();
+        let record_bytes = record.payload_size();
+        if record_bytes > limits.max_record_bytes {
+            // Refused here rather than by the broker, where it would take
+            // down the whole batch it was sent in.
+            return Err(Error::Rejected(Status::invalid_argument(format!(
+                "record is {record_bytes} bytes; topic {topic:?} accepts records of at most {} bytes \
+                 (key, value and headers)",
+                limits.max_record_bytes
+            ))));
+        }
         let partition = match (record.partition, &record.key) {
             (Some(p), _) if p < partitions => p,
             (Some(p), _) => {
@@ -240,19 +284,25 @@ impl Producer {
         Ok(())
     }
 
-    /// The topic's partition count, looked up once.
-    async fn partition_count(&self, topic: &str) -> Result<u32> {
-        if let Some(&n) = self.inner.partition_counts.lock().await.get(topic) {
-            return Ok(n);
+    /// The topic's partition count and record size limit, looked up once.
+    async fn topic_limits(&self, topic: &str) -> Result<TopicLimits> {
+        if let Some(limits) = self.inner.topics.lock().await.get(topic) {
+            return Ok(*limits);
         }
         let info = self.inner.admin.describe_topic(topic).await?;
-        let n = info.partitions.len() as u32;
+        let limits = TopicLimits {
+            partitions: info.partitions.len() as u32,
+            max_record_bytes: info
+                .settings
+                .max_record_bytes
+                .map_or(usize::MAX, |m| m as usize),
+        };
         self.inner
-            .partition_counts
+            .topics
             .lock()
             .await
-            .insert(topic.to_owned(), n);
-        Ok(n)
+            .insert(topic.to_owned(), limits);
+        Ok(limits)
     }
 
     /// Keyless records stick to one partition for a batch's worth of bytes,
@@ -288,6 +338,13 @@ impl Producer {
             linger_until: None,
             in_flight: VecDeque::new(),
             next_id: 0,
+            shared_identity: self
+                .inner
+                .config
+                .idempotence
+                .then(|| Arc::clone(&self.inner.identity)),
+            identity: None,
+            next_sequence: 0,
         };
         self.inner
             .tasks
@@ -297,6 +354,68 @@ impl Producer {
         senders.insert((topic.to_owned(), partition), sender.clone());
         sender
     }
+}
+
+/// Batches the broker remembers per producer and partition.
+const MAX_IDEMPOTENT_IN_FLIGHT: usize = 5;
+
+/// A producer id and epoch.
+type Identity = (u64, u32);
+
+/// The producer's identity, shared by its partition senders. Whoever finds
+/// it stale (the broker forgot it, or fenced it with a newer epoch of the
+/// same name) renews it once; the others adopt the renewed one.
+struct SharedIdentity {
+    name: Option<String>,
+    client: ProduceServiceClient<Channel>,
+    current: Mutex<Option<Identity>>,
+}
+
+impl SharedIdentity {
+    async fn init(&self) -> Result<Identity> {
+        let response = self
+            .client
+            .clone()
+            .init_producer(v1::InitProducerRequest {
+                name: self.name.clone(),
+            })
+            .await?
+            .into_inner();
+        Ok((response.producer_id, response.epoch))
+    }
+
+    async fn get(&self) -> Result<Identity> {
+        let mut current = self.current.lock().await;
+        if let Some(identity) = *current {
+            return Ok(identity);
+        }
+        let identity = self.init().await?;
+        *current = Some(identity);
+        Ok(identity)
+    }
+
+    /// A new identity if `stale` is still the current one; the current one
+    /// if someone renewed it already.
+    async fn renew(&self, stale: Identity) -> Result<Identity> {
+        let mut current = self.current.lock().await;
+        if let Some(identity) = *current
+            && identity != stale
+        {
+            return Ok(identity);
+        }
+        let identity = self.init().await?;
+        *current = Some(identity);
+        Ok(identity)
+    }
+
+    async fn current(&self) -> Option<Identity> {
+        *self.current.lock().await
+    }
+}
+
+/// Sequences wrap after `i32::MAX`, as the broker's do.
+fn sequence_add(sequence: i32, n: usize) -> i32 {
+    ((i64::from(sequence) + n as i64) % (i64::from(i32::MAX) + 1)) as i32
 }
 
 /// A batch sent and not yet acknowledged.
@@ -322,6 +441,10 @@ struct PartitionSender {
     linger_until: Option<Instant>,
     in_flight: VecDeque<InFlight>,
     next_id: u64,
+    /// Set when idempotent.
+    shared_identity: Option<Arc<SharedIdentity>>,
+    identity: Option<Identity>,
+    next_sequence: i32,
 }
 
 /// Codes after which the same batch may go through on another try.
@@ -390,7 +513,7 @@ impl PartitionSender {
                 }
                 response = next_response(&mut stream) => match response {
                     Some(Ok(response)) => {
-                        if !self.acknowledge(response) {
+                        if !self.acknowledge(response).await {
                             stream = None;
                         }
                     }
@@ -406,6 +529,11 @@ impl PartitionSender {
 
     /// Opens a stream and resends every unacknowledged batch on it, in order.
     async fn connect(&mut self) -> Result<Stream> {
+        if let Some(shared) = &self.shared_identity
+            && self.identity.is_none()
+        {
+            self.identity = Some(shared.get().await?);
+        }
         let (requests, outbound) = mpsc::channel(self.config.max_in_flight.max(1) * 2);
         let responses = self
             .client
@@ -427,6 +555,12 @@ impl PartitionSender {
     }
 
     async fn send_batch(&mut self, stream: &mut Option<Stream>) {
+        if self.shared_identity.is_some() && self.identity.is_none() {
+            // Not connected yet (`connect` fetches the identity): send as
+            // soon as it is.
+            self.linger_until = Some(Instant::now());
+            return;
+        }
         self.linger_until = None;
         if self.batch.is_empty() {
             return;
@@ -438,7 +572,13 @@ impl PartitionSender {
             partition: Some(self.partition),
             records: records.iter().map(|p| p.record.clone()).collect(),
             request_id: self.next_id,
+            producer: self.identity.map(|(producer_id, epoch)| v1::ProducerBatch {
+                producer_id,
+                epoch,
+                base_sequence: self.next_sequence,
+            }),
         };
+        self.next_sequence = sequence_add(self.next_sequence, records.len());
         self.next_id += 1;
         self.in_flight.push_back(InFlight {
             request: request.clone(),
@@ -452,8 +592,8 @@ impl PartitionSender {
     }
 
     /// Settles the oldest in-flight batch with `response`. Returns false if
-    /// the stream must be reopened (a retryable failure: resend).
-    fn acknowledge(&mut self, response: v1::ProduceStreamResponse) -> bool {
+    /// the stream must be reopened and the unacknowledged batches resent.
+    async fn acknowledge(&mut self, response: v1::ProduceStreamResponse) -> bool {
         let Some(front) = self.in_flight.front() else {
             return true;
         };
@@ -480,17 +620,98 @@ impl PartitionSender {
         if retryable(code) {
             return false;
         }
+        match response.error_reason.as_str() {
+            "unknown-producer" | "out-of-order" => return self.new_epoch(None).await,
+            "fenced" => {
+                let ours = self.identity;
+                let shared = match &self.shared_identity {
+                    Some(shared) => shared.current().await,
+                    None => None,
+                };
+                if shared.is_some() && shared != ours {
+                    // A sibling sender renewed the identity: adopt it.
+                    return self.new_epoch(shared).await;
+                }
+                // Another instance of this named producer took over.
+                tracing::warn!(topic = %self.topic, partition = self.partition, message = %response.error_message, "producer fenced");
+                self.fail_all(&Status::new(code, response.error_message));
+                return true;
+            }
+            _ => {}
+        }
         let batch = self.in_flight.pop_front().expect("front exists");
+        let status = Status::new(code, response.error_message);
         for pending in batch.records {
-            self.outstanding.settle(
-                pending,
-                Err(Error::Rejected(Status::new(
-                    code,
-                    response.error_message.clone(),
-                ))),
-            );
+            self.outstanding
+                .settle(pending, Err(Error::Rejected(status.clone())));
+        }
+        if self.shared_identity.is_some() && !self.in_flight.is_empty() {
+            // The broker will refuse the batches behind this one as out of
+            // order: give them this one's sequences and send them again.
+            let base = batch.request.producer.map_or(0, |p| p.base_sequence);
+            self.renumber(base);
+            return false;
+        }
+        if let Some(p) = batch.request.producer {
+            // The next batch takes over the refused one's sequences.
+            self.renumber(p.base_sequence);
         }
         true
+    }
+
+    /// Moves to `adopt` (or a renewed identity) and renumbers every
+    /// unacknowledged batch from sequence 0. Returns false: resend.
+    async fn new_epoch(&mut self, adopt: Option<Identity>) -> bool {
+        let Some(shared) = self.shared_identity.clone() else {
+            return false;
+        };
+        let identity = match (adopt, self.identity) {
+            (Some(identity), _) => Ok(identity),
+            (None, Some(stale)) => shared.renew(stale).await,
+            (None, None) => shared.get().await,
+        };
+        match identity {
+            Ok(identity) => {
+                tracing::info!(topic = %self.topic, partition = self.partition, producer_id = identity.0, epoch = identity.1, "new producer epoch");
+                self.identity = Some(identity);
+                self.renumber(0);
+            }
+            Err(error) => {
+                tracing::debug!(%error, "could not renew the producer; retrying");
+                self.identity = None;
+            }
+        }
+        false
+    }
+
+    /// Gives the unacknowledged batches consecutive sequences from `base`,
+    /// under the current identity.
+    fn renumber(&mut self, base: i32) {
+        let mut sequence = base;
+        for batch in &mut self.in_flight {
+            batch.request.producer = self.identity.map(|(producer_id, epoch)| v1::ProducerBatch {
+                producer_id,
+                epoch,
+                base_sequence: sequence,
+            });
+            sequence = sequence_add(sequence, batch.records.len());
+        }
+        self.next_sequence = sequence;
+    }
+
+    /// Fails every record this sender holds.
+    fn fail_all(&mut self, status: &Status) {
+        for batch in std::mem::take(&mut self.in_flight) {
+            for pending in batch.records {
+                self.outstanding
+                    .settle(pending, Err(Error::Rejected(status.clone())));
+            }
+        }
+        for pending in std::mem::take(&mut self.batch) {
+            self.outstanding
+                .settle(pending, Err(Error::Rejected(status.clone())));
+        }
+        self.batch_bytes = 0;
     }
 
     /// Fails records that have waited longer than the delivery timeout.

@@ -207,3 +207,80 @@ pub fn broker_binary() -> PathBuf {
         })
         .clone()
 }
+
+/// A TCP proxy in front of the broker that cuts every connection after a
+/// pseudo-random number of bytes from the broker (between `min_cut` and
+/// `max_cut`): responses the broker sent are lost, so clients retry
+/// requests the broker already carried out. Stops cutting after `cuts`
+/// cuts, so a test can finish.
+pub struct ChaosProxy {
+    pub addr: SocketAddr,
+    cuts_made: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl ChaosProxy {
+    pub fn start(target: SocketAddr, min_cut: usize, max_cut: usize, cuts: usize) -> ChaosProxy {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cuts_made = Arc::new(AtomicUsize::new(0));
+        let made = Arc::clone(&cuts_made);
+        std::thread::spawn(move || {
+            let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+            for client in listener.incoming() {
+                let Ok(client) = client else { break };
+                let Ok(server) = std::net::TcpStream::connect(target) else {
+                    continue;
+                };
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                let budget = if made.load(Ordering::Relaxed) < cuts {
+                    min_cut + (seed as usize) % (max_cut - min_cut + 1)
+                } else {
+                    usize::MAX
+                };
+                let made = Arc::clone(&made);
+                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                // Client to broker: copied as is.
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut &c2, &mut &s2);
+                    let _ = s2.shutdown(std::net::Shutdown::Both);
+                });
+                // Broker to client: cut after `budget` bytes.
+                std::thread::spawn(move || {
+                    let mut left = budget;
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        let n = match std::io::Read::read(&mut &server, &mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let n = n.min(left);
+                        if std::io::Write::write_all(&mut &client, &buf[..n]).is_err() {
+                            break;
+                        }
+                        left -= n;
+                        if left == 0 {
+                            made.fetch_add(1, Ordering::Relaxed);
+                            break;
+                        }
+                    }
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                    let _ = server.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        ChaosProxy { addr, cuts_made }
+    }
+
+    /// Connections cut so far.
+    pub fn cuts(&self) -> usize {
+        self.cuts_made.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}

@@ -19,6 +19,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::convert::{now_ms, record_from_proto, record_size};
 use super::status;
 use crate::producers::ProducerAppend;
+use crate::storage::batch::{NO_PRODUCER_EPOCH, NO_PRODUCER_ID};
 use crate::storage::{BatchBuilder, EncodedBatch, ProducerInfo};
 use crate::topics::{Topic, TopicRegistry};
 
@@ -59,6 +60,39 @@ fn prepare(topics: &TopicRegistry, request: v1::ProduceRequest) -> Result<Prepar
     if let Some(partition) = request.partition {
         topic.partition(partition).map_err(status::topic)?;
     }
+    let producer = match &request.producer {
+        None => ProducerInfo::NONE,
+        Some(p) => {
+            if request.partition.is_none() {
+                return Err(Status::invalid_argument(
+                    "an idempotent produce request names its partition: sequences are per partition",
+                ));
+            }
+            if p.producer_id == NO_PRODUCER_ID {
+                return Err(Status::invalid_argument(format!(
+                    "producer id {} is reserved",
+                    p.producer_id
+                )));
+            }
+            let epoch = u16::try_from(p.epoch)
+                .ok()
+                .filter(|e| *e != NO_PRODUCER_EPOCH)
+                .ok_or_else(|| {
+                    Status::invalid_argument(format!("producer epoch {} is out of range", p.epoch))
+                })?;
+            if p.base_sequence < 0 {
+                return Err(Status::invalid_argument(format!(
+                    "base sequence {} is negative",
+                    p.base_sequence
+                )));
+            }
+            ProducerInfo {
+                producer_id: p.producer_id,
+                epoch,
+                base_sequence: p.base_sequence,
+            }
+        }
+    };
     let config = topic.config();
     let max = config.max_record_bytes as usize;
     if let Some((index, size)) = request
@@ -99,6 +133,12 @@ fn prepare(topics: &TopicRegistry, request: v1::ProduceRequest) -> Result<Prepar
             if !builder.is_empty()
                 && builder.encoded_len() + builder.record_encoded_len(&record) > batch_limit
             {
+                if producer != ProducerInfo::NONE {
+                    // Its sequence range names one batch: it cannot be split.
+                    return Err(Status::invalid_argument(format!(
+                        "an idempotent produce request must fit in one batch of {batch_limit} bytes"
+                    )));
+                }
                 let full = std::mem::take(&mut builder);
                 batches.push((
                     partition,
@@ -109,7 +149,7 @@ fn prepare(topics: &TopicRegistry, request: v1::ProduceRequest) -> Result<Prepar
             builder.push(&record);
             indexes.push(index);
         }
-        batches.push((partition, builder.finish(ProducerInfo::NONE), indexes));
+        batches.push((partition, builder.finish(producer), indexes));
     }
     Ok(Prepared {
         topic,
@@ -165,7 +205,14 @@ async fn acknowledge(written: Written) -> Result<v1::ProduceResponse, Status> {
                 };
             }
         }
-        Ok(v1::ProduceResponse { positions })
+        let duplicate = written
+            .batches
+            .iter()
+            .any(|(_, appended, _)| appended.duplicate);
+        Ok(v1::ProduceResponse {
+            positions,
+            duplicate,
+        })
     })
     .await
     .map_err(status::join)?
@@ -176,6 +223,7 @@ fn stream_error(request_id: u64, status: Status) -> v1::ProduceStreamResponse {
         request_id,
         response: None,
         error_code: status.code() as i32,
+        error_reason: status::reason(&status),
         error_message: status.message().to_owned(),
     }
 }
@@ -191,6 +239,32 @@ impl ProduceService for Produce {
     ) -> Result<Response<v1::ProduceResponse>, Status> {
         let written = write(Arc::clone(&self.topics), request.into_inner()).await?;
         Ok(Response::new(acknowledge(written).await?))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn init_producer(
+        &self,
+        request: Request<v1::InitProducerRequest>,
+    ) -> Result<Response<v1::InitProducerResponse>, Status> {
+        let name = request.into_inner().name;
+        let topics = Arc::clone(&self.topics);
+        let identity = tokio::task::spawn_blocking(move || {
+            topics
+                .producer_ids()
+                .init(name.as_deref())
+                .map_err(status::producer_state)
+        })
+        .await
+        .map_err(status::join)??;
+        tracing::info!(
+            producer_id = identity.producer_id,
+            epoch = identity.epoch,
+            "producer initialised"
+        );
+        Ok(Response::new(v1::InitProducerResponse {
+            producer_id: identity.producer_id,
+            epoch: u32::from(identity.epoch),
+        }))
     }
 
     type ProduceStreamStream = ResponseStream;
@@ -236,8 +310,7 @@ impl ProduceService for Produce {
                             Ok(response) => v1::ProduceStreamResponse {
                                 request_id: id,
                                 response: Some(response),
-                                error_code: 0,
-                                error_message: String::new(),
+                                ..Default::default()
                             },
                             Err(status) => stream_error(id, status),
                         },

@@ -53,16 +53,37 @@ pub(crate) fn producer_append(error: ProducerAppendError) -> Status {
     }
 }
 
+/// Metadata key naming what a FAILED_PRECONDITION from an idempotent
+/// produce means, so clients need not parse messages.
+pub(crate) const ERROR_REASON: &str = "sluice-error";
+
 pub(crate) fn sequence(error: SequenceError) -> Status {
-    match error {
-        SequenceError::InvalidSequence { .. } => Status::invalid_argument(error.to_string()),
-        SequenceError::Fenced { .. }
-        | SequenceError::OutOfOrder { .. }
-        | SequenceError::UnknownProducer { .. } => Status::failed_precondition(error.to_string()),
-    }
+    let reason = match error {
+        SequenceError::InvalidSequence { .. } => {
+            return Status::invalid_argument(error.to_string());
+        }
+        SequenceError::Fenced { .. } => "fenced",
+        SequenceError::OutOfOrder { .. } => "out-of-order",
+        SequenceError::UnknownProducer { .. } => "unknown-producer",
+    };
+    let mut status = Status::failed_precondition(error.to_string());
+    status.metadata_mut().insert(
+        ERROR_REASON,
+        tonic::metadata::MetadataValue::from_static(reason),
+    );
+    status
 }
 
-#[allow(dead_code)]
+/// The reason a status carries in [`ERROR_REASON`], if any.
+pub(crate) fn reason(status: &Status) -> String {
+    status
+        .metadata()
+        .get(ERROR_REASON)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
 pub(crate) fn producer_state(error: ProducerStateError) -> Status {
     match error {
         ProducerStateError::NameTooLong(_) => Status::invalid_argument(error.to_string()),

@@ -47,6 +47,9 @@ pub struct TopicDefaults {
     /// 1 KiB below the gRPC message limit, so that every record a producer
     /// can send also fits in a message back to a consumer.
     pub max_record_bytes_limit: u32,
+    /// Broker-wide: an idempotent producer idle this long is forgotten; its
+    /// next batch must start a new epoch.
+    pub producer_expiry: Duration,
 }
 
 impl Default for TopicDefaults {
@@ -60,6 +63,7 @@ impl Default for TopicDefaults {
             max_record_bytes: 1024 * 1024,
             segment_bytes: crate::storage::DEFAULT_SEGMENT_BYTES,
             max_record_bytes_limit: 64 * 1024 * 1024 - 1024,
+            producer_expiry: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }

@@ -33,7 +33,7 @@ use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::producers::{IdempotentLog, ProducerStateError};
+use crate::producers::{IdempotentLog, ProducerIds, ProducerStateError};
 use crate::storage::{DataDirLock, IntervalFlusher, PartitionLog, StorageError, write_atomically};
 
 #[derive(Debug, thiserror::Error)]
@@ -155,6 +155,7 @@ pub struct TopicRegistry {
     /// Serialises changes to the set of topics and to `topics.json`.
     changes: Mutex<()>,
     flusher: IntervalFlusher,
+    producer_ids: ProducerIds,
 }
 
 impl TopicRegistry {
@@ -180,7 +181,9 @@ impl TopicRegistry {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => TopicsFile::default(),
             Err(e) => return Err(StorageError::io("read topic metadata", &meta_path, e).into()),
         };
+        let producer_ids = ProducerIds::open(data_dir.join("internal/producer-ids"))?;
         let registry = TopicRegistry {
+            producer_ids,
             data_dir,
             _lock: lock,
             defaults,
@@ -210,6 +213,11 @@ impl TopicRegistry {
 
     pub fn defaults(&self) -> &TopicDefaults {
         &self.defaults
+    }
+
+    /// Producer ids and epochs of idempotent producers.
+    pub fn producer_ids(&self) -> &ProducerIds {
+        &self.producer_ids
     }
 
     fn topic_dir(&self, name: &str) -> PathBuf {
@@ -358,11 +366,15 @@ impl TopicRegistry {
         Ok(config)
     }
 
-    /// Applies retention to every partition, and snapshots producer state
-    /// so that a restart replays little of each log.
+    /// Applies retention to every partition, forgets producers idle for
+    /// longer than the producer expiry, and snapshots producer state so that
+    /// a restart replays little of each log.
     pub fn maintain(&self, now_ms: i64) {
         for topic in self.list() {
             for partition in topic.partitions() {
+                partition
+                    .appender()
+                    .expire_producers(now_ms, self.defaults.producer_expiry);
                 if let Err(e) = partition.log().enforce_retention(now_ms) {
                     tracing::warn!(topic = topic.name(), partition = partition.index, error = %e, "retention failed");
                 }

@@ -45,6 +45,7 @@ pub fn produce_request(
         partition,
         records,
         request_id: 0,
+        producer: None,
     }
 }
 
