@@ -58,7 +58,7 @@ pub struct Settings {
     /// Size retention per partition for new topics, 0 = none [default: 0].
     #[arg(long, env = "SLUICE_RETENTION_BYTES")]
     pub retention_bytes: Option<u64>,
-    /// Largest record (key + value + headers) for new topics [default: 1048576].
+    /// Largest record (its encoded key, value and headers) for new topics [default: 1048576].
     #[arg(long, env = "SLUICE_MAX_RECORD_BYTES")]
     pub max_record_bytes: Option<u32>,
     /// Largest gRPC message in either direction [default: 67108864].

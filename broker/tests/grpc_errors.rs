@@ -516,3 +516,49 @@ async fn a_missing_or_unknown_start_or_spec_is_invalid() {
     );
     expect_status(&s, Code::InvalidArgument, "offset spec 9");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_over_a_lowered_message_limit_is_resource_exhausted() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start_broker(dir.path(), &[]);
+    create_topic(&broker, "t", 1).await;
+    broker
+        .producer()
+        .await
+        .produce(produce_request(
+            "t",
+            Some(0),
+            vec![record(None, &"b".repeat(50_000)), record(None, "small")],
+        ))
+        .await
+        .unwrap();
+    // Restarted with a message limit below that record's size, the broker
+    // cannot send it: it says so instead of failing inside the transport.
+    let mut broker = broker;
+    assert!(broker.stop(Duration::from_secs(15)).success());
+    let broker = start_broker(
+        dir.path(),
+        &["--max-message-bytes", "20000", "--max-record-bytes", "1000"],
+    );
+    let mut consumer = broker.consumer().await;
+    let s = status_of(
+        consumer
+            .fetch(v1::FetchRequest {
+                topic: "t".into(),
+                ..Default::default()
+            })
+            .await,
+    );
+    expect_status(&s, Code::ResourceExhausted, "record at offset 0");
+    expect_status(&s, Code::ResourceExhausted, "--max-message-bytes");
+    let next = consumer
+        .fetch(v1::FetchRequest {
+            topic: "t".into(),
+            offset: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next.records[0].value, "small");
+}

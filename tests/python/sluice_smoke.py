@@ -93,7 +93,30 @@ def main() -> None:
 
     got = [pushed.get(timeout=10) for _ in range(12)]
     assert sorted(r.value for r in got) == sorted(r.value for r in records), got
+
+    # Pipelined produce on a bidirectional stream: acks in request order.
+    requests = [
+        produce_pb2.ProduceRequest(
+            topic="py-events",
+            partition=1,
+            request_id=100 + i,
+            records=[records_pb2.Record(value=f"streamed-{i}".encode())],
+        )
+        for i in range(5)
+    ]
+    acks = list(producer.ProduceStream(iter(requests)))
+    assert [a.request_id for a in acks] == [100 + i for i in range(5)], acks
+    offsets = [a.response.positions[0].offset for a in acks]
+    assert offsets == list(range(offsets[0], offsets[0] + 5)), offsets
+    streamed = [pushed.get(timeout=10).value for _ in range(5)]
+    assert streamed == [f"streamed-{i}".encode() for i in range(5)], streamed
     subscription.cancel()
+
+    latest = consumer.ListOffsets(
+        consume_pb2.ListOffsetsRequest(topic="py-events", position=consume_pb2.OFFSET_SPEC_LATEST)
+    )
+    total = sum(o.offset for o in latest.offsets)
+    assert total == 17, latest
 
     for call, expected in [
         (lambda: admin.CreateTopic(admin_pb2.CreateTopicRequest(name="py-events")), grpc.StatusCode.ALREADY_EXISTS),

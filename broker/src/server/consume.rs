@@ -62,14 +62,15 @@ async fn read(
 }
 
 /// Turns records into their wire form, keeping as many as fit in `budget`
-/// encoded bytes (at least one, which every record does: topics cap record
-/// sizes below the message limit).
+/// encoded bytes. The first record always fits unless it was written under
+/// a larger message limit than the broker has now (topics cap record sizes
+/// below the limit): that is RESOURCE_EXHAUSTED, naming the way out.
 fn to_wire(
     topic: &str,
     partition: u32,
     records: Vec<StoredRecord>,
     budget: usize,
-) -> Vec<v1::ConsumedRecord> {
+) -> Result<Vec<v1::ConsumedRecord>, Status> {
     let mut used = 0;
     let mut out = Vec::with_capacity(records.len());
     for record in records {
@@ -77,12 +78,20 @@ fn to_wire(
         let len = prost::Message::encoded_len(&record);
         // Tag byte, length prefix, message.
         used += 1 + prost::length_delimiter_len(len) + len;
-        if used > budget && !out.is_empty() {
+        if used > budget {
+            if out.is_empty() {
+                return Err(Status::resource_exhausted(format!(
+                    "the record at offset {} of {topic:?} partition {partition} takes {len} bytes, \
+                     more than the broker's message limit allows; restart the broker with a \
+                     larger --max-message-bytes to read it",
+                    record.offset
+                )));
+            }
             break;
         }
         out.push(record);
     }
-    out
+    Ok(out)
 }
 
 fn partitions_of(topic: &Topic, requested: &[u32]) -> Result<Vec<u32>, Status> {
@@ -169,7 +178,7 @@ impl ConsumeService for Consume {
                 .await?
                 .map_err(status::storage)?;
         }
-        let records = to_wire(topic.name(), request.partition, records, budget);
+        let records = to_wire(topic.name(), request.partition, records, budget)?;
         let next_offset = records.last().map_or(from, |r| r.offset + 1);
         Ok(Response::new(v1::FetchResponse {
             records,
@@ -353,7 +362,13 @@ impl PartitionReader {
             };
             match read {
                 Ok(records) if !records.is_empty() => {
-                    let records = to_wire(&self.topic, self.partition, records, self.budget);
+                    let records = match to_wire(&self.topic, self.partition, records, self.budget) {
+                        Ok(records) => records,
+                        Err(status) => {
+                            let _ = self.sender.send(Err(status)).await;
+                            return;
+                        }
+                    };
                     self.next = records.last().map_or(self.next, |r| r.offset + 1);
                     // Waits while the reader is behind: flow control. Fails
                     // once the stream is gone.
@@ -409,17 +424,25 @@ mod tests {
     }
 
     #[test]
-    fn answers_keep_to_the_budget_but_carry_at_least_one_record() {
+    fn answers_keep_to_the_budget() {
         let records: Vec<_> = (0..10).map(|o| stored(o, 1000)).collect();
-        let wire = to_wire("t", 0, records.clone(), 3500);
+        let wire = to_wire("t", 0, records.clone(), 3500).unwrap();
         assert_eq!(wire.len(), 3, "three records of ~1 KiB fit in 3500 bytes");
         let response = v1::FetchResponse {
             records: wire,
             ..Default::default()
         };
         assert!(prost::Message::encoded_len(&response) <= 3500);
-        let wire = to_wire("t", 0, records.clone(), 10);
-        assert_eq!(wire.len(), 1, "one record however small the budget");
-        assert_eq!(to_wire("t", 0, records, usize::MAX).len(), 10);
+        assert_eq!(
+            to_wire("t", 0, records.clone(), usize::MAX).unwrap().len(),
+            10
+        );
+        // A record larger than the whole budget cannot be sent at all.
+        let status = to_wire("t", 3, records[4..].to_vec(), 900).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            status.message().contains("offset 4 of \"t\" partition 3"),
+            "{status:?}"
+        );
     }
 }
