@@ -214,17 +214,21 @@ impl Producer {
         let limits = self.topic_limits(topic).await?;
         let partitions = limits.partitions;
         let size = record.size();
-        let record_bytes = record.payload_size();
+        let explicit = record.partition;
+        let key = record.key.clone();
+        let proto = record.into_proto();
+        // The broker counts the encoded record against the topic's limit.
+        let record_bytes = prost::Message::encoded_len(&proto);
         if record_bytes > limits.max_record_bytes {
             // Refused here rather than by the broker, where it would take
             // down the whole batch it was sent in.
             return Err(Error::Rejected(Status::invalid_argument(format!(
-                "record is {record_bytes} bytes; topic {topic:?} accepts records of at most {} bytes \
-                 (key, value and headers)",
+                "record is {record_bytes} bytes encoded; topic {topic:?} accepts records of at \
+                 most {} bytes",
                 limits.max_record_bytes
             ))));
         }
-        let partition = match (record.partition, &record.key) {
+        let partition = match (explicit, &key) {
             (Some(p), _) if p < partitions => p,
             (Some(p), _) => {
                 return Err(Error::Rejected(Status::not_found(format!(
@@ -241,7 +245,7 @@ impl Producer {
             .map_err(|_| Error::Closed)?;
         let (reply, receiver) = oneshot::channel();
         let pending = Pending {
-            record: record.into_proto(),
+            record: proto,
             size,
             reply,
             accepted: Instant::now(),

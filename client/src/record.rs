@@ -65,13 +65,7 @@ impl Record {
 
     /// Bytes this record holds in the producer's buffer.
     pub(crate) fn size(&self) -> usize {
-        64 + self.payload_size()
-    }
-
-    /// Bytes the broker counts against a topic's record size limit: key,
-    /// value and headers.
-    pub(crate) fn payload_size(&self) -> usize {
-        self.key.as_ref().map_or(0, Bytes::len)
+        64 + self.key.as_ref().map_or(0, Bytes::len)
             + self.value.len()
             + self
                 .headers
