@@ -362,16 +362,17 @@ impl Segment {
         self.sealed.store(true, Ordering::Release);
     }
 
-    /// Seals a segment the writer has left: syncs it, truncates the file to
-    /// the bytes written and syncs that, and writes its whole index. Readers
+    /// Seals a segment the writer has left: truncates the file to the bytes
+    /// written, syncs it, and writes its whole index. Readers
     /// keep reading through the same map: they never read past
     /// `written_end`, which is where the file now ends. A segment whose
     /// files retention already deleted is left alone.
     pub(crate) fn seal(&self) -> Result<()> {
         debug_assert!(self.is_sealed());
         let end = self.written_end();
+        // One fsync after the truncation makes both the data and the new
+        // length durable.
         let sync_and_truncate = || -> io::Result<()> {
-            self.file.sync_data()?;
             self.file.set_len(end)?;
             self.file.sync_all()
         };
