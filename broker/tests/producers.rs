@@ -259,3 +259,41 @@ fn a_retry_after_sigkill_and_restart_is_caught() {
     log.append(&batch(PRODUCER_ID, 0, next_seq, 2), 0).unwrap();
     assert_eq!(copies(log.log(), &format!("7:0:{next_seq}")), 1);
 }
+
+#[test]
+fn an_unchanged_partition_writes_no_new_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path(), &common::config(64 * 1024, FlushPolicy::Os));
+    let snapshots = || {
+        let mut names: Vec<_> = std::fs::read_dir(dir.path().join("producers"))
+            .unwrap()
+            .map(|e| {
+                (
+                    e.as_ref().unwrap().file_name(),
+                    e.unwrap().metadata().unwrap().modified().unwrap(),
+                )
+            })
+            .collect();
+        names.sort();
+        names
+    };
+    log.append(&batch(PRODUCER_ID, 0, 0, 1), 0).unwrap();
+    log.snapshot().unwrap();
+    let first = snapshots();
+    assert_eq!(first.len(), 1);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    log.snapshot().unwrap();
+    assert_eq!(snapshots(), first, "nothing changed, nothing written");
+    log.append(&batch(PRODUCER_ID, 0, 1, 1), 0).unwrap();
+    log.snapshot().unwrap();
+    assert_eq!(snapshots().len(), 2, "the log moved: a new snapshot");
+    // Expiry changes the state without moving the log: written again.
+    assert_eq!(
+        log.expire_producers(i64::MAX, std::time::Duration::from_secs(1)),
+        1
+    );
+    let before = snapshots();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    log.snapshot().unwrap();
+    assert_ne!(snapshots(), before, "rewritten after expiry");
+}

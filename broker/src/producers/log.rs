@@ -3,6 +3,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::Mutex;
 
@@ -42,6 +43,11 @@ pub struct IdempotentLog {
     log: Arc<PartitionLog>,
     state: Mutex<PartitionProducers>,
     state_dir: PathBuf,
+    /// The log offset of the last snapshot written, and whether expiry has
+    /// changed the state since: a snapshot that would repeat the last one
+    /// is skipped (the broker asks for one per partition every tick).
+    last_snapshot: Mutex<Option<u64>>,
+    expired_since_snapshot: AtomicBool,
 }
 
 impl IdempotentLog {
@@ -59,6 +65,8 @@ impl IdempotentLog {
             log,
             state: Mutex::new(state),
             state_dir,
+            last_snapshot: Mutex::new(None),
+            expired_since_snapshot: AtomicBool::new(false),
         })
     }
 
@@ -130,18 +138,33 @@ impl IdempotentLog {
 
     /// Forgets producers idle for longer than `max_idle`.
     pub fn expire_producers(&self, now_ms: i64, max_idle: std::time::Duration) -> usize {
-        self.state.lock().expire(now_ms, max_idle)
+        let expired = self.state.lock().expire(now_ms, max_idle);
+        if expired > 0 {
+            self.expired_since_snapshot.store(true, Ordering::Release);
+        }
+        expired
     }
 
     /// Writes a snapshot of the producer state as of the log's current end,
-    /// and removes all but the newest two.
+    /// and removes all but the newest two. Nothing is written when neither
+    /// the log nor the state changed since the last one.
     pub fn snapshot(&self) -> Result<(), ProducerStateError> {
         let (offset, bytes) = {
             let state = self.state.lock();
             let offset = self.log.end_offset();
+            if *self.last_snapshot.lock() == Some(offset)
+                && !self.expired_since_snapshot.load(Ordering::Acquire)
+            {
+                return Ok(());
+            }
+            self.expired_since_snapshot.store(false, Ordering::Release);
             (offset, state.encode_snapshot(offset))
         };
-        write_atomically(&snapshot_path(&self.state_dir, offset), &bytes)?;
+        if let Err(e) = write_atomically(&snapshot_path(&self.state_dir, offset), &bytes) {
+            self.expired_since_snapshot.store(true, Ordering::Release);
+            return Err(e.into());
+        }
+        *self.last_snapshot.lock() = Some(offset);
         let snapshots = list_snapshots(&self.state_dir)?;
         for old in snapshots.iter().rev().skip(SNAPSHOTS_KEPT) {
             let path = snapshot_path(&self.state_dir, *old);
