@@ -273,53 +273,22 @@ async fn fetch_long_polls_and_list_offsets_answers_by_time() {
         .unwrap();
     assert_eq!(got.records.len(), 3);
 
-    let list = |spec| v1::ListOffsetsRequest {
-        topic: "t".into(),
-        partitions: vec![],
-        spec: Some(spec),
-    };
     use v1::list_offsets_request::Spec;
-    let offset = |r: v1::ListOffsetsResponse| r.offsets[0].offset;
-    assert_eq!(
-        offset(
-            consumer
-                .list_offsets(list(Spec::TimestampMs(1_500)))
-                .await
-                .unwrap()
-                .into_inner()
-        ),
-        1
-    );
-    assert_eq!(
-        offset(
-            consumer
-                .list_offsets(list(Spec::TimestampMs(9_999)))
-                .await
-                .unwrap()
-                .into_inner()
-        ),
-        3
-    );
-    assert_eq!(
-        offset(
-            consumer
-                .list_offsets(list(Spec::Position(v1::OffsetSpec::Earliest as i32)))
-                .await
-                .unwrap()
-                .into_inner()
-        ),
-        0
-    );
-    assert_eq!(
-        offset(
-            consumer
-                .list_offsets(list(Spec::Position(v1::OffsetSpec::Latest as i32)))
-                .await
-                .unwrap()
-                .into_inner()
-        ),
-        3
-    );
+    let cases = [
+        (Spec::TimestampMs(1_500), 1),
+        (Spec::TimestampMs(9_999), 3),
+        (Spec::Position(v1::OffsetSpec::Earliest as i32), 0),
+        (Spec::Position(v1::OffsetSpec::Latest as i32), 3),
+    ];
+    for (spec, expected) in cases {
+        let request = v1::ListOffsetsRequest {
+            topic: "t".into(),
+            partitions: vec![],
+            spec: Some(spec),
+        };
+        let response = consumer.list_offsets(request).await.unwrap().into_inner();
+        assert_eq!(response.offsets[0].offset, expected, "{spec:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
