@@ -8,6 +8,7 @@ const PROTOS: &[&str] = &[
     "sluice/v1/admin.proto",
     "sluice/v1/produce.proto",
     "sluice/v1/consume.proto",
+    "sluice/v1/groups.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -73,6 +73,9 @@ pub struct Settings {
     /// How often retention runs, in ms [default: 30000].
     #[arg(long, env = "SLUICE_MAINTENANCE_INTERVAL_MS")]
     pub maintenance_interval_ms: Option<u64>,
+    /// Keep the offsets of a group with no members this long after its last commit, in ms [default: 604800000].
+    #[arg(long, env = "SLUICE_GROUP_OFFSET_RETENTION_MS")]
+    pub group_offset_retention_ms: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -154,6 +157,10 @@ impl Config {
                 .map_or(server_defaults.shutdown_timeout, Duration::from_millis),
             maintenance_interval: pick!(maintenance_interval_ms)
                 .map_or(server_defaults.maintenance_interval, Duration::from_millis),
+            group_offset_retention: pick!(group_offset_retention_ms).map_or(
+                server_defaults.group_offset_retention,
+                Duration::from_millis,
+            ),
         };
         // Every record a topic accepts must fit in a message back to a
         // consumer, with room for the rest of the message.

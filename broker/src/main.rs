@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use sluice_broker::config::{Args, Config};
+use sluice_broker::groups::{GroupCoordinator, GroupSettings, OffsetStore};
 use sluice_broker::server;
 use sluice_broker::topics::TopicRegistry;
 use tracing_subscriber::EnvFilter;
@@ -40,6 +41,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .await?
         .with_context(|| format!("opening data directory {}", config.data_dir.display()))?;
     let topics = Arc::new(topics);
+    let offsets_dir = config.data_dir.join("internal/offsets");
+    let offsets = tokio::task::spawn_blocking(move || OffsetStore::open(&offsets_dir))
+        .await?
+        .context("opening the committed offsets")?;
+    let groups = Arc::new(GroupCoordinator::new(
+        offsets,
+        Box::new(Arc::clone(&topics)),
+        GroupSettings::default(),
+    ));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
@@ -47,15 +57,18 @@ async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(%address, data_dir = %config.data_dir.display(), "sluice-broker listening on {address}");
     server::serve(
         Arc::clone(&topics),
+        Arc::clone(&groups),
         listener,
         config.server.clone(),
         shutdown_signal(),
     )
     .await?;
     tracing::info!("flushing and closing every partition");
-    tokio::task::spawn_blocking(move || topics.close())
-        .await?
-        .context("closing the topics")?;
+    tokio::task::spawn_blocking(move || {
+        groups.offsets().close().context("closing the offsets")?;
+        topics.close().context("closing the topics")
+    })
+    .await??;
     tracing::info!("stopped");
     Ok(())
 }

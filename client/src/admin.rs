@@ -2,6 +2,7 @@
 
 use sluice_proto::v1::{
     self, admin_service_client::AdminServiceClient, consume_service_client::ConsumeServiceClient,
+    group_service_client::GroupServiceClient,
 };
 use tonic::transport::Channel;
 
@@ -77,11 +78,102 @@ pub struct TopicInfo {
     pub partitions: Vec<PartitionInfo>,
 }
 
-/// Creates, inspects, changes and deletes topics; looks up offsets.
+/// A group in a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupSummary {
+    /// The group's id.
+    pub group_id: String,
+    /// Live members.
+    pub members: u32,
+    /// Records not yet consumed, over the partitions with a committed offset.
+    pub lag: u64,
+    /// Age of the oldest unconsumed record over its partitions, in ms.
+    pub max_time_lag_ms: i64,
+}
+
+/// A live member of a group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupMember {
+    /// Its member id.
+    pub member_id: String,
+    /// Its static instance id.
+    pub instance_id: Option<String>,
+    /// Its epoch (increases with each assignment change).
+    pub member_epoch: u64,
+    /// The partitions it may read.
+    pub assigned: Vec<(String, u32)>,
+    /// Time since its last heartbeat, in ms.
+    pub since_heartbeat_ms: u64,
+}
+
+/// A partition as a group sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupPartition {
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: u32,
+    /// The next offset the group reads; `None` if it never committed here.
+    pub committed_offset: Option<u64>,
+    /// One past the partition's last record.
+    pub end_offset: u64,
+    /// Records not yet consumed (`None` without a committed offset).
+    pub lag: Option<u64>,
+    /// Age of the oldest unconsumed record in ms (`None` without a
+    /// committed offset).
+    pub time_lag_ms: Option<i64>,
+    /// The member reading it, if any.
+    pub owner: Option<String>,
+}
+
+/// A described group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupInfo {
+    /// The group's id.
+    pub group_id: String,
+    /// Live members.
+    pub members: Vec<GroupMember>,
+    /// Partitions its members read or it has offsets for.
+    pub partitions: Vec<GroupPartition>,
+    /// Sum of the partitions' lag.
+    pub lag: u64,
+    /// Largest time lag, in ms.
+    pub max_time_lag_ms: i64,
+}
+
+/// Where an offset reset moves a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetTo {
+    /// The earliest kept record.
+    Earliest,
+    /// The end: skip everything there is now.
+    Latest,
+    /// The first record at or after this time (ms since the epoch).
+    Timestamp(i64),
+    /// This offset.
+    Offset(u64),
+}
+
+/// An offset a reset sets (or would set).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OffsetChange {
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: u32,
+    /// The committed offset before, if any.
+    pub previous: Option<u64>,
+    /// The committed offset after.
+    pub offset: u64,
+}
+
+/// Creates, inspects, changes and deletes topics; looks up offsets;
+/// inspects groups and resets their offsets.
 #[derive(Debug, Clone)]
 pub struct Admin {
     admin: AdminServiceClient<Channel>,
     consume: ConsumeServiceClient<Channel>,
+    groups: GroupServiceClient<Channel>,
     config: ClientConfig,
 }
 
@@ -91,6 +183,7 @@ impl Admin {
         let channel = config.channel()?;
         Ok(Admin {
             admin: AdminServiceClient::new(channel.clone()),
+            groups: GroupServiceClient::new(channel.clone()),
             consume: ConsumeServiceClient::new(channel)
                 .max_decoding_message_size(config.max_message_bytes),
             config: config.clone(),
@@ -246,6 +339,118 @@ impl Admin {
             .offsets
             .into_iter()
             .map(|o| (o.partition, o.offset))
+            .collect())
+    }
+
+    /// Every group with live members or committed offsets.
+    pub async fn list_groups(&self) -> Result<Vec<GroupSummary>> {
+        let response = self
+            .groups
+            .clone()
+            .list_groups(self.request(v1::ListGroupsRequest {}))
+            .await?
+            .into_inner();
+        Ok(response
+            .groups
+            .into_iter()
+            .map(|g| GroupSummary {
+                group_id: g.group_id,
+                members: g.members,
+                lag: g.lag,
+                max_time_lag_ms: g.max_time_lag_ms,
+            })
+            .collect())
+    }
+
+    /// A group's members and, per partition, committed offset and lag.
+    pub async fn describe_group(&self, group_id: &str) -> Result<GroupInfo> {
+        let g = self
+            .groups
+            .clone()
+            .describe_group(self.request(v1::DescribeGroupRequest {
+                group_id: group_id.to_owned(),
+            }))
+            .await?
+            .into_inner();
+        Ok(GroupInfo {
+            group_id: g.group_id,
+            members: g
+                .members
+                .into_iter()
+                .map(|m| GroupMember {
+                    member_id: m.member_id,
+                    instance_id: m.instance_id,
+                    member_epoch: m.member_epoch,
+                    assigned: m
+                        .assigned
+                        .into_iter()
+                        .flat_map(|set| {
+                            let topic = set.topic;
+                            set.partitions.into_iter().map(move |p| (topic.clone(), p))
+                        })
+                        .collect(),
+                    since_heartbeat_ms: m.since_heartbeat_ms,
+                })
+                .collect(),
+            partitions: g
+                .partitions
+                .into_iter()
+                .map(|p| GroupPartition {
+                    topic: p.topic,
+                    partition: p.partition,
+                    committed_offset: p.committed_offset,
+                    end_offset: p.end_offset,
+                    lag: p.lag,
+                    time_lag_ms: p.time_lag_ms,
+                    owner: (!p.owner.is_empty()).then_some(p.owner),
+                })
+                .collect(),
+            lag: g.lag,
+            max_time_lag_ms: g.max_time_lag_ms,
+        })
+    }
+
+    /// Moves the committed offsets of a group that has no live members:
+    /// `partition` of `topic`, or all its partitions when `None`. With
+    /// `dry_run`, changes nothing and says what would change.
+    pub async fn reset_offsets(
+        &self,
+        group_id: &str,
+        topic: &str,
+        partition: Option<u32>,
+        to: ResetTo,
+        dry_run: bool,
+    ) -> Result<Vec<OffsetChange>> {
+        use v1::reset_target::To;
+        let to = match to {
+            ResetTo::Earliest => To::Earliest(true),
+            ResetTo::Latest => To::Latest(true),
+            ResetTo::Timestamp(ms) => To::TimestampMs(ms),
+            ResetTo::Offset(offset) => To::Offset(offset),
+        };
+        let response = self
+            .groups
+            .clone()
+            .reset_offsets(self.request(v1::ResetOffsetsRequest {
+                group_id: group_id.to_owned(),
+                targets: vec![v1::ResetTarget {
+                    topic: topic.to_owned(),
+                    partition,
+                    to: Some(to),
+                }],
+                dry_run,
+            }))
+            .await?
+            .into_inner();
+        Ok(response
+            .changes
+            .into_iter()
+            .map(|c| OffsetChange {
+                topic: c.topic,
+                partition: c.partition,
+                previous: c.previous,
+                offset: c.offset,
+            })
             .collect())
     }
 }

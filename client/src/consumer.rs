@@ -127,7 +127,9 @@ impl Consumer {
         all
     }
 
-    fn start(&mut self, topic: &str, partition: u32, offset: u64) {
+    /// Starts reading a partition at `offset` (the broker clamps it to what
+    /// the partition keeps).
+    pub(crate) fn start(&mut self, topic: &str, partition: u32, offset: u64) {
         self.unassign(topic, partition);
         self.generations += 1;
         let key = (topic.to_owned(), partition);

@@ -38,6 +38,19 @@ impl Error {
         matches!(self, Error::Unavailable(_) | Error::Timeout(..))
     }
 
+    /// What a broker refusal means, when the broker says (the
+    /// `sluice-error` metadata): `unknown-member`, `not-owner`,
+    /// `group-not-empty`, `fenced`, `out-of-order`, `unknown-producer` ...
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            Error::Rejected(status) => status
+                .metadata()
+                .get("sluice-error")
+                .and_then(|v| v.to_str().ok()),
+            _ => None,
+        }
+    }
+
     /// The gRPC code of a broker refusal.
     pub fn code(&self) -> Option<Code> {
         match self {

@@ -8,7 +8,10 @@
 //! - [`Consumer`]: reads partitions as a `Stream` of records pushed by the
 //!   broker, from an offset, a time, the earliest or the latest record, and
 //!   resumes where it was after a reconnect.
-//! - [`Admin`]: topics and offsets.
+//! - [`GroupConsumer`]: a consumer in a group coordinated by the broker:
+//!   partitions assigned and moved by the broker, committed offsets,
+//!   assignment events.
+//! - [`Admin`]: topics, offsets, and groups (lag, offset resets).
 //!
 //! Every handle shares one lazily connected gRPC channel that reconnects on
 //! its own when the broker comes back.
@@ -32,13 +35,18 @@ mod admin;
 mod connection;
 mod consumer;
 mod error;
+mod group;
 mod producer;
 mod record;
 
-pub use admin::{Admin, PartitionInfo, TopicInfo, TopicSettings};
+pub use admin::{
+    Admin, GroupInfo, GroupMember, GroupPartition, GroupSummary, OffsetChange, PartitionInfo,
+    ResetTo, TopicInfo, TopicSettings,
+};
 pub use connection::ClientConfig;
 pub use consumer::{Consumer, StartFrom};
 pub use error::{Error, Result};
+pub use group::{CommitMode, GroupConfig, GroupConsumer, GroupEvent, OffsetReset, TopicPartition};
 pub use producer::{DeliveryFuture, Producer, ProducerConfig};
 pub use record::{ConsumedRecord, Header, Position, Record};
 pub use sluice_proto::partition_for_key;

@@ -138,3 +138,86 @@ fn errors_are_reported_with_a_non_zero_exit() {
     assert!(!ok);
     assert!(err.contains("invalid topic name"), "{err}");
 }
+
+#[test]
+fn groups_consume_list_describe_and_reset_offsets() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(&broker_binary(), dir.path(), &[]);
+    let (ok, _, err) = sluice(
+        &broker,
+        &["topic", "create", "jobs", "--partitions", "2"],
+        None,
+    );
+    assert!(ok, "{err}");
+    let lines: String = (0..40).map(|i| format!("k{}|job {i}\n", i % 4)).collect();
+    let (ok, _, err) = sluice(
+        &broker,
+        &["produce", "jobs", "--key-separator", "|"],
+        Some(&lines),
+    );
+    assert!(ok, "{err}");
+
+    // Read 25 as a group member; they are committed when it stops.
+    let (ok, out, err) = sluice(
+        &broker,
+        &["consume", "jobs", "--group", "workers", "--max", "25"],
+        None,
+    );
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().count(), 25, "{out}");
+
+    let (ok, out, err) = sluice(&broker, &["group", "list"], None);
+    assert!(ok, "{err}");
+    assert!(out.contains("workers\t0\t15\t"), "{out}");
+
+    let (ok, out, err) = sluice(&broker, &["group", "describe", "workers"], None);
+    assert!(ok, "{err}");
+    assert!(out.contains("workers: 0 member(s), lag 15"), "{out}");
+    assert_eq!(
+        out.matches("  jobs\t").count(),
+        2,
+        "one row a partition: {out}"
+    );
+
+    // A dry run by default: shows the plan, changes nothing.
+    let (ok, out, err) = sluice(
+        &broker,
+        &[
+            "group",
+            "reset-offsets",
+            "workers",
+            "--topic",
+            "jobs",
+            "--to",
+            "earliest",
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("dry run: nothing changed"), "{out}");
+    let (_, out, _) = sluice(&broker, &["group", "list"], None);
+    assert!(out.contains("workers\t0\t15\t"), "{out}");
+
+    let (ok, out, err) = sluice(
+        &broker,
+        &[
+            "group",
+            "reset-offsets",
+            "workers",
+            "--topic",
+            "jobs",
+            "--to",
+            "earliest",
+            "--execute",
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("reset 2 partition(s)"), "{out}");
+    let (_, out, _) = sluice(&broker, &["group", "list"], None);
+    assert!(out.contains("workers\t0\t40\t"), "{out}");
+
+    let (ok, _, err) = sluice(&broker, &["group", "describe", "nobody"], None);
+    assert!(!ok);
+    assert!(err.contains("not found"), "{err}");
+}

@@ -37,6 +37,12 @@ pub trait TopicCatalog: Send + Sync {
     fn partition_count(&self, topic: &str) -> Option<u32>;
 }
 
+impl<T: TopicCatalog + ?Sized> TopicCatalog for std::sync::Arc<T> {
+    fn partition_count(&self, topic: &str) -> Option<u32> {
+        (**self).partition_count(topic)
+    }
+}
+
 /// Limits on what members may ask for.
 #[derive(Debug, Clone)]
 pub struct GroupSettings {

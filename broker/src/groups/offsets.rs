@@ -14,6 +14,8 @@ use crate::storage::{ByteReader, Record, StateLog, StateMachine, StorageError};
 
 const KIND_COMMIT: u8 = 1;
 const KIND_DELETE_GROUP: u8 = 2;
+/// Keyed by the topic rather than a group: every group's offsets of it go.
+const KIND_DELETE_TOPIC: u8 = 3;
 
 /// A committed offset: the next offset the group will read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,6 +72,26 @@ impl OffsetStore {
         }])
     }
 
+    /// Forgets every group's offsets of `topic` (it was deleted; a new topic
+    /// of the same name starts with no offsets).
+    pub fn delete_topic(&self, topic: &str, now_ms: i64) -> Result<(), StorageError> {
+        let any = self
+            .state
+            .state()
+            .0
+            .values()
+            .any(|offsets| offsets.keys().any(|tp| tp.topic == topic));
+        if !any {
+            return Ok(());
+        }
+        self.state.append(&[Record {
+            key: Some(Bytes::copy_from_slice(topic.as_bytes())),
+            value: Bytes::from_static(&[KIND_DELETE_TOPIC]),
+            headers: vec![],
+            timestamp: now_ms,
+        }])
+    }
+
     /// The committed offsets of `group`.
     pub fn fetch(&self, group: &str) -> GroupOffsets {
         self.state.state().0.get(group).cloned().unwrap_or_default()
@@ -99,10 +121,17 @@ impl StateMachine for Offsets {
             .as_ref()
             .and_then(|k| std::str::from_utf8(k).ok())
         else {
-            tracing::warn!("offset record without a group key skipped");
+            tracing::warn!("offset record without a group or topic key skipped");
             return;
         };
         match record.value.first() {
+            Some(&KIND_DELETE_TOPIC) => {
+                let topic = group;
+                for offsets in self.0.values_mut() {
+                    offsets.retain(|tp, _| tp.topic != topic);
+                }
+                self.0.retain(|_, offsets| !offsets.is_empty());
+            }
             Some(&KIND_COMMIT) => match get_entry(&mut ByteReader::new(&record.value[1..])) {
                 Some((tp, committed)) => {
                     self.0

@@ -5,11 +5,13 @@ use std::sync::Arc;
 use sluice_proto::v1::{self, admin_service_server::AdminService};
 use tonic::{Request, Response, Status};
 
-use super::status;
+use super::{blocking, status};
+use crate::groups::GroupCoordinator;
 use crate::topics::{Topic, TopicConfig, TopicConfigPatch, TopicRegistry};
 
 pub(crate) struct Admin {
     pub(crate) topics: Arc<TopicRegistry>,
+    pub(crate) groups: Arc<GroupCoordinator>,
 }
 
 fn patch(config: Option<v1::TopicConfig>) -> TopicConfigPatch {
@@ -56,14 +58,6 @@ fn describe(topic: &Topic) -> v1::DescribeTopicResponse {
     }
 }
 
-/// Runs a registry change on the blocking pool: it creates, syncs and
-/// deletes files.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
-) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f).await.map_err(status::join)?
-}
-
 #[tonic::async_trait]
 impl AdminService for Admin {
     #[tracing::instrument(skip_all, fields(topic = %request.get_ref().name))]
@@ -91,7 +85,16 @@ impl AdminService for Admin {
     ) -> Result<Response<v1::DeleteTopicResponse>, Status> {
         let name = request.into_inner().name;
         let topics = Arc::clone(&self.topics);
-        blocking(move || topics.delete(&name).map_err(status::topic)).await?;
+        let groups = Arc::clone(&self.groups);
+        blocking(move || {
+            topics.delete(&name).map_err(status::topic)?;
+            // A topic created later under this name starts with no offsets.
+            groups
+                .offsets()
+                .delete_topic(&name, super::convert::now_ms())
+                .map_err(status::storage)
+        })
+        .await?;
         Ok(Response::new(v1::DeleteTopicResponse {}))
     }
 

@@ -16,6 +16,7 @@
 mod admin;
 mod consume;
 mod convert;
+mod groups;
 mod produce;
 mod status;
 
@@ -27,6 +28,7 @@ use std::time::Duration;
 
 use sluice_proto::v1::admin_service_server::AdminServiceServer;
 use sluice_proto::v1::consume_service_server::ConsumeServiceServer;
+use sluice_proto::v1::group_service_server::GroupServiceServer;
 use sluice_proto::v1::produce_service_server::ProduceServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -34,6 +36,7 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::Status;
 
+use crate::groups::GroupCoordinator;
 use crate::topics::TopicRegistry;
 
 /// HTTP/2 flow-control window of one stream. tonic's 64 KiB default caps
@@ -52,6 +55,9 @@ pub struct ServerSettings {
     pub shutdown_timeout: Duration,
     /// How often retention runs and producer state is snapshotted.
     pub maintenance_interval: Duration,
+    /// How long the offsets of a group with no members are kept after its
+    /// last commit.
+    pub group_offset_retention: Duration,
 }
 
 impl Default for ServerSettings {
@@ -60,6 +66,7 @@ impl Default for ServerSettings {
             max_message_bytes: 64 * 1024 * 1024,
             shutdown_timeout: Duration::from_secs(10),
             maintenance_interval: Duration::from_secs(30),
+            group_offset_retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -72,9 +79,18 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
 }
 
+/// Runs `f` on the blocking pool: for calls that create, sync or read
+/// files.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f).await.map_err(status::join)?
+}
+
 /// Serves the broker's API on `listener` until `shutdown` completes.
 pub async fn serve(
     topics: Arc<TopicRegistry>,
+    groups: Arc<GroupCoordinator>,
     listener: TcpListener,
     settings: ServerSettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -83,6 +99,7 @@ pub async fn serve(
     let limit = settings.max_message_bytes;
     let admin = AdminServiceServer::new(admin::Admin {
         topics: Arc::clone(&topics),
+        groups: Arc::clone(&groups),
     })
     .max_decoding_message_size(limit)
     .max_encoding_message_size(limit);
@@ -100,6 +117,13 @@ pub async fn serve(
     .max_decoding_message_size(limit)
     .max_encoding_message_size(limit);
 
+    let group = GroupServiceServer::new(groups::Groups {
+        topics: Arc::clone(&topics),
+        groups: Arc::clone(&groups),
+    })
+    .max_decoding_message_size(limit)
+    .max_encoding_message_size(limit);
+
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<AdminServiceServer<admin::Admin>>()
@@ -109,6 +133,9 @@ pub async fn serve(
         .await;
     health
         .set_serving::<ConsumeServiceServer<consume::Consume>>()
+        .await;
+    health
+        .set_serving::<GroupServiceServer<groups::Groups>>()
         .await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(sluice_proto::v1::FILE_DESCRIPTOR_SET)
@@ -121,7 +148,8 @@ pub async fn serve(
 
     let maintenance = tokio::spawn(maintain(
         Arc::clone(&topics),
-        settings.maintenance_interval,
+        Arc::clone(&groups),
+        settings.clone(),
         stopping.clone(),
     ));
     let mut stopped = stopping.clone();
@@ -138,6 +166,7 @@ pub async fn serve(
         .add_service(admin)
         .add_service(produce)
         .add_service(consume)
+        .add_service(group)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             let _ = stopped.wait_for(|stop| *stop).await;
         });
@@ -161,6 +190,9 @@ pub async fn serve(
         .set_not_serving::<ConsumeServiceServer<consume::Consume>>()
         .await;
     health
+        .set_not_serving::<GroupServiceServer<groups::Groups>>()
+        .await;
+    health
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
     let _ = stop.send(true);
@@ -175,22 +207,41 @@ pub async fn serve(
     }
 }
 
-/// Runs retention and producer-state snapshots every `interval`.
+/// Runs retention, producer-state snapshots and group offset expiry every
+/// maintenance interval, and removes group members whose session timed out
+/// every second (heartbeats do that too, but a group whose members all died
+/// sends none).
 async fn maintain(
     topics: Arc<TopicRegistry>,
-    interval: Duration,
+    groups: Arc<GroupCoordinator>,
+    settings: ServerSettings,
     mut stopping: watch::Receiver<bool>,
 ) {
-    let mut ticks = tokio::time::interval(interval);
+    let mut ticks = tokio::time::interval(settings.maintenance_interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticks.tick().await;
+    let mut sessions = tokio::time::interval(Duration::from_secs(1));
+    sessions.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            _ = sessions.tick() => {
+                groups.expire_sessions(std::time::Instant::now());
+                continue;
+            }
             _ = ticks.tick() => {}
             _ = stopping.wait_for(|stop| *stop) => return,
         }
         let topics = Arc::clone(&topics);
-        let _ = tokio::task::spawn_blocking(move || topics.maintain(convert::now_ms())).await;
+        let groups = Arc::clone(&groups);
+        let retention = settings.group_offset_retention;
+        let _ = tokio::task::spawn_blocking(move || {
+            let now_ms = convert::now_ms();
+            topics.maintain(now_ms);
+            if let Err(e) = groups.expire_offsets(std::time::Instant::now(), now_ms, retention) {
+                tracing::warn!(error = %e, "expiring group offsets failed");
+            }
+        })
+        .await;
     }
 }
 

@@ -2,6 +2,7 @@
 
 use tonic::{Code, Status};
 
+use crate::groups::GroupError;
 use crate::producers::{ProducerAppendError, ProducerStateError, SequenceError};
 use crate::storage::StorageError;
 use crate::topics::TopicError;
@@ -66,7 +67,25 @@ pub(crate) fn sequence(error: SequenceError) -> Status {
         SequenceError::OutOfOrder { .. } => "out-of-order",
         SequenceError::UnknownProducer { .. } => "unknown-producer",
     };
-    let mut status = Status::failed_precondition(error.to_string());
+    with_reason(Status::failed_precondition(error.to_string()), reason)
+}
+
+pub(crate) fn group(error: GroupError) -> Status {
+    let reason = match error {
+        GroupError::Storage(e) => return storage(e),
+        GroupError::UnknownGroup(_) => return Status::not_found(error.to_string()),
+        GroupError::InvalidSessionTimeout { .. } | GroupError::NoTopics => {
+            return Status::invalid_argument(error.to_string());
+        }
+        GroupError::UnknownMember { .. } => "unknown-member",
+        GroupError::InvalidMemberEpoch { .. } => "invalid-member-epoch",
+        GroupError::NotOwner { .. } => "not-owner",
+        GroupError::GroupNotEmpty { .. } => "group-not-empty",
+    };
+    with_reason(Status::failed_precondition(error.to_string()), reason)
+}
+
+fn with_reason(mut status: Status, reason: &'static str) -> Status {
     status.metadata_mut().insert(
         ERROR_REASON,
         tonic::metadata::MetadataValue::from_static(reason),

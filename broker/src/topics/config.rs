@@ -174,28 +174,34 @@ impl TopicConfig {
 
 /// Kafka's rules: 1 to 249 characters of `[a-zA-Z0-9._-]`, not `.` or `..`.
 pub fn validate_topic_name(name: &str) -> Result<(), TopicError> {
-    let invalid = |reason| TopicError::InvalidName {
-        name: name.to_owned(),
-        reason,
-    };
+    match name_rule_violation(name) {
+        Some(reason) => Err(TopicError::InvalidName {
+            name: name.to_owned(),
+            reason,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// What is wrong with `name` as a topic name or group id (both follow
+/// Kafka's rules, and both become file or record keys), if anything.
+pub fn name_rule_violation(name: &str) -> Option<&'static str> {
     if name.is_empty() {
-        return Err(invalid("it is empty"));
+        return Some("it is empty");
     }
     if name.len() > 249 {
-        return Err(invalid("it is longer than 249 characters"));
+        return Some("it is longer than 249 characters");
     }
     if name == "." || name == ".." {
-        return Err(invalid("\".\" and \"..\" are reserved"));
+        return Some("\".\" and \"..\" are reserved");
     }
     if !name
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
     {
-        return Err(invalid(
-            "only ASCII letters, digits, '.', '_' and '-' are allowed",
-        ));
+        return Some("only ASCII letters, digits, '.', '_' and '-' are allowed");
     }
-    Ok(())
+    None
 }
 
 #[cfg(test)]

@@ -21,7 +21,9 @@
 
 mod config;
 
-pub use config::{TopicConfig, TopicConfigPatch, TopicDefaults, validate_topic_name};
+pub use config::{
+    TopicConfig, TopicConfigPatch, TopicDefaults, name_rule_violation, validate_topic_name,
+};
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -402,6 +404,12 @@ impl TopicRegistry {
             }
         }
         first_error.map_or(Ok(()), Err)
+    }
+}
+
+impl crate::groups::TopicCatalog for TopicRegistry {
+    fn partition_count(&self, topic: &str) -> Option<u32> {
+        self.get(topic).ok().map(|t| t.partition_count())
     }
 }
 

@@ -8,8 +8,8 @@ use base64::Engine;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use sluice_client::{
-    Admin, ClientConfig, ConsumedRecord, Consumer, Producer, ProducerConfig, Record, StartFrom,
-    TopicSettings,
+    Admin, ClientConfig, ConsumedRecord, Consumer, GroupConfig, GroupConsumer, OffsetReset,
+    Producer, ProducerConfig, Record, ResetTo, StartFrom, TopicSettings,
 };
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio_stream::StreamExt;
@@ -44,6 +44,33 @@ enum Command {
     Consume(ConsumeArgs),
     /// Print the offsets of a topic's partitions.
     Offsets(OffsetsArgs),
+    /// List and describe consumer groups (with lag); reset their offsets.
+    #[command(subcommand)]
+    Group(GroupCommand),
+}
+
+#[derive(Subcommand)]
+enum GroupCommand {
+    /// Every group, with members and lag.
+    List,
+    /// A group's members and, per partition, committed offset and lag.
+    Describe { group: String },
+    /// Move a group's committed offsets (the group must have no live
+    /// members). Shows what would change; applies it only with --execute.
+    ResetOffsets {
+        group: String,
+        #[arg(long)]
+        topic: String,
+        /// One partition; all of the topic's if not given.
+        #[arg(long)]
+        partition: Option<u32>,
+        /// earliest, latest, offset:N or time:MS (ms since the epoch).
+        #[arg(long, value_parser = parse_reset)]
+        to: ResetTo,
+        /// Apply the change (without it, nothing is written).
+        #[arg(long)]
+        execute: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -144,6 +171,12 @@ struct ConsumeArgs {
     max: Option<u64>,
     #[arg(long, value_enum, default_value = "text")]
     format: Format,
+    /// Read as a member of this consumer group: the broker assigns the
+    /// partitions, reading starts at the group's committed offsets (--from
+    /// applies where there is none: earliest or latest), and progress is
+    /// committed. Implies --follow.
+    #[arg(long, conflicts_with = "partitions")]
+    group: Option<String>,
 }
 
 #[derive(Args)]
@@ -178,6 +211,15 @@ fn parse_start(text: &str) -> Result<StartFrom, String> {
     }
 }
 
+fn parse_reset(text: &str) -> Result<ResetTo, String> {
+    Ok(match parse_start(text)? {
+        StartFrom::Earliest => ResetTo::Earliest,
+        StartFrom::Latest => ResetTo::Latest,
+        StartFrom::Offset(n) => ResetTo::Offset(n),
+        StartFrom::Timestamp(ms) => ResetTo::Timestamp(ms),
+    })
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -185,7 +227,11 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Topic(command) => topic(&config, command).await,
         Command::Produce(args) => produce(&config, args).await,
-        Command::Consume(args) => consume(&config, args).await,
+        Command::Consume(args) => match args.group.clone() {
+            Some(group) => consume_in_group(&config, group, args).await,
+            None => consume(&config, args).await,
+        },
+        Command::Group(command) => group(&config, command).await,
         Command::Offsets(args) => {
             let admin = Admin::new(&config)?;
             for (partition, offset) in admin.offsets(&args.topic, &[], args.at).await? {
@@ -245,6 +291,138 @@ async fn topic(config: &ClientConfig, command: TopicCommand) -> anyhow::Result<(
         }
     }
     Ok(())
+}
+
+fn or_dash<T: ToString>(value: Option<T>) -> String {
+    value.map_or_else(|| "-".to_owned(), |v| v.to_string())
+}
+
+async fn group(config: &ClientConfig, command: GroupCommand) -> anyhow::Result<()> {
+    let admin = Admin::new(config)?;
+    match command {
+        GroupCommand::List => {
+            println!("group\tmembers\tlag\tmax_time_lag_ms");
+            for g in admin.list_groups().await? {
+                println!(
+                    "{}\t{}\t{}\t{}",
+                    g.group_id, g.members, g.lag, g.max_time_lag_ms
+                );
+            }
+        }
+        GroupCommand::Describe { group } => {
+            let info = admin.describe_group(&group).await?;
+            println!(
+                "{}: {} member(s), lag {}, max time lag {} ms",
+                info.group_id,
+                info.members.len(),
+                info.lag,
+                info.max_time_lag_ms
+            );
+            for m in &info.members {
+                let assigned: Vec<String> =
+                    m.assigned.iter().map(|(t, p)| format!("{t}/{p}")).collect();
+                println!(
+                    "  member {} instance={} epoch={} heartbeat {} ms ago: {}",
+                    m.member_id,
+                    m.instance_id.as_deref().unwrap_or("-"),
+                    m.member_epoch,
+                    m.since_heartbeat_ms,
+                    assigned.join(" ")
+                );
+            }
+            println!("  topic\tpartition\tcommitted\tend\tlag\ttime_lag_ms\towner");
+            for p in &info.partitions {
+                println!(
+                    "  {}\t{}\t{}\t{}\t{}\t{}\t{}",
+                    p.topic,
+                    p.partition,
+                    or_dash(p.committed_offset),
+                    p.end_offset,
+                    or_dash(p.lag),
+                    or_dash(p.time_lag_ms),
+                    p.owner.as_deref().unwrap_or("-")
+                );
+            }
+        }
+        GroupCommand::ResetOffsets {
+            group,
+            topic,
+            partition,
+            to,
+            execute,
+        } => {
+            let changes = admin
+                .reset_offsets(&group, &topic, partition, to, !execute)
+                .await?;
+            println!("topic\tpartition\tprevious\tnew");
+            for c in &changes {
+                println!(
+                    "{}\t{}\t{}\t{}",
+                    c.topic,
+                    c.partition,
+                    or_dash(c.previous),
+                    c.offset
+                );
+            }
+            if execute {
+                println!("reset {} partition(s) of group {group}", changes.len());
+            } else {
+                println!("dry run: nothing changed; add --execute to apply");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads as a group member until --max records or Ctrl-C, then commits
+/// and leaves.
+async fn consume_in_group(
+    config: &ClientConfig,
+    group: String,
+    args: ConsumeArgs,
+) -> anyhow::Result<()> {
+    let mut settings = GroupConfig::new(group, [args.topic.clone()]);
+    settings.auto_offset_reset = match args.from {
+        StartFrom::Earliest => OffsetReset::Earliest,
+        StartFrom::Latest => OffsetReset::Latest,
+        _ => bail!("with --group, --from is earliest or latest (where the group has no offset)"),
+    };
+    let mut consumer = GroupConsumer::new(config, settings)?;
+    let bar = progress(args.max, "records read");
+    let mut out = tokio::io::BufWriter::new(tokio::io::stdout());
+    let mut count = 0u64;
+    let interrupted = tokio::signal::ctrl_c();
+    tokio::pin!(interrupted);
+    while args.max.is_none_or(|max| count < max) {
+        let record = tokio::select! {
+            record = consumer.next() => record?,
+            _ = &mut interrupted => break,
+        };
+        out.write_all(format_record(&record, args.format).as_bytes())
+            .await?;
+        out.write_all(b"\n").await?;
+        out.flush().await?;
+        count += 1;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    // Everything printed counts as processed.
+    consumer.commit().await?;
+    consumer.close().await?;
+    Ok(())
+}
+
+fn format_record(record: &ConsumedRecord, format: Format) -> String {
+    match format {
+        Format::Json => json_line(record),
+        Format::Text => format!(
+            "{}/{}\t{}\t{}",
+            record.partition,
+            record.offset,
+            record.key.as_deref().map(text).unwrap_or_default(),
+            text(&record.value)
+        ),
+    }
 }
 
 /// A progress display on standard error, only when it is a terminal.
@@ -401,16 +579,7 @@ async fn consume(config: &ClientConfig, args: ConsumeArgs) -> anyhow::Result<()>
             break;
         };
         let record = record?;
-        let line = match args.format {
-            Format::Json => json_line(&record),
-            Format::Text => format!(
-                "{}/{}\t{}\t{}",
-                record.partition,
-                record.offset,
-                record.key.as_deref().map(text).unwrap_or_default(),
-                text(&record.value)
-            ),
-        };
+        let line = format_record(&record, args.format);
         out.write_all(line.as_bytes()).await?;
         out.write_all(b"\n").await?;
         if args.follow {

@@ -1,0 +1,525 @@
+//! `GroupService`: consumer group membership, commits, lag and resets.
+//!
+//! Requests are checked here (names, topics and partitions that exist,
+//! offsets within the log) before they reach the [`GroupCoordinator`],
+//! which trusts them. Lag is computed here from the coordinator's offsets
+//! and the partitions' logs.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sluice_proto::v1::{self, group_service_server::GroupService};
+use tonic::{Request, Response, Status};
+
+use super::convert::now_ms;
+use super::{blocking, status};
+use crate::groups::{
+    CommittedOffset, GroupCoordinator, GroupDescription, GroupError, TopicPartition,
+};
+use crate::topics::{TopicRegistry, name_rule_violation};
+
+const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(30);
+const MAX_METADATA_BYTES: usize = 4096;
+const MAX_INSTANCE_ID_BYTES: usize = 249;
+
+pub(crate) struct Groups {
+    pub(crate) topics: Arc<TopicRegistry>,
+    pub(crate) groups: Arc<GroupCoordinator>,
+}
+
+fn check_group_id(group_id: &str) -> Result<(), Status> {
+    match name_rule_violation(group_id) {
+        Some(reason) => Err(Status::invalid_argument(format!(
+            "invalid group id {group_id:?}: {reason}"
+        ))),
+        None => Ok(()),
+    }
+}
+
+fn check_member_id(member_id: &str) -> Result<(), Status> {
+    if member_id.is_empty() {
+        return Err(Status::invalid_argument(
+            "member id is empty: join the group first",
+        ));
+    }
+    Ok(())
+}
+
+fn partition_sets(partitions: &BTreeSet<TopicPartition>) -> Vec<v1::TopicPartitions> {
+    let mut by_topic: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
+    for tp in partitions {
+        by_topic.entry(&tp.topic).or_default().push(tp.partition);
+    }
+    by_topic
+        .into_iter()
+        .map(|(topic, partitions)| v1::TopicPartitions {
+            topic: topic.to_owned(),
+            partitions,
+        })
+        .collect()
+}
+
+fn from_partition_sets(sets: Vec<v1::TopicPartitions>) -> BTreeSet<TopicPartition> {
+    sets.into_iter()
+        .flat_map(|set| {
+            let topic = set.topic;
+            set.partitions
+                .into_iter()
+                .map(move |p| TopicPartition::new(topic.clone(), p))
+        })
+        .collect()
+}
+
+fn duration_ms(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}
+
+/// Lag of one partition for a group: what is left to read, and how old the
+/// oldest of it is.
+struct PartitionLag {
+    end_offset: u64,
+    log_start_offset: u64,
+    lag: Option<u64>,
+    time_lag_ms: Option<i64>,
+}
+
+/// Reads the partition's offsets, and the timestamp of the first record the
+/// group has not consumed (one small read; blocking).
+fn partition_lag(
+    topics: &TopicRegistry,
+    tp: &TopicPartition,
+    committed: Option<&CommittedOffset>,
+    now_ms: i64,
+) -> Option<PartitionLag> {
+    let topic = topics.get(&tp.topic).ok()?;
+    let log = topic.partition(tp.partition).ok()?.log().clone();
+    let end_offset = log.high_watermark();
+    let log_start_offset = log.log_start_offset();
+    let Some(committed) = committed else {
+        return Some(PartitionLag {
+            end_offset,
+            log_start_offset,
+            lag: None,
+            time_lag_ms: None,
+        });
+    };
+    // Records deleted by retention are not waiting for the group.
+    let next = committed.offset.max(log_start_offset);
+    let lag = end_offset.saturating_sub(next);
+    let time_lag_ms = if lag == 0 {
+        0
+    } else {
+        match log.read_records(next, 1) {
+            Ok(records) => records
+                .iter()
+                .find(|r| r.offset >= next)
+                .map_or(0, |r| now_ms.saturating_sub(r.record.timestamp).max(0)),
+            Err(e) => {
+                tracing::warn!(partition = %tp, error = %e, "reading the oldest unconsumed record for lag failed");
+                0
+            }
+        }
+    };
+    Some(PartitionLag {
+        end_offset,
+        log_start_offset,
+        lag: Some(lag),
+        time_lag_ms: Some(time_lag_ms),
+    })
+}
+
+/// A group as `DescribeGroup` answers: members, and every partition its
+/// members read or it has an offset for, with lag. Blocking (reads logs).
+fn describe_with_lag(
+    topics: &TopicRegistry,
+    description: GroupDescription,
+) -> v1::DescribeGroupResponse {
+    let now = now_ms();
+    let mut partitions: BTreeSet<TopicPartition> = description.offsets.keys().cloned().collect();
+    let mut owners: BTreeMap<&TopicPartition, &str> = BTreeMap::new();
+    for member in &description.members {
+        for topic in &member.topics {
+            if let Ok(t) = topics.get(topic) {
+                partitions.extend((0..t.partition_count()).map(|p| TopicPartition::new(topic, p)));
+            }
+        }
+        for tp in member.owned.iter().chain(&member.assigned) {
+            owners.insert(tp, &member.member_id);
+        }
+    }
+    let mut total_lag = 0;
+    let mut max_time_lag_ms = 0;
+    let mut rows = Vec::with_capacity(partitions.len());
+    for tp in &partitions {
+        let committed = description.offsets.get(tp);
+        // Offsets of a topic deleted since are not shown.
+        let Some(lag) = partition_lag(topics, tp, committed, now) else {
+            continue;
+        };
+        total_lag += lag.lag.unwrap_or(0);
+        max_time_lag_ms = max_time_lag_ms.max(lag.time_lag_ms.unwrap_or(0));
+        rows.push(v1::GroupPartition {
+            topic: tp.topic.clone(),
+            partition: tp.partition,
+            committed_offset: committed.map(|c| c.offset),
+            metadata: committed.map(|c| c.metadata.clone()).unwrap_or_default(),
+            commit_time_ms: committed.map_or(0, |c| c.commit_time_ms),
+            end_offset: lag.end_offset,
+            log_start_offset: lag.log_start_offset,
+            lag: lag.lag,
+            time_lag_ms: lag.time_lag_ms,
+            owner: owners.get(tp).map(|m| (*m).to_owned()).unwrap_or_default(),
+        });
+    }
+    v1::DescribeGroupResponse {
+        group_id: description.group_id,
+        group_epoch: description.group_epoch,
+        members: description
+            .members
+            .into_iter()
+            .map(|m| v1::MemberDescription {
+                member_id: m.member_id,
+                instance_id: m.instance_id,
+                topics: m.topics.into_iter().collect(),
+                member_epoch: m.member_epoch,
+                assigned: partition_sets(&m.assigned),
+                owned: partition_sets(&m.owned),
+                since_heartbeat_ms: u64::try_from(m.since_heartbeat.as_millis())
+                    .unwrap_or(u64::MAX),
+            })
+            .collect(),
+        partitions: rows,
+        lag: total_lag,
+        max_time_lag_ms,
+    }
+}
+
+/// The offset a reset target resolves to in one partition.
+fn reset_offset(
+    topics: &TopicRegistry,
+    tp: &TopicPartition,
+    to: &v1::reset_target::To,
+) -> Result<u64, Status> {
+    let topic = topics.get(&tp.topic).map_err(status::topic)?;
+    let log = topic
+        .partition(tp.partition)
+        .map_err(status::topic)?
+        .log()
+        .clone();
+    let (earliest, latest) = (log.log_start_offset(), log.high_watermark());
+    Ok(match *to {
+        v1::reset_target::To::Earliest(_) => earliest,
+        v1::reset_target::To::Latest(_) => latest,
+        v1::reset_target::To::TimestampMs(ts) => log
+            .offset_for_timestamp(ts)
+            .unwrap_or(latest)
+            .clamp(earliest, latest),
+        v1::reset_target::To::Offset(offset) => {
+            if !(earliest..=latest).contains(&offset) {
+                return Err(Status::out_of_range(format!(
+                    "offset {offset} of {tp} is outside the kept range {earliest}..={latest}"
+                )));
+            }
+            offset
+        }
+    })
+}
+
+#[tonic::async_trait]
+impl GroupService for Groups {
+    #[tracing::instrument(skip_all, fields(group = %request.get_ref().group_id))]
+    async fn join_group(
+        &self,
+        request: Request<v1::JoinGroupRequest>,
+    ) -> Result<Response<v1::JoinGroupResponse>, Status> {
+        let request = request.into_inner();
+        check_group_id(&request.group_id)?;
+        if let Some(instance) = &request.instance_id {
+            if instance.is_empty() || instance.len() > MAX_INSTANCE_ID_BYTES {
+                return Err(Status::invalid_argument(format!(
+                    "instance id must be 1 to {MAX_INSTANCE_ID_BYTES} bytes, got {}",
+                    instance.len()
+                )));
+            }
+        }
+        if request.topics.is_empty() {
+            return Err(status::group(GroupError::NoTopics));
+        }
+        for topic in &request.topics {
+            self.topics.get(topic).map_err(status::topic)?;
+        }
+        let session_timeout = match request.session_timeout_ms {
+            0 => DEFAULT_SESSION_TIMEOUT,
+            ms => Duration::from_millis(u64::from(ms)),
+        };
+        let joined = self
+            .groups
+            .join(
+                &request.group_id,
+                request.instance_id.as_deref(),
+                request.topics.into_iter().collect(),
+                session_timeout,
+                Instant::now(),
+            )
+            .map_err(status::group)?;
+        Ok(Response::new(v1::JoinGroupResponse {
+            member_id: joined.member_id,
+            member_epoch: joined.member_epoch,
+            heartbeat_interval_ms: duration_ms(joined.heartbeat_interval),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(group = %request.get_ref().group_id, member = %request.get_ref().member_id))]
+    async fn heartbeat(
+        &self,
+        request: Request<v1::HeartbeatRequest>,
+    ) -> Result<Response<v1::HeartbeatResponse>, Status> {
+        let request = request.into_inner();
+        check_group_id(&request.group_id)?;
+        check_member_id(&request.member_id)?;
+        let assignment = self
+            .groups
+            .heartbeat(
+                &request.group_id,
+                &request.member_id,
+                from_partition_sets(request.owned),
+                Instant::now(),
+            )
+            .map_err(status::group)?;
+        Ok(Response::new(v1::HeartbeatResponse {
+            member_epoch: assignment.member_epoch,
+            assigned: partition_sets(&assignment.partitions),
+            heartbeat_interval_ms: duration_ms(assignment.heartbeat_interval),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(group = %request.get_ref().group_id, member = %request.get_ref().member_id))]
+    async fn leave_group(
+        &self,
+        request: Request<v1::LeaveGroupRequest>,
+    ) -> Result<Response<v1::LeaveGroupResponse>, Status> {
+        let request = request.into_inner();
+        check_group_id(&request.group_id)?;
+        check_member_id(&request.member_id)?;
+        self.groups
+            .leave(&request.group_id, &request.member_id)
+            .map_err(status::group)?;
+        Ok(Response::new(v1::LeaveGroupResponse {}))
+    }
+
+    #[tracing::instrument(skip_all, fields(group = %request.get_ref().group_id, member = %request.get_ref().member_id))]
+    async fn commit_offsets(
+        &self,
+        request: Request<v1::CommitOffsetsRequest>,
+    ) -> Result<Response<v1::CommitOffsetsResponse>, Status> {
+        let request = request.into_inner();
+        check_group_id(&request.group_id)?;
+        if request.offsets.is_empty() {
+            return Err(Status::invalid_argument(
+                "a commit needs at least one offset",
+            ));
+        }
+        let mut seen = BTreeSet::new();
+        let mut offsets = Vec::with_capacity(request.offsets.len());
+        for commit in request.offsets {
+            let tp = TopicPartition::new(commit.topic, commit.partition);
+            if !seen.insert(tp.clone()) {
+                return Err(Status::invalid_argument(format!(
+                    "{tp} appears more than once in the commit"
+                )));
+            }
+            if commit.metadata.len() > MAX_METADATA_BYTES {
+                return Err(Status::invalid_argument(format!(
+                    "metadata of {tp} is {} bytes; at most {MAX_METADATA_BYTES} are kept",
+                    commit.metadata.len()
+                )));
+            }
+            let topic = self.topics.get(&tp.topic).map_err(status::topic)?;
+            let latest = topic
+                .partition(tp.partition)
+                .map_err(status::topic)?
+                .log()
+                .high_watermark();
+            if commit.offset > latest {
+                return Err(Status::out_of_range(format!(
+                    "offset {} of {tp} is past its latest offset {latest}",
+                    commit.offset
+                )));
+            }
+            offsets.push((tp, commit.offset, commit.metadata));
+        }
+        let member = (!request.member_id.is_empty()).then_some(request.member_id);
+        let epoch = request.member_epoch;
+        let group_id = request.group_id;
+        let groups = Arc::clone(&self.groups);
+        // The commit syncs the offset log.
+        blocking(move || {
+            groups
+                .commit(
+                    &group_id,
+                    member.as_deref().map(|m| (m, epoch)),
+                    offsets,
+                    Instant::now(),
+                    now_ms(),
+                )
+                .map_err(status::group)
+        })
+        .await?;
+        Ok(Response::new(v1::CommitOffsetsResponse {}))
+    }
+
+    #[tracing::instrument(skip_all, fields(group = %request.get_ref().group_id))]
+    async fn fetch_offsets(
+        &self,
+        request: Request<v1::FetchOffsetsRequest>,
+    ) -> Result<Response<v1::FetchOffsetsResponse>, Status> {
+        let request = request.into_inner();
+        check_group_id(&request.group_id)?;
+        let only: BTreeSet<String> = request.topics.into_iter().collect();
+        let offsets = self
+            .groups
+            .offsets()
+            .fetch(&request.group_id)
+            .into_iter()
+            .filter(|(tp, _)| only.is_empty() || only.contains(&tp.topic))
+            .map(|(tp, c)| v1::CommittedOffset {
+                topic: tp.topic,
+                partition: tp.partition,
+                offset: c.offset,
+                metadata: c.metadata,
+                commit_time_ms: c.commit_time_ms,
+            })
+            .collect();
+        Ok(Response::new(v1::FetchOffsetsResponse { offsets }))
+    }
+
+    async fn list_groups(
+        &self,
+        _request: Request<v1::ListGroupsRequest>,
+    ) -> Result<Response<v1::ListGroupsResponse>, Status> {
+        let topics = Arc::clone(&self.topics);
+        let groups = Arc::clone(&self.groups);
+        let summaries = blocking(move || {
+            let now = Instant::now();
+            Ok(groups
+                .list()
+                .into_iter()
+                .filter_map(|id| groups.describe(&id, now).ok())
+                .map(|description| {
+                    let members = description.members.len() as u32;
+                    let described = describe_with_lag(&topics, description);
+                    v1::GroupSummary {
+                        group_id: described.group_id,
+                        members,
+                        lag: described.lag,
+                        max_time_lag_ms: described.max_time_lag_ms,
+                    }
+                })
+                .collect())
+        })
+        .await?;
+        Ok(Response::new(v1::ListGroupsResponse { groups: summaries }))
+    }
+
+    #[tracing::instrument(skip_all, fields(group = %request.get_ref().group_id))]
+    async fn describe_group(
+        &self,
+        request: Request<v1::DescribeGroupRequest>,
+    ) -> Result<Response<v1::DescribeGroupResponse>, Status> {
+        let group_id = request.into_inner().group_id;
+        check_group_id(&group_id)?;
+        let description = self
+            .groups
+            .describe(&group_id, Instant::now())
+            .map_err(status::group)?;
+        let topics = Arc::clone(&self.topics);
+        let described = blocking(move || Ok(describe_with_lag(&topics, description))).await?;
+        Ok(Response::new(described))
+    }
+
+    #[tracing::instrument(skip_all, fields(group = %request.get_ref().group_id))]
+    async fn reset_offsets(
+        &self,
+        request: Request<v1::ResetOffsetsRequest>,
+    ) -> Result<Response<v1::ResetOffsetsResponse>, Status> {
+        let request = request.into_inner();
+        check_group_id(&request.group_id)?;
+        if request.targets.is_empty() {
+            return Err(Status::invalid_argument(
+                "a reset needs at least one target",
+            ));
+        }
+        let topics = Arc::clone(&self.topics);
+        let groups = Arc::clone(&self.groups);
+        let dry_run = request.dry_run;
+        let changes = blocking(move || {
+            let mut targets: BTreeMap<TopicPartition, u64> = BTreeMap::new();
+            for target in &request.targets {
+                let to = target.to.as_ref().ok_or_else(|| {
+                    Status::invalid_argument(format!(
+                        "reset target of topic {:?} says nowhere to move: set earliest, \
+                         latest, timestamp_ms or offset",
+                        target.topic
+                    ))
+                })?;
+                let topic = topics.get(&target.topic).map_err(status::topic)?;
+                let partitions = match target.partition {
+                    Some(p) => vec![p],
+                    None => (0..topic.partition_count()).collect(),
+                };
+                for partition in partitions {
+                    let tp = TopicPartition::new(&target.topic, partition);
+                    let offset = reset_offset(&topics, &tp, to)?;
+                    if targets.insert(tp.clone(), offset).is_some() {
+                        return Err(Status::invalid_argument(format!(
+                            "{tp} is named by more than one reset target"
+                        )));
+                    }
+                }
+            }
+            groups
+                .reset_offsets(
+                    &request.group_id,
+                    targets.into_iter().collect(),
+                    dry_run,
+                    Instant::now(),
+                    now_ms(),
+                )
+                .map_err(status::group)
+        })
+        .await?;
+        Ok(Response::new(v1::ResetOffsetsResponse {
+            changes: changes
+                .into_iter()
+                .map(|c| v1::OffsetChange {
+                    topic: c.partition.topic,
+                    partition: c.partition.partition,
+                    previous: c.previous,
+                    offset: c.offset,
+                })
+                .collect(),
+            dry_run,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_sets_round_trip_grouped_by_topic() {
+        let set: BTreeSet<TopicPartition> = [
+            TopicPartition::new("b", 1),
+            TopicPartition::new("a", 2),
+            TopicPartition::new("a", 0),
+        ]
+        .into();
+        let wire = partition_sets(&set);
+        assert_eq!(wire.len(), 2);
+        assert_eq!(wire[0].topic, "a");
+        assert_eq!(wire[0].partitions, vec![0, 2]);
+        assert_eq!(from_partition_sets(wire), set);
+    }
+}

@@ -1,0 +1,604 @@
+//! `GroupService` against the real broker binary: fencing, lag, resets,
+//! offset expiry and every bad input.
+
+mod grpc_common;
+
+use std::time::Duration;
+
+use grpc_common::{create_topic, produce_request, record, start_broker};
+use sluice_proto::v1::{self, group_service_client::GroupServiceClient};
+use sluice_testkit::Broker;
+use tonic::Code;
+use tonic::transport::Channel;
+
+async fn groups(broker: &Broker) -> GroupServiceClient<Channel> {
+    GroupServiceClient::new(broker.channel().await)
+}
+
+async fn produce(broker: &Broker, topic: &str, partition: u32, count: usize) {
+    let records = (0..count).map(|i| record(None, &format!("v{i}"))).collect();
+    broker
+        .producer()
+        .await
+        .produce(produce_request(topic, Some(partition), records))
+        .await
+        .unwrap();
+}
+
+fn commit(
+    group: &str,
+    member: (&str, u64),
+    offsets: &[(&str, u32, u64)],
+) -> v1::CommitOffsetsRequest {
+    v1::CommitOffsetsRequest {
+        group_id: group.into(),
+        member_id: member.0.into(),
+        member_epoch: member.1,
+        offsets: offsets
+            .iter()
+            .map(|&(topic, partition, offset)| v1::OffsetCommit {
+                topic: topic.into(),
+                partition,
+                offset,
+                metadata: String::new(),
+            })
+            .collect(),
+    }
+}
+
+fn join(group: &str, topic: &str, session_ms: u32) -> v1::JoinGroupRequest {
+    v1::JoinGroupRequest {
+        group_id: group.into(),
+        instance_id: None,
+        topics: vec![topic.into()],
+        session_timeout_ms: session_ms,
+    }
+}
+
+fn heartbeat(group: &str, member: &str, owned: &[v1::TopicPartitions]) -> v1::HeartbeatRequest {
+    v1::HeartbeatRequest {
+        group_id: group.into(),
+        member_id: member.into(),
+        owned: owned.to_vec(),
+    }
+}
+
+fn reason(status: &tonic::Status) -> &str {
+    status
+        .metadata()
+        .get("sluice-error")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}
+
+#[tokio::test]
+async fn an_evicted_member_cannot_commit_and_a_non_owner_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start_broker(dir.path(), &[]);
+    create_topic(&broker, "orders", 2).await;
+    produce(&broker, "orders", 0, 10).await;
+    let mut client = groups(&broker).await;
+
+    // A member with a short session takes both partitions, then goes quiet.
+    let old = client
+        .join_group(join("g", "orders", 500))
+        .await
+        .unwrap()
+        .into_inner();
+    let assigned = client
+        .heartbeat(heartbeat("g", &old.member_id, &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(assigned.assigned[0].partitions, vec![0, 1]);
+    client
+        .commit_offsets(commit(
+            "g",
+            (&old.member_id, assigned.member_epoch),
+            &[("orders", 0, 3)],
+        ))
+        .await
+        .expect("an owner commits");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+
+    // Its session timed out: a new member owns the partitions now.
+    let new = client
+        .join_group(join("g", "orders", 10_000))
+        .await
+        .unwrap()
+        .into_inner();
+    let new_assignment = client
+        .heartbeat(heartbeat("g", &new.member_id, &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(new_assignment.assigned[0].partitions, vec![0, 1]);
+    client
+        .commit_offsets(commit(
+            "g",
+            (&new.member_id, new_assignment.member_epoch),
+            &[("orders", 0, 7)],
+        ))
+        .await
+        .unwrap();
+
+    let refused = client
+        .commit_offsets(commit(
+            "g",
+            (&old.member_id, assigned.member_epoch),
+            &[("orders", 0, 5)],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&refused), "unknown-member");
+    assert!(
+        refused.message().contains("missed its session timeout"),
+        "{}",
+        refused.message()
+    );
+    let heartbeat_refused = client
+        .heartbeat(heartbeat("g", &old.member_id, &[]))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&heartbeat_refused), "unknown-member");
+
+    // The newer owner's offset stands.
+    let offsets = client
+        .fetch_offsets(v1::FetchOffsetsRequest {
+            group_id: "g".into(),
+            topics: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .offsets;
+    assert_eq!(offsets.len(), 1);
+    assert_eq!((offsets[0].partition, offsets[0].offset), (0, 7));
+
+    // A second member gets half; committing the other half is not its to do.
+    let other = client
+        .join_group(join("g", "orders", 10_000))
+        .await
+        .unwrap()
+        .into_inner();
+    // Heartbeats in which the first member holds nothing: it released
+    // what it was told to, so the second one gets its share.
+    for member in [&new.member_id, &other.member_id, &new.member_id] {
+        client.heartbeat(heartbeat("g", member, &[])).await.unwrap();
+    }
+    let other_assignment = client
+        .heartbeat(heartbeat("g", &other.member_id, &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    let others: Vec<u32> = other_assignment
+        .assigned
+        .iter()
+        .flat_map(|s| s.partitions.clone())
+        .collect();
+    assert_eq!(others.len(), 1);
+    let not_its = 1 - others[0];
+    let refused = client
+        .commit_offsets(commit(
+            "g",
+            (&other.member_id, other_assignment.member_epoch),
+            &[("orders", not_its, 1)],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&refused), "not-owner");
+
+    // Nobody outside the group writes offsets while it has members.
+    let refused = client
+        .commit_offsets(commit("g", ("", 0), &[("orders", 0, 1)]))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&refused), "group-not-empty");
+}
+
+#[tokio::test]
+async fn lag_is_end_minus_committed_and_its_age_grows_while_the_group_is_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start_broker(dir.path(), &[]);
+    create_topic(&broker, "clicks", 2).await;
+    produce(&broker, "clicks", 0, 50).await;
+    produce(&broker, "clicks", 1, 20).await;
+    let mut client = groups(&broker).await;
+    // A group with no members: offsets committed from outside.
+    client
+        .commit_offsets(commit(
+            "stats",
+            ("", 0),
+            &[("clicks", 0, 30), ("clicks", 1, 20)],
+        ))
+        .await
+        .unwrap();
+
+    let describe = |mut client: GroupServiceClient<Channel>| async move {
+        client
+            .describe_group(v1::DescribeGroupRequest {
+                group_id: "stats".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    let first = describe(client.clone()).await;
+    assert!(first.members.is_empty());
+    let p0 = &first.partitions[0];
+    assert_eq!(
+        (p0.committed_offset, p0.end_offset, p0.lag),
+        (Some(30), 50, Some(20))
+    );
+    let p1 = &first.partitions[1];
+    assert_eq!(
+        (p1.committed_offset, p1.end_offset, p1.lag, p1.time_lag_ms),
+        (Some(20), 20, Some(0), Some(0))
+    );
+    assert_eq!(first.lag, 20);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let second = describe(client.clone()).await;
+    let grew = second.partitions[0].time_lag_ms.unwrap() - p0.time_lag_ms.unwrap();
+    assert!(grew >= 350, "time lag grew by {grew} ms over 400 ms");
+    assert_eq!(
+        second.max_time_lag_ms,
+        second.partitions[0].time_lag_ms.unwrap()
+    );
+
+    let listed = client
+        .list_groups(v1::ListGroupsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .groups;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (
+            listed[0].group_id.as_str(),
+            listed[0].members,
+            listed[0].lag
+        ),
+        ("stats", 0, 20)
+    );
+
+    // Consuming catches up: lag drops to 0.
+    client
+        .commit_offsets(commit("stats", ("", 0), &[("clicks", 0, 50)]))
+        .await
+        .unwrap();
+    let caught_up = describe(client).await;
+    assert_eq!(caught_up.lag, 0);
+    assert_eq!(caught_up.max_time_lag_ms, 0);
+}
+
+#[tokio::test]
+async fn a_reset_dry_run_changes_nothing_and_the_real_one_moves_the_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start_broker(dir.path(), &[]);
+    create_topic(&broker, "audit", 2).await;
+    produce(&broker, "audit", 0, 10).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let middle_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    produce(&broker, "audit", 0, 10).await;
+    produce(&broker, "audit", 1, 5).await;
+    let mut client = groups(&broker).await;
+    client
+        .commit_offsets(commit("replayers", ("", 0), &[("audit", 0, 18)]))
+        .await
+        .unwrap();
+
+    let reset =
+        |to: v1::reset_target::To, partition: Option<u32>, dry_run: bool| v1::ResetOffsetsRequest {
+            group_id: "replayers".into(),
+            targets: vec![v1::ResetTarget {
+                topic: "audit".into(),
+                partition,
+                to: Some(to),
+            }],
+            dry_run,
+        };
+    let fetch = |mut client: GroupServiceClient<Channel>| async move {
+        let offsets = client
+            .fetch_offsets(v1::FetchOffsetsRequest {
+                group_id: "replayers".into(),
+                topics: vec![],
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .offsets;
+        offsets
+            .into_iter()
+            .map(|o| (o.partition, o.offset))
+            .collect::<Vec<_>>()
+    };
+
+    let dry = client
+        .reset_offsets(reset(v1::reset_target::To::Earliest(true), None, true))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(dry.dry_run);
+    let planned: Vec<_> = dry
+        .changes
+        .iter()
+        .map(|c| (c.partition, c.previous, c.offset))
+        .collect();
+    assert_eq!(planned, vec![(0, Some(18), 0), (1, None, 0)]);
+    assert_eq!(
+        fetch(client.clone()).await,
+        vec![(0, 18)],
+        "a dry run writes nothing"
+    );
+
+    client
+        .reset_offsets(reset(v1::reset_target::To::Earliest(true), None, false))
+        .await
+        .unwrap();
+    assert_eq!(fetch(client.clone()).await, vec![(0, 0), (1, 0)]);
+    client
+        .reset_offsets(reset(
+            v1::reset_target::To::TimestampMs(middle_ms),
+            Some(0),
+            false,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(fetch(client.clone()).await, vec![(0, 10), (1, 0)]);
+    client
+        .reset_offsets(reset(v1::reset_target::To::Latest(true), Some(1), false))
+        .await
+        .unwrap();
+    client
+        .reset_offsets(reset(v1::reset_target::To::Offset(4), Some(0), false))
+        .await
+        .unwrap();
+    assert_eq!(fetch(client.clone()).await, vec![(0, 4), (1, 5)]);
+
+    let out_of_range = client
+        .reset_offsets(reset(v1::reset_target::To::Offset(21), Some(0), false))
+        .await
+        .unwrap_err();
+    assert_eq!(out_of_range.code(), Code::OutOfRange);
+
+    // Not while the group has live members.
+    let member = client
+        .join_group(join("replayers", "audit", 10_000))
+        .await
+        .unwrap()
+        .into_inner();
+    let refused = client
+        .reset_offsets(reset(v1::reset_target::To::Earliest(true), None, false))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&refused), "group-not-empty");
+    assert_eq!(fetch(client.clone()).await, vec![(0, 4), (1, 5)]);
+    client
+        .leave_group(v1::LeaveGroupRequest {
+            group_id: "replayers".into(),
+            member_id: member.member_id,
+        })
+        .await
+        .unwrap();
+    client
+        .reset_offsets(reset(v1::reset_target::To::Earliest(true), None, false))
+        .await
+        .expect("allowed once the member left");
+}
+
+#[tokio::test]
+async fn offsets_of_an_empty_group_expire_and_of_a_deleted_topic_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start_broker(
+        dir.path(),
+        &[
+            "--group-offset-retention-ms",
+            "300",
+            "--maintenance-interval-ms",
+            "100",
+        ],
+    );
+    create_topic(&broker, "t", 1).await;
+    create_topic(&broker, "u", 1).await;
+    produce(&broker, "t", 0, 3).await;
+    produce(&broker, "u", 0, 3).await;
+    let mut client = groups(&broker).await;
+    client
+        .commit_offsets(commit("idle", ("", 0), &[("t", 0, 2)]))
+        .await
+        .unwrap();
+    // A group with a live member keeps its offsets however old.
+    client
+        .commit_offsets(commit("busy", ("", 0), &[("t", 0, 1), ("u", 0, 1)]))
+        .await
+        .unwrap();
+    let member = client
+        .join_group(join("busy", "t", 60_000))
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    client
+        .heartbeat(heartbeat("busy", &member.member_id, &[]))
+        .await
+        .unwrap();
+    let listed: Vec<String> = client
+        .list_groups(v1::ListGroupsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .groups
+        .into_iter()
+        .map(|g| g.group_id)
+        .collect();
+    assert_eq!(listed, vec!["busy".to_string()]);
+    let missing = client
+        .describe_group(v1::DescribeGroupRequest {
+            group_id: "idle".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+
+    broker
+        .admin()
+        .await
+        .delete_topic(v1::DeleteTopicRequest { name: "u".into() })
+        .await
+        .unwrap();
+    let topics: Vec<String> = client
+        .fetch_offsets(v1::FetchOffsetsRequest {
+            group_id: "busy".into(),
+            topics: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .offsets
+        .into_iter()
+        .map(|o| o.topic)
+        .collect();
+    assert_eq!(topics, vec!["t".to_string()]);
+}
+
+#[tokio::test]
+async fn bad_group_requests_get_clear_statuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start_broker(dir.path(), &[]);
+    create_topic(&broker, "t", 2).await;
+    produce(&broker, "t", 0, 5).await;
+    let mut client = groups(&broker).await;
+
+    let cases: Vec<(&str, tonic::Status, Code, &str)> = vec![
+        (
+            "bad group id",
+            client
+                .join_group(join("no/slash", "t", 0))
+                .await
+                .unwrap_err(),
+            Code::InvalidArgument,
+            "invalid group id",
+        ),
+        (
+            "unknown topic",
+            client.join_group(join("g", "nope", 0)).await.unwrap_err(),
+            Code::NotFound,
+            "\"nope\"",
+        ),
+        (
+            "no topics",
+            client
+                .join_group(v1::JoinGroupRequest {
+                    group_id: "g".into(),
+                    instance_id: None,
+                    topics: vec![],
+                    session_timeout_ms: 0,
+                })
+                .await
+                .unwrap_err(),
+            Code::InvalidArgument,
+            "at least one topic",
+        ),
+        (
+            "session timeout too short",
+            client.join_group(join("g", "t", 10)).await.unwrap_err(),
+            Code::InvalidArgument,
+            "session timeout",
+        ),
+        (
+            "heartbeat without a member id",
+            client.heartbeat(heartbeat("g", "", &[])).await.unwrap_err(),
+            Code::InvalidArgument,
+            "member id is empty",
+        ),
+        (
+            "empty commit",
+            client
+                .commit_offsets(commit("g", ("", 0), &[]))
+                .await
+                .unwrap_err(),
+            Code::InvalidArgument,
+            "at least one offset",
+        ),
+        (
+            "commit past the end",
+            client
+                .commit_offsets(commit("g", ("", 0), &[("t", 0, 6)]))
+                .await
+                .unwrap_err(),
+            Code::OutOfRange,
+            "past its latest offset 5",
+        ),
+        (
+            "commit of a missing partition",
+            client
+                .commit_offsets(commit("g", ("", 0), &[("t", 7, 0)]))
+                .await
+                .unwrap_err(),
+            Code::NotFound,
+            "no partition 7",
+        ),
+        (
+            "partition twice in a commit",
+            client
+                .commit_offsets(commit("g", ("", 0), &[("t", 0, 1), ("t", 0, 2)]))
+                .await
+                .unwrap_err(),
+            Code::InvalidArgument,
+            "more than once",
+        ),
+        (
+            "describe an unknown group",
+            client
+                .describe_group(v1::DescribeGroupRequest {
+                    group_id: "ghosts".into(),
+                })
+                .await
+                .unwrap_err(),
+            Code::NotFound,
+            "does not exist",
+        ),
+        (
+            "reset without a target position",
+            client
+                .reset_offsets(v1::ResetOffsetsRequest {
+                    group_id: "g".into(),
+                    targets: vec![v1::ResetTarget {
+                        topic: "t".into(),
+                        partition: None,
+                        to: None,
+                    }],
+                    dry_run: true,
+                })
+                .await
+                .unwrap_err(),
+            Code::InvalidArgument,
+            "says nowhere to move",
+        ),
+    ];
+    for (what, status, code, needle) in cases {
+        assert_eq!(status.code(), code, "{what}: {status:?}");
+        assert!(
+            status.message().contains(needle),
+            "{what}: {:?} lacks {needle:?}",
+            status.message()
+        );
+    }
+    // Nothing was committed by any of them.
+    let offsets = client
+        .fetch_offsets(v1::FetchOffsetsRequest {
+            group_id: "g".into(),
+            topics: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .offsets;
+    assert!(offsets.is_empty());
+}

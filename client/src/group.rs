@@ -1,0 +1,686 @@
+//! The group consumer: a [`Consumer`] whose partitions the broker assigns.
+//!
+//! A background task joins the group and heartbeats, reporting which
+//! partitions this consumer holds; the broker answers with the partitions it
+//! may hold. The consumer applies a new answer inside [`GroupConsumer::next`]:
+//! it commits and releases the partitions taken away (so the next owner
+//! starts where this one stopped), then starts the new ones from the group's
+//! committed offsets (or `auto_offset_reset` where there is none).
+//!
+//! Offsets: a record handed over by `next` counts as processed once `next`
+//! is called again (or when marked, with manual commits). Processed offsets
+//! are committed on an interval (auto commit), when the application asks,
+//! before a partition is released, and on [`GroupConsumer::close`]. So
+//! every record is processed at least once, and none is skipped.
+//!
+//! If the broker drops this member (a missed session timeout, a broker
+//! restart), its partitions are already someone else's: it stops reading
+//! them without committing ([`GroupEvent::Lost`]) and joins again.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sluice_proto::v1::{self, group_service_client::GroupServiceClient};
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tonic::transport::Channel;
+
+use crate::admin::Admin;
+use crate::connection::ClientConfig;
+use crate::consumer::{Consumer, StartFrom};
+use crate::error::{Error, Result};
+use crate::record::ConsumedRecord;
+
+/// A topic and partition.
+pub type TopicPartition = (String, u32);
+
+/// Where a partition starts when the group has no committed offset for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OffsetReset {
+    /// The earliest record kept: a new group sees everything.
+    Earliest,
+    /// Only records appended from now on.
+    Latest,
+    /// Fail: [`GroupConsumer::next`] returns an error naming the partition.
+    Error,
+}
+
+/// When processed offsets are committed (besides before a partition is
+/// released and on close, which always happen).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitMode {
+    /// Every interval, offsets of every record handed over before the
+    /// latest call to `next`.
+    Auto(Duration),
+    /// Only when the application calls [`GroupConsumer::commit`] or
+    /// [`GroupConsumer::commit_record`]; [`GroupConsumer::mark_processed`]
+    /// sets what a release or close commits.
+    Manual,
+}
+
+/// Settings of a group consumer.
+#[derive(Debug, Clone)]
+pub struct GroupConfig {
+    /// The group to join.
+    pub group_id: String,
+    /// The topics to read.
+    pub topics: Vec<String>,
+    /// A stable name of this instance (static membership): a restarted
+    /// instance with the same name gets its partitions back at once instead
+    /// of the group moving them around. Unique within the group.
+    pub instance_id: Option<String>,
+    /// The broker removes this member when it hears nothing for this long;
+    /// its partitions then go to the others. 10 s by default.
+    pub session_timeout: Duration,
+    /// When offsets are committed. Every 5 s by default.
+    pub commit: CommitMode,
+    /// Where a partition without a committed offset starts. Earliest by
+    /// default.
+    pub auto_offset_reset: OffsetReset,
+}
+
+impl GroupConfig {
+    /// Settings to read `topics` in `group_id`, defaults otherwise.
+    pub fn new<T: Into<String>>(
+        group_id: impl Into<String>,
+        topics: impl IntoIterator<Item = T>,
+    ) -> Self {
+        GroupConfig {
+            group_id: group_id.into(),
+            topics: topics.into_iter().map(Into::into).collect(),
+            instance_id: None,
+            session_timeout: Duration::from_secs(10),
+            commit: CommitMode::Auto(Duration::from_secs(5)),
+            auto_offset_reset: OffsetReset::Earliest,
+        }
+    }
+}
+
+/// A change of what this consumer reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupEvent {
+    /// These partitions were assigned; reading starts at the committed
+    /// offsets.
+    Assigned(Vec<TopicPartition>),
+    /// These were taken away, after their offsets were committed.
+    Revoked(Vec<TopicPartition>),
+    /// This member was dropped from the group (missed session timeout,
+    /// broker restart): these partitions may already be read elsewhere and
+    /// were released without a commit. The consumer joins again by itself.
+    Lost(Vec<TopicPartition>),
+}
+
+/// This member's identity, as the membership task last heard it.
+#[derive(Debug, Clone, Default)]
+struct Membership {
+    member_id: String,
+    member_epoch: u64,
+}
+
+/// State shared by the consumer and its membership task.
+#[derive(Default)]
+struct Shared {
+    membership: Mutex<Membership>,
+    /// What the consumer holds; reported in every heartbeat.
+    owned: Mutex<BTreeSet<TopicPartition>>,
+    /// Asks for a heartbeat now (after a release, so the next owner need
+    /// not wait a whole interval).
+    heartbeat_now: Notify,
+}
+
+/// What the membership task tells the consumer.
+#[derive(Debug, Clone, Default)]
+struct Update {
+    /// Increases with every join: a new generation means the partitions of
+    /// the previous one were lost.
+    generation: u64,
+    assigned: BTreeSet<TopicPartition>,
+    /// Joining failed for good (a topic was deleted, a bad setting).
+    failure: Option<(tonic::Code, String)>,
+}
+
+/// Reads the partitions the group assigns to it, as records; commits its
+/// progress for the group. See the module docs for the guarantees.
+///
+/// Dropping it without [`close`](GroupConsumer::close) is like a crash: the
+/// broker keeps its partitions until its session times out.
+pub struct GroupConsumer {
+    consumer: Consumer,
+    admin: Admin,
+    client: GroupServiceClient<Channel>,
+    config: GroupConfig,
+    request_timeout: Duration,
+    shared: Arc<Shared>,
+    updates: watch::Receiver<Update>,
+    membership_task: JoinHandle<()>,
+    generation: u64,
+    owned: BTreeSet<TopicPartition>,
+    /// Offsets to commit: one past the last processed record.
+    processed: HashMap<TopicPartition, u64>,
+    /// Offsets last committed (or read as committed).
+    committed: HashMap<TopicPartition, u64>,
+    next_auto_commit: Instant,
+    events: Option<mpsc::UnboundedSender<GroupEvent>>,
+    /// A rebalance started but did not finish (`next` was cancelled in the
+    /// middle of it, or it failed): the next call applies it again.
+    rebalance_pending: bool,
+}
+
+impl GroupConsumer {
+    /// Joins the group (in the background; partitions arrive with the first
+    /// heartbeat answers, inside [`next`](GroupConsumer::next)).
+    pub fn new(client_config: &ClientConfig, config: GroupConfig) -> Result<GroupConsumer> {
+        let channel = client_config.channel()?;
+        let client = GroupServiceClient::new(channel);
+        let shared = Arc::new(Shared::default());
+        let (sender, updates) = watch::channel(Update::default());
+        let task = MembershipTask {
+            client: client.clone(),
+            config: config.clone(),
+            request_timeout: client_config.request_timeout,
+            shared: Arc::clone(&shared),
+            updates: sender,
+        };
+        let next_auto_commit = Instant::now()
+            + match config.commit {
+                CommitMode::Auto(every) => every,
+                CommitMode::Manual => Duration::ZERO,
+            };
+        Ok(GroupConsumer {
+            consumer: Consumer::new(client_config)?,
+            admin: Admin::new(client_config)?,
+            client,
+            config,
+            request_timeout: client_config.request_timeout,
+            shared,
+            updates,
+            membership_task: tokio::spawn(task.run()),
+            generation: 0,
+            owned: BTreeSet::new(),
+            processed: HashMap::new(),
+            committed: HashMap::new(),
+            next_auto_commit,
+            events: None,
+            rebalance_pending: false,
+        })
+    }
+
+    /// Assignment changes from now on, as they are applied. Call once; a
+    /// second call replaces the first receiver.
+    pub fn events(&mut self) -> mpsc::UnboundedReceiver<GroupEvent> {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        self.events = Some(sender);
+        receiver
+    }
+
+    /// The partitions being read, in order.
+    pub fn assignment(&self) -> Vec<TopicPartition> {
+        self.owned.iter().cloned().collect()
+    }
+
+    /// This member's id in the group (empty until it joined).
+    pub fn member_id(&self) -> String {
+        lock(&self.shared.membership).member_id.clone()
+    }
+
+    /// The next record of any assigned partition. Waits for records and
+    /// for partitions; applies assignment changes and auto commits on the
+    /// way. Records handed over before this call count as processed.
+    ///
+    /// Cancel safe: dropped mid-way (a `select!`, a timeout), no record is
+    /// lost and an assignment change half applied is finished by the next
+    /// call.
+    pub async fn next(&mut self) -> Result<ConsumedRecord> {
+        if matches!(self.config.commit, CommitMode::Auto(_)) {
+            self.mark_handed_over();
+            if Instant::now() >= self.next_auto_commit {
+                self.auto_commit().await;
+            }
+        }
+        loop {
+            if self.rebalance_pending || self.updates.has_changed().unwrap_or(false) {
+                self.rebalance().await?;
+                continue;
+            }
+            let auto_commit_due =
+                matches!(self.config.commit, CommitMode::Auto(_)) && self.has_uncommitted();
+            let deadline = self.next_auto_commit;
+            tokio::select! {
+                biased;
+                changed = self.updates.changed() => {
+                    // `changed` marks the update seen: apply it now.
+                    if changed.is_err() {
+                        return Err(Error::Closed);
+                    }
+                    self.rebalance().await?;
+                }
+                () = tokio::time::sleep_until(deadline), if auto_commit_due => {
+                    self.auto_commit().await;
+                }
+                record = self.consumer.next_record(), if !self.owned.is_empty() => {
+                    match record {
+                        Some(Ok(record)) => return Ok(record),
+                        Some(Err(error)) => return Err(error),
+                        None => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Marks `record` processed: its offset + 1 is what the next commit of
+    /// its partition writes (with [`CommitMode::Manual`]; auto commit marks
+    /// everything handed over by itself).
+    pub fn mark_processed(&mut self, record: &ConsumedRecord) {
+        let tp = (record.topic.clone(), record.partition);
+        if self.owned.contains(&tp) {
+            let next = record.offset + 1;
+            let entry = self.processed.entry(tp).or_insert(next);
+            *entry = (*entry).max(next);
+        }
+    }
+
+    /// Commits every record handed over so far, and waits until the
+    /// broker has it on disk.
+    pub async fn commit(&mut self) -> Result<()> {
+        self.mark_handed_over();
+        self.commit_processed(None).await
+    }
+
+    /// Commits up to and including `record` in its partition.
+    pub async fn commit_record(&mut self, record: &ConsumedRecord) -> Result<()> {
+        self.mark_processed(record);
+        let tp = (record.topic.clone(), record.partition);
+        self.commit_processed(Some(&[tp])).await
+    }
+
+    /// Commits what was processed, leaves the group (its partitions go to
+    /// the others at once) and stops reading.
+    pub async fn close(mut self) -> Result<()> {
+        if matches!(self.config.commit, CommitMode::Auto(_)) {
+            self.mark_handed_over();
+        }
+        let committed = self.commit_processed(None).await;
+        self.membership_task.abort();
+        let membership = lock(&self.shared.membership).clone();
+        if !membership.member_id.is_empty() {
+            let left = self
+                .client
+                .leave_group(self.request(v1::LeaveGroupRequest {
+                    group_id: self.config.group_id.clone(),
+                    member_id: membership.member_id,
+                }))
+                .await;
+            if let Err(status) = left {
+                tracing::debug!(%status, "leaving the group failed; the session timeout will remove this member");
+            }
+        }
+        committed
+    }
+
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(self.request_timeout);
+        request
+    }
+
+    fn emit(&self, event: GroupEvent) {
+        if let Some(events) = &self.events {
+            let _ = events.send(event);
+        }
+    }
+
+    /// Everything handed over is processed (auto commit's rule).
+    fn mark_handed_over(&mut self) {
+        for tp in &self.owned {
+            if let Some(position) = self.consumer.position(&tp.0, tp.1) {
+                self.processed.insert(tp.clone(), position);
+            }
+        }
+    }
+
+    fn has_uncommitted(&self) -> bool {
+        self.processed
+            .iter()
+            .any(|(tp, offset)| self.committed.get(tp) != Some(offset))
+    }
+
+    async fn auto_commit(&mut self) {
+        if let CommitMode::Auto(every) = self.config.commit {
+            self.next_auto_commit = Instant::now() + every;
+        }
+        if let Err(error) = self.commit_processed(None).await {
+            tracing::warn!(%error, group = %self.config.group_id, "auto commit failed; the next one will try again");
+        }
+    }
+
+    /// Commits processed offsets that differ from the committed ones, of
+    /// `only` these partitions or of all.
+    async fn commit_processed(&mut self, only: Option<&[TopicPartition]>) -> Result<()> {
+        let offsets: Vec<v1::OffsetCommit> = self
+            .processed
+            .iter()
+            .filter(|(tp, _)| only.is_none_or(|only| only.contains(tp)))
+            .filter(|(tp, offset)| self.committed.get(*tp) != Some(*offset))
+            .map(|((topic, partition), offset)| v1::OffsetCommit {
+                topic: topic.clone(),
+                partition: *partition,
+                offset: *offset,
+                metadata: String::new(),
+            })
+            .collect();
+        if offsets.is_empty() {
+            return Ok(());
+        }
+        let membership = lock(&self.shared.membership).clone();
+        self.client
+            .commit_offsets(self.request(v1::CommitOffsetsRequest {
+                group_id: self.config.group_id.clone(),
+                member_id: membership.member_id,
+                member_epoch: membership.member_epoch,
+                offsets: offsets.clone(),
+            }))
+            .await?;
+        for commit in offsets {
+            self.committed
+                .insert((commit.topic, commit.partition), commit.offset);
+        }
+        Ok(())
+    }
+
+    /// Applies the membership task's latest answer: releases what was
+    /// taken away (after committing it), starts what was given.
+    ///
+    /// Each step changes `owned` only once done, so running it again after
+    /// an interruption picks up where it stopped.
+    async fn rebalance(&mut self) -> Result<()> {
+        self.rebalance_pending = true;
+        let update = self.updates.borrow_and_update().clone();
+        if let Some((code, message)) = update.failure {
+            return Err(Error::Rejected(tonic::Status::new(code, message)));
+        }
+        if update.generation != self.generation {
+            self.generation = update.generation;
+            let lost: Vec<TopicPartition> = std::mem::take(&mut self.owned).into_iter().collect();
+            for (topic, partition) in &lost {
+                self.consumer.unassign(topic, *partition);
+            }
+            self.processed.clear();
+            self.committed.clear();
+            lock(&self.shared.owned).clear();
+            if !lost.is_empty() {
+                tracing::warn!(group = %self.config.group_id, partitions = lost.len(), "dropped from the group; released partitions without committing and joined again");
+                self.emit(GroupEvent::Lost(lost));
+            }
+        }
+        let revoked: Vec<TopicPartition> =
+            self.owned.difference(&update.assigned).cloned().collect();
+        if !revoked.is_empty() {
+            // Inside `next`, so everything handed over is processed, even
+            // with manual commits for what was marked.
+            if matches!(self.config.commit, CommitMode::Auto(_)) {
+                self.mark_handed_over();
+            }
+            if let Err(error) = self.commit_processed(Some(&revoked)).await {
+                tracing::warn!(%error, group = %self.config.group_id, "commit before releasing partitions failed; the next owner may see some records again");
+            }
+            for tp in &revoked {
+                self.consumer.unassign(&tp.0, tp.1);
+                self.owned.remove(tp);
+                self.processed.remove(tp);
+                self.committed.remove(tp);
+            }
+            *lock(&self.shared.owned) = self.owned.clone();
+            self.shared.heartbeat_now.notify_one();
+            self.emit(GroupEvent::Revoked(revoked));
+        }
+        let added: Vec<TopicPartition> = update.assigned.difference(&self.owned).cloned().collect();
+        if !added.is_empty() {
+            let starts = self.start_offsets(&added).await?;
+            for (tp, offset) in added.iter().zip(starts) {
+                self.consumer.start(&tp.0, tp.1, offset);
+                self.owned.insert(tp.clone());
+                self.processed.insert(tp.clone(), offset);
+            }
+            *lock(&self.shared.owned) = self.owned.clone();
+            self.shared.heartbeat_now.notify_one();
+            self.emit(GroupEvent::Assigned(added));
+        }
+        self.rebalance_pending = false;
+        Ok(())
+    }
+
+    /// Where each partition starts: the committed offset, or
+    /// `auto_offset_reset`. Retries while the broker is unreachable.
+    async fn start_offsets(&mut self, partitions: &[TopicPartition]) -> Result<Vec<u64>> {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.try_start_offsets(partitions).await {
+                Err(error) if error.is_retryable() => {
+                    tracing::debug!(%error, "reading committed offsets failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn try_start_offsets(&mut self, partitions: &[TopicPartition]) -> Result<Vec<u64>> {
+        let topics: BTreeSet<&String> = partitions.iter().map(|(t, _)| t).collect();
+        let committed: HashMap<TopicPartition, u64> = self
+            .client
+            .fetch_offsets(self.request(v1::FetchOffsetsRequest {
+                group_id: self.config.group_id.clone(),
+                topics: topics.into_iter().cloned().collect(),
+            }))
+            .await?
+            .into_inner()
+            .offsets
+            .into_iter()
+            .map(|c| ((c.topic, c.partition), c.offset))
+            .collect();
+        let mut starts = Vec::with_capacity(partitions.len());
+        for tp in partitions {
+            let offset = match committed.get(tp) {
+                Some(&offset) => {
+                    self.committed.insert(tp.clone(), offset);
+                    offset
+                }
+                None => {
+                    let at = match self.config.auto_offset_reset {
+                        OffsetReset::Earliest => StartFrom::Earliest,
+                        OffsetReset::Latest => StartFrom::Latest,
+                        OffsetReset::Error => {
+                            return Err(Error::Rejected(tonic::Status::failed_precondition(
+                                format!(
+                                    "group {:?} has no committed offset for {}/{} and \
+                                     auto_offset_reset is Error",
+                                    self.config.group_id, tp.0, tp.1
+                                ),
+                            )));
+                        }
+                    };
+                    let offsets = self.admin.offsets(&tp.0, &[tp.1], at).await?;
+                    offsets.first().map_or(0, |(_, o)| *o)
+                }
+            };
+            starts.push(offset);
+        }
+        Ok(starts)
+    }
+}
+
+impl Drop for GroupConsumer {
+    fn drop(&mut self) {
+        self.membership_task.abort();
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding it leaves plain data behind; keep going.
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Joins, heartbeats, and joins again when the broker forgot the member.
+struct MembershipTask {
+    client: GroupServiceClient<Channel>,
+    config: GroupConfig,
+    request_timeout: Duration,
+    shared: Arc<Shared>,
+    updates: watch::Sender<Update>,
+}
+
+impl MembershipTask {
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        // A heartbeat that hangs must not outlive the session.
+        request.set_timeout(self.request_timeout.min(self.config.session_timeout / 2));
+        request
+    }
+
+    async fn run(mut self) {
+        let mut generation = 0;
+        loop {
+            let Some(mut interval) = self.join().await else {
+                return;
+            };
+            generation += 1;
+            self.updates.send_modify(|u| {
+                u.generation = generation;
+                u.assigned.clear();
+            });
+            let mut backoff = Duration::from_millis(50);
+            loop {
+                let owned = lock(&self.shared.owned).clone();
+                let member_id = lock(&self.shared.membership).member_id.clone();
+                let answer = self
+                    .client
+                    .heartbeat(self.request(v1::HeartbeatRequest {
+                        group_id: self.config.group_id.clone(),
+                        member_id,
+                        owned: partition_sets(&owned),
+                    }))
+                    .await
+                    .map_err(Error::from);
+                match answer {
+                    Ok(answer) => {
+                        let answer = answer.into_inner();
+                        backoff = Duration::from_millis(50);
+                        interval = Duration::from_millis(u64::from(answer.heartbeat_interval_ms));
+                        lock(&self.shared.membership).member_epoch = answer.member_epoch;
+                        let assigned = from_partition_sets(answer.assigned);
+                        self.updates.send_if_modified(|u| {
+                            let changed = u.assigned != assigned;
+                            u.assigned = assigned;
+                            changed
+                        });
+                    }
+                    Err(error) if error.reason() == Some("unknown-member") => {
+                        tracing::info!(group = %self.config.group_id, "the broker no longer knows this member; joining again");
+                        break;
+                    }
+                    Err(error) => {
+                        tracing::debug!(%error, "heartbeat failed; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(interval.max(Duration::from_millis(50)));
+                        continue;
+                    }
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(interval) => {}
+                    () = self.shared.heartbeat_now.notified() => {}
+                }
+            }
+        }
+    }
+
+    /// Joins the group; retries while the broker is unreachable. `None`
+    /// after a refusal, which is handed to the consumer.
+    async fn join(&mut self) -> Option<Duration> {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let joined = self
+                .client
+                .join_group(self.request(v1::JoinGroupRequest {
+                    group_id: self.config.group_id.clone(),
+                    instance_id: self.config.instance_id.clone(),
+                    topics: self.config.topics.clone(),
+                    session_timeout_ms:
+                        u32::try_from(self.config.session_timeout.as_millis()).unwrap_or(u32::MAX),
+                }))
+                .await;
+            match joined {
+                Ok(joined) => {
+                    let joined = joined.into_inner();
+                    *lock(&self.shared.membership) = Membership {
+                        member_id: joined.member_id,
+                        member_epoch: joined.member_epoch,
+                    };
+                    return Some(Duration::from_millis(u64::from(
+                        joined.heartbeat_interval_ms,
+                    )));
+                }
+                Err(status) => {
+                    let error = Error::from(status.clone());
+                    if !error.is_retryable() {
+                        tracing::warn!(%error, group = %self.config.group_id, "joining the group was refused");
+                        self.updates.send_modify(|u| {
+                            u.failure = Some((status.code(), status.message().to_owned()));
+                        });
+                        return None;
+                    }
+                    tracing::debug!(%error, "joining the group failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+}
+
+fn partition_sets(partitions: &BTreeSet<TopicPartition>) -> Vec<v1::TopicPartitions> {
+    let mut sets: Vec<v1::TopicPartitions> = Vec::new();
+    for (topic, partition) in partitions {
+        match sets.last_mut() {
+            Some(set) if &set.topic == topic => set.partitions.push(*partition),
+            _ => sets.push(v1::TopicPartitions {
+                topic: topic.clone(),
+                partitions: vec![*partition],
+            }),
+        }
+    }
+    sets
+}
+
+fn from_partition_sets(sets: Vec<v1::TopicPartitions>) -> BTreeSet<TopicPartition> {
+    sets.into_iter()
+        .flat_map(|set| {
+            let topic = set.topic;
+            set.partitions.into_iter().map(move |p| (topic.clone(), p))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_sets_group_by_topic_and_round_trip() {
+        let set: BTreeSet<TopicPartition> = [
+            ("a".to_string(), 0),
+            ("a".to_string(), 3),
+            ("b".to_string(), 1),
+        ]
+        .into();
+        let wire = partition_sets(&set);
+        assert_eq!(wire.len(), 2);
+        assert_eq!(wire[0].partitions, vec![0, 3]);
+        assert_eq!(from_partition_sets(wire), set);
+    }
+}
