@@ -9,6 +9,7 @@ const PROTOS: &[&str] = &[
     "sluice/v1/produce.proto",
     "sluice/v1/consume.proto",
     "sluice/v1/groups.proto",
+    "sluice/v1/dlq.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use sluice_broker::config::{Args, Config};
+use sluice_broker::dlq::RetrySets;
 use sluice_broker::groups::{GroupCoordinator, GroupSettings, OffsetStore};
 use sluice_broker::server;
 use sluice_broker::topics::TopicRegistry;
@@ -45,6 +46,19 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let offsets = tokio::task::spawn_blocking(move || OffsetStore::open(&offsets_dir))
         .await?
         .context("opening the committed offsets")?;
+    let retries = {
+        let topics = Arc::clone(&topics);
+        let dir = config.data_dir.join("internal/retries");
+        tokio::task::spawn_blocking(move || -> anyhow::Result<RetrySets> {
+            let retries = RetrySets::open(&dir).context("opening the retry sets")?;
+            server::finish_pending_dead_letters(&topics, &retries).map_err(|status| {
+                anyhow::anyhow!("finishing dead letters: {}", status.message())
+            })?;
+            Ok(retries)
+        })
+        .await??
+    };
+    let retries = Arc::new(retries);
     let groups = Arc::new(GroupCoordinator::new(
         offsets,
         Box::new(Arc::clone(&topics)),
@@ -58,6 +72,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     server::serve(
         Arc::clone(&topics),
         Arc::clone(&groups),
+        Arc::clone(&retries),
         listener,
         config.server.clone(),
         shutdown_signal(),
@@ -66,6 +81,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!("flushing and closing every partition");
     tokio::task::spawn_blocking(move || {
         groups.offsets().close().context("closing the offsets")?;
+        retries.close().context("closing the retry sets")?;
         topics.close().context("closing the topics")
     })
     .await??;

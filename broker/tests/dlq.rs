@@ -240,3 +240,75 @@ fn the_state_log_compacts_as_it_grows_and_reads_back() {
     let headers: Vec<Header> = vec![];
     assert_eq!(dead_letter_source(&headers), None);
 }
+
+/// A dead letter whose DLQ append a crash interrupted is appended on the
+/// next start, once, and leaves the retry set.
+#[test]
+fn startup_finishes_an_interrupted_dead_letter_exactly_once() {
+    use bytes::Bytes;
+    use sluice_broker::storage::{BatchBuilder, ProducerInfo, Record};
+    use sluice_broker::topics::{TopicConfigPatch, TopicDefaults, TopicRegistry};
+
+    let dir = tempfile::tempdir().unwrap();
+    let topics = TopicRegistry::open(dir.path(), TopicDefaults::default()).unwrap();
+    topics
+        .create(
+            "orders",
+            &TopicConfigPatch {
+                partitions: Some(3),
+                ..TopicConfigPatch::default()
+            },
+        )
+        .unwrap();
+    let record = Record {
+        key: Some(Bytes::from_static(b"customer-7")),
+        value: Bytes::from_static(b"refund"),
+        headers: vec![Header {
+            key: "origin".into(),
+            value: Bytes::from_static(b"web"),
+        }],
+        timestamp: 1_700_000_000_000,
+    };
+    let orders = topics.get("orders").unwrap();
+    let partition = &orders.partitions()[2];
+    for _ in 0..3 {
+        let batch = BatchBuilder::encode(std::slice::from_ref(&record), ProducerInfo::NONE);
+        partition.appender().append(&batch, 0).unwrap();
+    }
+    let retries = RetrySets::open(dir.path().join("internal/retries")).unwrap();
+    let last_chance = RetryPolicy {
+        max_deliveries: 1,
+        ..policy()
+    };
+    // The final nack is recorded, then the "crash": no DLQ append.
+    let outcome = retries
+        .nack("billing", key(1), at(1), "bad", "schema", &last_chance, 5)
+        .unwrap();
+    assert!(matches!(outcome, NackOutcome::DeadLetter(_)));
+    assert_eq!(retries.pending_dead_letters().len(), 1);
+
+    let finished = sluice_broker::server::finish_pending_dead_letters(&topics, &retries).unwrap();
+    assert_eq!(finished, 1);
+    assert!(retries.pending_dead_letters().is_empty());
+    assert!(retries.is_empty("billing"));
+    // And again (a second restart): nothing more.
+    assert_eq!(
+        sluice_broker::server::finish_pending_dead_letters(&topics, &retries).unwrap(),
+        0
+    );
+    let dlq = topics.get("orders.billing.dlq").unwrap();
+    let log = dlq.partitions()[0].log();
+    let letters = log.read_records(0, 1 << 20).unwrap();
+    assert_eq!(letters.len(), 1);
+    let letter = &letters[0].record;
+    assert_eq!(letter.key, record.key);
+    assert_eq!(letter.value, record.value);
+    assert_eq!(letter.timestamp, record.timestamp);
+    assert_eq!(letter.headers[0].key, "origin");
+    assert!(is_dead_letter_of(&letter.headers, "billing", &key(1)));
+    // The DLQ keeps records at least as long as its source.
+    assert_eq!(
+        dlq.config().retention_ms,
+        topics.get("orders").unwrap().config().retention_ms
+    );
+}

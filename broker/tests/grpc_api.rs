@@ -596,6 +596,11 @@ async fn topic_settings_can_be_altered_and_survive_a_restart() {
         flush: Some("os".into()),
         max_record_bytes: Some(4096),
         segment_bytes: created.segment_bytes,
+        max_deliveries: Some(5),
+        retry_backoff_ms: Some(1000),
+        retry_backoff_multiplier: Some(2.0),
+        retry_backoff_max_ms: Some(300_000),
+        dlq_topic: Some("{topic}.{group}.dlq".into()),
     };
     assert_eq!(altered, expected);
     // The new record limit applies at once.

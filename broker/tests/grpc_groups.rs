@@ -602,3 +602,121 @@ async fn bad_group_requests_get_clear_statuses() {
         .offsets;
     assert!(offsets.is_empty());
 }
+
+#[tokio::test]
+async fn bad_dead_letter_requests_get_clear_statuses() {
+    use sluice_proto::v1::dead_letter_service_client::DeadLetterServiceClient;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start_broker(dir.path(), &[]);
+    create_topic(&broker, "t", 1).await;
+    produce(&broker, "t", 0, 5).await;
+    let mut client = groups(&broker).await;
+    let member = client
+        .join_group(join("g", "t", 10_000))
+        .await
+        .unwrap()
+        .into_inner();
+    client
+        .heartbeat(heartbeat("g", &member.member_id, &[]))
+        .await
+        .unwrap();
+    let mut dlq = DeadLetterServiceClient::new(broker.channel().await);
+    let nack = |member: &str, offset: u64, reason: String| v1::NackRequest {
+        group_id: "g".into(),
+        member_id: member.into(),
+        record: Some(v1::RecordRef {
+            topic: "t".into(),
+            partition: 0,
+            offset,
+        }),
+        reason,
+        error_class: String::new(),
+    };
+    let cases: Vec<(&str, tonic::Status, Code, &str)> = vec![
+        (
+            "nack from a stranger",
+            dlq.nack(nack("nobody", 1, "x".into())).await.unwrap_err(),
+            Code::FailedPrecondition,
+            "is not in group",
+        ),
+        (
+            "nack past the end",
+            dlq.nack(nack(&member.member_id, 5, "x".into()))
+                .await
+                .unwrap_err(),
+            Code::OutOfRange,
+            "has no offset 5",
+        ),
+        (
+            "nack with a huge reason",
+            dlq.nack(nack(&member.member_id, 1, "x".repeat(5000)))
+                .await
+                .unwrap_err(),
+            Code::InvalidArgument,
+            "reason is 5000 bytes",
+        ),
+        (
+            "nack without a record",
+            dlq.nack(v1::NackRequest {
+                record: None,
+                ..nack(&member.member_id, 1, String::new())
+            })
+            .await
+            .unwrap_err(),
+            Code::InvalidArgument,
+            "say which record",
+        ),
+        (
+            "redrive of a missing DLQ",
+            dlq.redrive(v1::RedriveRequest {
+                dlq_topic: "t.g.dlq".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err(),
+            Code::NotFound,
+            "t.g.dlq",
+        ),
+        (
+            "redrive to a missing topic",
+            dlq.redrive(v1::RedriveRequest {
+                dlq_topic: "t".into(),
+                target: v1::RedriveTarget::Topic as i32,
+                target_topic: "elsewhere".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err(),
+            Code::NotFound,
+            "elsewhere",
+        ),
+        (
+            "reversed redrive range",
+            dlq.redrive(v1::RedriveRequest {
+                dlq_topic: "t".into(),
+                from_offset: Some(4),
+                to_offset: Some(2),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err(),
+            Code::OutOfRange,
+            "empty or reversed",
+        ),
+    ];
+    for (what, status, code, needle) in cases {
+        assert_eq!(status.code(), code, "{what}: {status:?}");
+        assert!(
+            status.message().contains(needle),
+            "{what}: {:?} lacks {needle:?}",
+            status.message()
+        );
+    }
+    // A valid nack is accepted and counted.
+    let answer = dlq
+        .nack(nack(&member.member_id, 1, "flaky".into()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((answer.deliveries, answer.dead_lettered), (1, false));
+}

@@ -2,7 +2,7 @@
 
 use sluice_proto::v1::{
     self, admin_service_client::AdminServiceClient, consume_service_client::ConsumeServiceClient,
-    group_service_client::GroupServiceClient,
+    dead_letter_service_client::DeadLetterServiceClient, group_service_client::GroupServiceClient,
 };
 use tonic::transport::Channel;
 
@@ -12,7 +12,7 @@ use crate::error::Result;
 
 /// Settings of a topic. `None` leaves the broker's default (on create) or
 /// the current value (on alter). A retention of 0 means "none".
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct TopicSettings {
     /// Number of partitions (fixed once created).
     pub partitions: Option<u32>,
@@ -26,6 +26,16 @@ pub struct TopicSettings {
     pub max_record_bytes: Option<u32>,
     /// Size of a segment file.
     pub segment_bytes: Option<u64>,
+    /// Deliveries a nacked record gets in all before it is dead-lettered.
+    pub max_deliveries: Option<u32>,
+    /// Wait before the first redelivery (ms).
+    pub retry_backoff_ms: Option<u64>,
+    /// Growth of the wait with each redelivery.
+    pub retry_backoff_multiplier: Option<f64>,
+    /// Longest wait between redeliveries (ms).
+    pub retry_backoff_max_ms: Option<u64>,
+    /// DLQ topic name template (`{topic}`, `{group}`).
+    pub dlq_topic: Option<String>,
 }
 
 impl TopicSettings {
@@ -37,6 +47,11 @@ impl TopicSettings {
             flush: self.flush,
             max_record_bytes: self.max_record_bytes,
             segment_bytes: self.segment_bytes,
+            max_deliveries: self.max_deliveries,
+            retry_backoff_ms: self.retry_backoff_ms,
+            retry_backoff_multiplier: self.retry_backoff_multiplier,
+            retry_backoff_max_ms: self.retry_backoff_max_ms,
+            dlq_topic: self.dlq_topic,
         }
     }
 
@@ -48,6 +63,11 @@ impl TopicSettings {
             flush: c.flush,
             max_record_bytes: c.max_record_bytes,
             segment_bytes: c.segment_bytes,
+            max_deliveries: c.max_deliveries,
+            retry_backoff_ms: c.retry_backoff_ms,
+            retry_backoff_multiplier: c.retry_backoff_multiplier,
+            retry_backoff_max_ms: c.retry_backoff_max_ms,
+            dlq_topic: c.dlq_topic,
         }
     }
 }
@@ -68,7 +88,7 @@ pub struct PartitionInfo {
 }
 
 /// A topic, its settings and (when described) its partitions.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TopicInfo {
     /// The topic's name.
     pub name: String,
@@ -139,6 +159,8 @@ pub struct GroupInfo {
     pub lag: u64,
     /// Largest time lag, in ms.
     pub max_time_lag_ms: i64,
+    /// Retries pending and dead letters kept, per topic.
+    pub dead_letters: Vec<DeadLetterStatus>,
 }
 
 /// Where an offset reset moves a group.
@@ -167,6 +189,61 @@ pub struct OffsetChange {
     pub offset: u64,
 }
 
+/// Where redriven dead letters go.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum RedriveTarget {
+    /// Back to the group that dead-lettered them, with a fresh delivery
+    /// count: only that group sees them again.
+    #[default]
+    Group,
+    /// Appended to their source topic: every group reading it sees them
+    /// again.
+    SourceTopic,
+    /// Appended to this topic.
+    Topic(String),
+}
+
+/// What to redrive from a dead-letter topic.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RedriveOptions {
+    /// First DLQ offset; `None`: where the last redrive stopped.
+    pub from_offset: Option<u64>,
+    /// One past the last DLQ offset; `None`: the end.
+    pub to_offset: Option<u64>,
+    /// Where they go.
+    pub target: RedriveTarget,
+    /// At most this many records per second (0: the broker's 1000).
+    pub max_records_per_second: u32,
+    /// Only list what would be redriven.
+    pub dry_run: bool,
+    /// Allow offsets an earlier redrive already covered.
+    pub allow_repeat: bool,
+}
+
+/// Dead letters a redrive sent back (or would).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedriveReport {
+    /// Their source records: topic, partition, offset.
+    pub records: Vec<(String, u32, u64)>,
+    /// The DLQ offsets covered, `from..to`.
+    pub from_offset: u64,
+    /// One past the last.
+    pub to_offset: u64,
+}
+
+/// A group's retries and dead letters of one topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetterStatus {
+    /// The source topic.
+    pub topic: String,
+    /// Records waiting for redelivery.
+    pub retry_set_size: u64,
+    /// The group's DLQ topic of it.
+    pub dlq_topic: String,
+    /// Records in that DLQ.
+    pub dlq_depth: u64,
+}
+
 /// Creates, inspects, changes and deletes topics; looks up offsets;
 /// inspects groups and resets their offsets.
 #[derive(Debug, Clone)]
@@ -174,6 +251,7 @@ pub struct Admin {
     admin: AdminServiceClient<Channel>,
     consume: ConsumeServiceClient<Channel>,
     groups: GroupServiceClient<Channel>,
+    dead_letters: DeadLetterServiceClient<Channel>,
     config: ClientConfig,
 }
 
@@ -184,6 +262,7 @@ impl Admin {
         Ok(Admin {
             admin: AdminServiceClient::new(channel.clone()),
             groups: GroupServiceClient::new(channel.clone()),
+            dead_letters: DeadLetterServiceClient::new(channel.clone()),
             consume: ConsumeServiceClient::new(channel)
                 .max_decoding_message_size(config.max_message_bytes),
             config: config.clone(),
@@ -407,6 +486,62 @@ impl Admin {
                 .collect(),
             lag: g.lag,
             max_time_lag_ms: g.max_time_lag_ms,
+            dead_letters: g
+                .dead_letters
+                .into_iter()
+                .map(|d| DeadLetterStatus {
+                    topic: d.topic,
+                    retry_set_size: d.retry_set_size,
+                    dlq_topic: d.dlq_topic,
+                    dlq_depth: d.dlq_depth,
+                })
+                .collect(),
+        })
+    }
+
+    /// Sends dead letters of partition `partition` of `dlq_topic` back.
+    pub async fn redrive(
+        &self,
+        dlq_topic: &str,
+        partition: u32,
+        options: RedriveOptions,
+    ) -> Result<RedriveReport> {
+        let (target, target_topic) = match options.target {
+            RedriveTarget::Group => (v1::RedriveTarget::Group, String::new()),
+            RedriveTarget::SourceTopic => (v1::RedriveTarget::SourceTopic, String::new()),
+            RedriveTarget::Topic(topic) => (v1::RedriveTarget::Topic, topic),
+        };
+        // A large, rate-limited redrive takes its time.
+        let mut request = tonic::Request::new(v1::RedriveRequest {
+            dlq_topic: dlq_topic.to_owned(),
+            partition,
+            from_offset: options.from_offset,
+            to_offset: options.to_offset,
+            target: target as i32,
+            target_topic,
+            max_records_per_second: options.max_records_per_second,
+            dry_run: options.dry_run,
+            allow_repeat: options.allow_repeat,
+        });
+        request.set_timeout(
+            self.config
+                .request_timeout
+                .max(std::time::Duration::from_secs(600)),
+        );
+        let r = self
+            .dead_letters
+            .clone()
+            .redrive(request)
+            .await?
+            .into_inner();
+        Ok(RedriveReport {
+            records: r
+                .records
+                .into_iter()
+                .map(|r| (r.topic, r.partition, r.offset))
+                .collect(),
+            from_offset: r.from_offset,
+            to_offset: r.to_offset,
         })
     }
 

@@ -17,11 +17,14 @@
 //! restart), its partitions are already someone else's: it stops reading
 //! them without committing ([`GroupEvent::Lost`]) and joins again.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sluice_proto::v1::{self, group_service_client::GroupServiceClient};
+use sluice_proto::v1::{
+    self, dead_letter_service_client::DeadLetterServiceClient,
+    group_service_client::GroupServiceClient,
+};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -79,6 +82,9 @@ pub struct GroupConfig {
     /// Where a partition without a committed offset starts. Earliest by
     /// default.
     pub auto_offset_reset: OffsetReset,
+    /// How often to ask the broker for nacked records due for redelivery.
+    /// 500 ms by default.
+    pub retry_poll_interval: Duration,
 }
 
 impl GroupConfig {
@@ -94,6 +100,7 @@ impl GroupConfig {
             session_timeout: Duration::from_secs(10),
             commit: CommitMode::Auto(Duration::from_secs(5)),
             auto_offset_reset: OffsetReset::Earliest,
+            retry_poll_interval: Duration::from_millis(500),
         }
     }
 }
@@ -150,6 +157,7 @@ pub struct GroupConsumer {
     consumer: Consumer,
     admin: Admin,
     client: GroupServiceClient<Channel>,
+    dead_letters: DeadLetterServiceClient<Channel>,
     config: GroupConfig,
     request_timeout: Duration,
     shared: Arc<Shared>,
@@ -163,6 +171,9 @@ pub struct GroupConsumer {
     committed: HashMap<TopicPartition, u64>,
     next_auto_commit: Instant,
     events: Option<mpsc::UnboundedSender<GroupEvent>>,
+    /// Redeliveries fetched and not yet handed over.
+    retries: VecDeque<ConsumedRecord>,
+    next_retry_poll: Instant,
     /// A rebalance started but did not finish (`next` was cancelled in the
     /// middle of it, or it failed): the next call applies it again.
     rebalance_pending: bool,
@@ -173,7 +184,9 @@ impl GroupConsumer {
     /// heartbeat answers, inside [`next`](GroupConsumer::next)).
     pub fn new(client_config: &ClientConfig, config: GroupConfig) -> Result<GroupConsumer> {
         let channel = client_config.channel()?;
-        let client = GroupServiceClient::new(channel);
+        let client = GroupServiceClient::new(channel.clone());
+        let dead_letters = DeadLetterServiceClient::new(channel)
+            .max_decoding_message_size(client_config.max_message_bytes);
         let shared = Arc::new(Shared::default());
         let (sender, updates) = watch::channel(Update::default());
         let task = MembershipTask {
@@ -192,6 +205,8 @@ impl GroupConsumer {
             consumer: Consumer::new(client_config)?,
             admin: Admin::new(client_config)?,
             client,
+            dead_letters,
+            next_retry_poll: Instant::now() + config.retry_poll_interval,
             config,
             request_timeout: client_config.request_timeout,
             shared,
@@ -204,6 +219,7 @@ impl GroupConsumer {
             next_auto_commit,
             events: None,
             rebalance_pending: false,
+            retries: VecDeque::new(),
         })
     }
 
@@ -244,9 +260,17 @@ impl GroupConsumer {
                 self.rebalance().await?;
                 continue;
             }
+            while let Some(retry) = self.retries.pop_front() {
+                // Not if the partition moved meanwhile: its new owner gets
+                // it once the redelivery timeout passes.
+                if self.owned.contains(&(retry.topic.clone(), retry.partition)) {
+                    return Ok(retry);
+                }
+            }
             let auto_commit_due =
                 matches!(self.config.commit, CommitMode::Auto(_)) && self.has_uncommitted();
             let deadline = self.next_auto_commit;
+            let retry_poll = self.next_retry_poll;
             tokio::select! {
                 biased;
                 changed = self.updates.changed() => {
@@ -259,6 +283,9 @@ impl GroupConsumer {
                 () = tokio::time::sleep_until(deadline), if auto_commit_due => {
                     self.auto_commit().await;
                 }
+                () = tokio::time::sleep_until(retry_poll), if !self.owned.is_empty() => {
+                    self.poll_retries().await;
+                }
                 record = self.consumer.next_record(), if !self.owned.is_empty() => {
                     match record {
                         Some(Ok(record)) => return Ok(record),
@@ -266,6 +293,106 @@ impl GroupConsumer {
                         None => {}
                     }
                 }
+            }
+        }
+    }
+
+    /// Reports that `record` could not be processed. The group still moves
+    /// past it; the broker redelivers it (through `next`, with a higher
+    /// [`attempt`](ConsumedRecord::attempt)) after a backoff, and after the
+    /// topic's `max_deliveries` failed deliveries moves it to the group's
+    /// dead-letter topic. True when this nack dead-lettered it.
+    pub async fn nack(
+        &mut self,
+        record: &ConsumedRecord,
+        reason: &str,
+        error_class: &str,
+    ) -> Result<bool> {
+        let member_id = lock(&self.shared.membership).member_id.clone();
+        let answer = self
+            .dead_letters
+            .nack(self.request(v1::NackRequest {
+                group_id: self.config.group_id.clone(),
+                member_id,
+                record: Some(record_ref(record)),
+                reason: reason.to_owned(),
+                error_class: error_class.to_owned(),
+            }))
+            .await?
+            .into_inner();
+        Ok(answer.dead_lettered)
+    }
+
+    /// Reports that a redelivered record was processed, so it leaves the
+    /// group's retry set. A record read from its partition needs no ack:
+    /// this does nothing for it.
+    pub async fn ack(&mut self, record: &ConsumedRecord) -> Result<()> {
+        if !record.redelivery {
+            return Ok(());
+        }
+        let member_id = lock(&self.shared.membership).member_id.clone();
+        self.dead_letters
+            .ack(self.request(v1::AckRequest {
+                group_id: self.config.group_id.clone(),
+                member_id,
+                record: Some(record_ref(record)),
+            }))
+            .await?;
+        Ok(())
+    }
+
+    /// Takes the next record and runs `handler` on it: acks it when the
+    /// handler succeeds, nacks it with the error as the reason when it
+    /// fails. So a poison record never blocks its partition.
+    pub async fn handle_next<F, Fut, E>(&mut self, handler: F) -> Result<()>
+    where
+        F: FnOnce(ConsumedRecord) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<(), E>>,
+        E: std::fmt::Display,
+    {
+        let record = self.next().await?;
+        let reference = ConsumedRecord {
+            key: None,
+            value: bytes::Bytes::new(),
+            headers: Vec::new(),
+            ..record.clone()
+        };
+        match handler(record).await {
+            Ok(()) => self.ack(&reference).await,
+            Err(error) => self
+                .nack(&reference, &error.to_string(), "handler")
+                .await
+                .map(|_| ()),
+        }
+    }
+
+    async fn poll_retries(&mut self) {
+        self.next_retry_poll = Instant::now() + self.config.retry_poll_interval;
+        let member_id = lock(&self.shared.membership).member_id.clone();
+        if member_id.is_empty() {
+            return;
+        }
+        let answer = self
+            .dead_letters
+            .fetch_retries(self.request(v1::FetchRetriesRequest {
+                group_id: self.config.group_id.clone(),
+                member_id,
+                max_records: 0,
+            }))
+            .await;
+        match answer {
+            Ok(answer) => {
+                for retry in answer.into_inner().records {
+                    if let Some(record) = retry.record {
+                        let mut record = ConsumedRecord::from(record);
+                        record.attempt = retry.attempt;
+                        record.redelivery = true;
+                        self.retries.push_back(record);
+                    }
+                }
+            }
+            Err(status) => {
+                tracing::debug!(%status, "fetching retries failed; the next poll tries again");
             }
         }
     }
@@ -516,6 +643,14 @@ impl GroupConsumer {
 impl Drop for GroupConsumer {
     fn drop(&mut self) {
         self.membership_task.abort();
+    }
+}
+
+fn record_ref(record: &ConsumedRecord) -> v1::RecordRef {
+    v1::RecordRef {
+        topic: record.topic.clone(),
+        partition: record.partition,
+        offset: record.offset,
     }
 }
 

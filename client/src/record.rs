@@ -117,6 +117,15 @@ pub struct ConsumedRecord {
     pub headers: Vec<Header>,
     /// Milliseconds since the epoch.
     pub timestamp_ms: i64,
+    /// Which delivery this is to the group: 1 the first time, more when
+    /// the broker redelivers a nacked record (a redriven dead letter
+    /// starts again at 1).
+    pub attempt: u32,
+    /// Handed over from the group's retry set (a nacked or redriven record)
+    /// rather than read from the partition: [`ack`] it once processed.
+    ///
+    /// [`ack`]: crate::GroupConsumer::ack
+    pub redelivery: bool,
 }
 
 impl From<v1::ConsumedRecord> for ConsumedRecord {
@@ -136,6 +145,8 @@ impl From<v1::ConsumedRecord> for ConsumedRecord {
                 })
                 .collect(),
             timestamp_ms: r.timestamp_ms,
+            attempt: 1,
+            redelivery: false,
         }
     }
 }

@@ -97,3 +97,12 @@ pub fn dead_letter_source(headers: &[Header]) -> Option<RetryKey> {
         offset: get(HEADER_SOURCE_OFFSET)?.parse().ok()?,
     })
 }
+
+/// The record's own headers: `headers` without the ones a dead-lettering
+/// or a redrive added (all named `sluice.dlq.*`).
+pub fn own_headers(headers: Vec<Header>) -> Vec<Header> {
+    headers
+        .into_iter()
+        .filter(|h| !h.key.starts_with("sluice.dlq."))
+        .collect()
+}

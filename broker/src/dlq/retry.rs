@@ -326,6 +326,24 @@ impl RetrySets {
             .map_or(0, BTreeMap::len)
     }
 
+    /// Topics with entries in `group`'s retry set.
+    pub fn topics(&self, group: &str) -> BTreeSet<String> {
+        self.state
+            .state()
+            .groups
+            .get(group)
+            .map_or_else(BTreeSet::new, |entries| {
+                entries.keys().map(|k| k.topic.clone()).collect()
+            })
+    }
+
+    /// Entries of `group`'s retry set consumed from `topic`.
+    pub fn len_for_topic(&self, group: &str, topic: &str) -> usize {
+        self.state.state().groups.get(group).map_or(0, |entries| {
+            entries.keys().filter(|k| k.topic == topic).count()
+        })
+    }
+
     pub fn is_empty(&self, group: &str) -> bool {
         self.len(group) == 0
     }

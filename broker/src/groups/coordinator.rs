@@ -365,6 +365,23 @@ impl GroupCoordinator {
         })
     }
 
+    /// What a live member holds or was given: the partitions whose records
+    /// it may nack, ack and receive retries of.
+    pub fn member_partitions(
+        &self,
+        group_id: &str,
+        member_id: &str,
+        now: Instant,
+    ) -> Result<BTreeSet<TopicPartition>, GroupError> {
+        let mut groups = self.groups.lock();
+        expire_members(&mut groups, now);
+        let member = groups
+            .get(group_id)
+            .and_then(|g| g.members.get(member_id))
+            .ok_or_else(|| unknown_member(group_id, member_id))?;
+        Ok(member.assigned.union(&member.owned).cloned().collect())
+    }
+
     /// Removes a member at once; its partitions go to the others.
     pub fn leave(&self, group_id: &str, member_id: &str) -> Result<(), GroupError> {
         let mut groups = self.groups.lock();

@@ -23,6 +23,11 @@ fn patch(config: Option<v1::TopicConfig>) -> TopicConfigPatch {
         flush: c.flush,
         max_record_bytes: c.max_record_bytes,
         segment_bytes: c.segment_bytes,
+        max_deliveries: c.max_deliveries,
+        retry_backoff_ms: c.retry_backoff_ms,
+        retry_backoff_multiplier: c.retry_backoff_multiplier,
+        retry_backoff_max_ms: c.retry_backoff_max_ms,
+        dlq_topic: c.dlq_topic,
     }
 }
 
@@ -34,6 +39,11 @@ fn to_proto(config: &TopicConfig) -> v1::TopicConfig {
         flush: Some(config.flush.clone()),
         max_record_bytes: Some(config.max_record_bytes),
         segment_bytes: Some(config.segment_bytes),
+        max_deliveries: Some(config.dead_letters.max_deliveries),
+        retry_backoff_ms: Some(config.dead_letters.retry_backoff_ms),
+        retry_backoff_multiplier: Some(config.dead_letters.retry_backoff_multiplier),
+        retry_backoff_max_ms: Some(config.dead_letters.retry_backoff_max_ms),
+        dlq_topic: Some(config.dead_letters.dlq_topic.clone()),
     }
 }
 

@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status};
 
 use super::convert::now_ms;
 use super::{blocking, status};
+use crate::dlq::RetrySets;
 use crate::groups::{
     CommittedOffset, GroupCoordinator, GroupDescription, GroupError, TopicPartition,
 };
@@ -26,6 +27,7 @@ const MAX_INSTANCE_ID_BYTES: usize = 249;
 pub(crate) struct Groups {
     pub(crate) topics: Arc<TopicRegistry>,
     pub(crate) groups: Arc<GroupCoordinator>,
+    pub(crate) retries: Arc<RetrySets>,
 }
 
 fn check_group_id(group_id: &str) -> Result<(), Status> {
@@ -133,6 +135,7 @@ fn partition_lag(
 /// members read or it has an offset for, with lag. Blocking (reads logs).
 fn describe_with_lag(
     topics: &TopicRegistry,
+    retries: &RetrySets,
     description: GroupDescription,
 ) -> v1::DescribeGroupResponse {
     let now = now_ms();
@@ -172,7 +175,30 @@ fn describe_with_lag(
             owner: owners.get(tp).map(|m| (*m).to_owned()).unwrap_or_default(),
         });
     }
+    let mut source_topics: BTreeSet<String> =
+        partitions.iter().map(|tp| tp.topic.clone()).collect();
+    source_topics.extend(retries.topics(&description.group_id));
+    let dead_letters = source_topics
+        .into_iter()
+        .filter_map(|topic| {
+            let config = topics.get(&topic).ok()?.config();
+            let dlq_topic = config.dead_letters.dlq_topic(&topic, &description.group_id);
+            let dlq_depth = topics.get(&dlq_topic).map_or(0, |t| {
+                t.partitions()
+                    .iter()
+                    .map(|p| p.log().high_watermark() - p.log().log_start_offset())
+                    .sum()
+            });
+            Some(v1::DeadLetterStatus {
+                retry_set_size: retries.len_for_topic(&description.group_id, &topic) as u64,
+                dlq_topic,
+                dlq_depth,
+                topic,
+            })
+        })
+        .collect();
     v1::DescribeGroupResponse {
+        dead_letters,
         group_id: description.group_id,
         group_epoch: description.group_epoch,
         members: description
@@ -400,6 +426,7 @@ impl GroupService for Groups {
     ) -> Result<Response<v1::ListGroupsResponse>, Status> {
         let topics = Arc::clone(&self.topics);
         let groups = Arc::clone(&self.groups);
+        let retries = Arc::clone(&self.retries);
         let summaries = blocking(move || {
             let now = Instant::now();
             Ok(groups
@@ -408,7 +435,7 @@ impl GroupService for Groups {
                 .filter_map(|id| groups.describe(&id, now).ok())
                 .map(|description| {
                     let members = description.members.len() as u32;
-                    let described = describe_with_lag(&topics, description);
+                    let described = describe_with_lag(&topics, &retries, description);
                     v1::GroupSummary {
                         group_id: described.group_id,
                         members,
@@ -429,12 +456,23 @@ impl GroupService for Groups {
     ) -> Result<Response<v1::DescribeGroupResponse>, Status> {
         let group_id = request.into_inner().group_id;
         check_group_id(&group_id)?;
-        let description = self
-            .groups
-            .describe(&group_id, Instant::now())
-            .map_err(status::group)?;
+        let description = match self.groups.describe(&group_id, Instant::now()) {
+            Ok(description) => description,
+            // A group known only by its pending retries exists too.
+            Err(GroupError::UnknownGroup(_)) if !self.retries.is_empty(&group_id) => {
+                GroupDescription {
+                    group_id: group_id.clone(),
+                    group_epoch: 0,
+                    members: Vec::new(),
+                    offsets: Default::default(),
+                }
+            }
+            Err(e) => return Err(status::group(e)),
+        };
         let topics = Arc::clone(&self.topics);
-        let described = blocking(move || Ok(describe_with_lag(&topics, description))).await?;
+        let retries = Arc::clone(&self.retries);
+        let described =
+            blocking(move || Ok(describe_with_lag(&topics, &retries, description))).await?;
         Ok(Response::new(described))
     }
 

@@ -16,6 +16,7 @@
 mod admin;
 mod consume;
 mod convert;
+mod dlq;
 mod groups;
 mod produce;
 mod status;
@@ -28,6 +29,7 @@ use std::time::Duration;
 
 use sluice_proto::v1::admin_service_server::AdminServiceServer;
 use sluice_proto::v1::consume_service_server::ConsumeServiceServer;
+use sluice_proto::v1::dead_letter_service_server::DeadLetterServiceServer;
 use sluice_proto::v1::group_service_server::GroupServiceServer;
 use sluice_proto::v1::produce_service_server::ProduceServiceServer;
 use tokio::net::TcpListener;
@@ -36,6 +38,7 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::Status;
 
+use crate::dlq::RetrySets;
 use crate::groups::GroupCoordinator;
 use crate::topics::TopicRegistry;
 
@@ -87,10 +90,13 @@ pub(crate) async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f).await.map_err(status::join)?
 }
 
+pub use dlq::finish_pending_dead_letters;
+
 /// Serves the broker's API on `listener` until `shutdown` completes.
 pub async fn serve(
     topics: Arc<TopicRegistry>,
     groups: Arc<GroupCoordinator>,
+    retries: Arc<RetrySets>,
     listener: TcpListener,
     settings: ServerSettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -120,6 +126,14 @@ pub async fn serve(
     let group = GroupServiceServer::new(groups::Groups {
         topics: Arc::clone(&topics),
         groups: Arc::clone(&groups),
+        retries: Arc::clone(&retries),
+    })
+    .max_decoding_message_size(limit)
+    .max_encoding_message_size(limit);
+    let dead_letters = DeadLetterServiceServer::new(dlq::DeadLetters {
+        topics: Arc::clone(&topics),
+        groups: Arc::clone(&groups),
+        retries,
     })
     .max_decoding_message_size(limit)
     .max_encoding_message_size(limit);
@@ -136,6 +150,9 @@ pub async fn serve(
         .await;
     health
         .set_serving::<GroupServiceServer<groups::Groups>>()
+        .await;
+    health
+        .set_serving::<DeadLetterServiceServer<dlq::DeadLetters>>()
         .await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(sluice_proto::v1::FILE_DESCRIPTOR_SET)
@@ -167,6 +184,7 @@ pub async fn serve(
         .add_service(produce)
         .add_service(consume)
         .add_service(group)
+        .add_service(dead_letters)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             let _ = stopped.wait_for(|stop| *stop).await;
         });
@@ -191,6 +209,9 @@ pub async fn serve(
         .await;
     health
         .set_not_serving::<GroupServiceServer<groups::Groups>>()
+        .await;
+    health
+        .set_not_serving::<DeadLetterServiceServer<dlq::DeadLetters>>()
         .await;
     health
         .set_service_status("", tonic_health::ServingStatus::NotServing)

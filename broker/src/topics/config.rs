@@ -8,7 +8,7 @@ use super::TopicError;
 use crate::storage::{FlushPolicy, LogConfig};
 
 /// A topic's settings as stored in `meta/topics.json`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TopicConfig {
     pub partitions: u32,
     /// `None`: kept forever.
@@ -19,11 +19,92 @@ pub struct TopicConfig {
     pub flush: String,
     pub max_record_bytes: u32,
     pub segment_bytes: u64,
+    /// How a consumer group's nacked records of this topic are retried and
+    /// dead-lettered (settings written before DLQs existed read as the
+    /// defaults).
+    #[serde(default)]
+    pub dead_letters: DeadLetterConfig,
+}
+
+/// Retry and dead-letter settings of a topic.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DeadLetterConfig {
+    /// Deliveries a record gets in all (the first included) before it is
+    /// dead-lettered.
+    pub max_deliveries: u32,
+    pub retry_backoff_ms: u64,
+    pub retry_backoff_multiplier: f64,
+    pub retry_backoff_max_ms: u64,
+    /// The DLQ topic's name; `{topic}` and `{group}` are replaced. One DLQ
+    /// per (topic, group) unless the template leaves `{group}` out.
+    pub dlq_topic: String,
+}
+
+impl Default for DeadLetterConfig {
+    fn default() -> Self {
+        let policy = crate::dlq::RetryPolicy::default();
+        DeadLetterConfig {
+            max_deliveries: policy.max_deliveries,
+            retry_backoff_ms: policy.initial_backoff.as_millis() as u64,
+            retry_backoff_multiplier: policy.multiplier,
+            retry_backoff_max_ms: policy.max_backoff.as_millis() as u64,
+            dlq_topic: "{topic}.{group}.dlq".into(),
+        }
+    }
+}
+
+impl DeadLetterConfig {
+    pub fn policy(&self) -> crate::dlq::RetryPolicy {
+        crate::dlq::RetryPolicy {
+            max_deliveries: self.max_deliveries,
+            initial_backoff: Duration::from_millis(self.retry_backoff_ms),
+            multiplier: self.retry_backoff_multiplier,
+            max_backoff: Duration::from_millis(self.retry_backoff_max_ms),
+        }
+    }
+
+    /// The DLQ topic of `topic` for `group`.
+    pub fn dlq_topic(&self, topic: &str, group: &str) -> String {
+        self.dlq_topic
+            .replace("{topic}", topic)
+            .replace("{group}", group)
+    }
+
+    fn validate(&self) -> Result<(), TopicError> {
+        if self.max_deliveries == 0 {
+            return Err(TopicError::InvalidConfig(
+                "max_deliveries must be at least 1".into(),
+            ));
+        }
+        if !(self.retry_backoff_multiplier.is_finite()
+            && (1.0..=100.0).contains(&self.retry_backoff_multiplier))
+        {
+            return Err(TopicError::InvalidConfig(format!(
+                "retry backoff multiplier {} is outside 1..=100",
+                self.retry_backoff_multiplier
+            )));
+        }
+        if self.retry_backoff_max_ms < self.retry_backoff_ms {
+            return Err(TopicError::InvalidConfig(format!(
+                "the largest retry backoff ({} ms) is below the first ({} ms)",
+                self.retry_backoff_max_ms, self.retry_backoff_ms
+            )));
+        }
+        // What the template makes must be a topic name for any group id.
+        if let Some(reason) = name_rule_violation(&self.dlq_topic("t", "g")) {
+            return Err(TopicError::InvalidConfig(format!(
+                "DLQ topic template {:?}: {reason}",
+                self.dlq_topic
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Settings a request asks for; `None` leaves the default (create) or the
 /// current value (alter). A retention of 0 means "none".
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct TopicConfigPatch {
     pub partitions: Option<u32>,
     pub retention_ms: Option<u64>,
@@ -31,6 +112,11 @@ pub struct TopicConfigPatch {
     pub flush: Option<String>,
     pub max_record_bytes: Option<u32>,
     pub segment_bytes: Option<u64>,
+    pub max_deliveries: Option<u32>,
+    pub retry_backoff_ms: Option<u64>,
+    pub retry_backoff_multiplier: Option<f64>,
+    pub retry_backoff_max_ms: Option<u64>,
+    pub dlq_topic: Option<String>,
 }
 
 /// The broker-wide defaults and limits for topics.
@@ -78,6 +164,7 @@ impl TopicDefaults {
             flush: self.flush.to_string(),
             max_record_bytes: self.max_record_bytes,
             segment_bytes: self.segment_bytes,
+            dead_letters: DeadLetterConfig::default(),
         };
         let mut config = base.apply(patch);
         config.partitions = patch.partitions.unwrap_or(self.partitions);
@@ -119,6 +206,23 @@ impl TopicConfig {
             flush: patch.flush.clone().unwrap_or_else(|| self.flush.clone()),
             max_record_bytes: patch.max_record_bytes.unwrap_or(self.max_record_bytes),
             segment_bytes: patch.segment_bytes.unwrap_or(self.segment_bytes),
+            dead_letters: {
+                let d = &self.dead_letters;
+                DeadLetterConfig {
+                    max_deliveries: patch.max_deliveries.unwrap_or(d.max_deliveries),
+                    retry_backoff_ms: patch.retry_backoff_ms.unwrap_or(d.retry_backoff_ms),
+                    retry_backoff_multiplier: patch
+                        .retry_backoff_multiplier
+                        .unwrap_or(d.retry_backoff_multiplier),
+                    retry_backoff_max_ms: patch
+                        .retry_backoff_max_ms
+                        .unwrap_or(d.retry_backoff_max_ms),
+                    dlq_topic: patch
+                        .dlq_topic
+                        .clone()
+                        .unwrap_or_else(|| d.dlq_topic.clone()),
+                }
+            },
         }
     }
 
@@ -144,8 +248,9 @@ impl TopicConfig {
             .map_err(|e: crate::storage::StorageError| TopicError::InvalidConfig(e.to_string()))
     }
 
-    /// The storage settings of each partition.
+    /// The storage settings of each partition (and a check of the rest).
     pub fn log_config(&self) -> Result<LogConfig, TopicError> {
+        self.dead_letters.validate()?;
         if self.max_record_bytes == 0 {
             return Err(TopicError::InvalidConfig(
                 "the largest record size must be at least 1 byte".into(),

@@ -22,7 +22,8 @@
 mod config;
 
 pub use config::{
-    TopicConfig, TopicConfigPatch, TopicDefaults, name_rule_violation, validate_topic_name,
+    DeadLetterConfig, TopicConfig, TopicConfigPatch, TopicDefaults, name_rule_violation,
+    validate_topic_name,
 };
 
 use std::collections::BTreeMap;

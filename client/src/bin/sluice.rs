@@ -9,7 +9,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use sluice_client::{
     Admin, ClientConfig, ConsumedRecord, Consumer, GroupConfig, GroupConsumer, OffsetReset,
-    Producer, ProducerConfig, Record, ResetTo, StartFrom, TopicSettings,
+    Producer, ProducerConfig, Record, RedriveOptions, RedriveTarget, ResetTo, StartFrom,
+    TopicSettings,
 };
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio_stream::StreamExt;
@@ -47,6 +48,43 @@ enum Command {
     /// List and describe consumer groups (with lag); reset their offsets.
     #[command(subcommand)]
     Group(GroupCommand),
+    /// Dead-letter queues: send dead letters back once the cause is fixed.
+    /// (A DLQ is a topic: read it with `sluice consume <dlq> --format json`.)
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Redrive dead letters: by default back to the group that failed them
+    /// (only it sees them again).
+    Redrive {
+        /// The DLQ topic (`<topic>.<group>.dlq` by default).
+        dlq_topic: String,
+        #[arg(long, default_value_t = 0)]
+        partition: u32,
+        /// First DLQ offset (default: where the last redrive stopped).
+        #[arg(long)]
+        from: Option<u64>,
+        /// One past the last DLQ offset (default: the end).
+        #[arg(long)]
+        to: Option<u64>,
+        /// Append them to their source topic instead: every group sees them again.
+        #[arg(long, conflicts_with = "to_topic")]
+        to_source: bool,
+        /// Append them to this topic instead.
+        #[arg(long)]
+        to_topic: Option<String>,
+        /// Records per second at most.
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
+        /// Only list what would be redriven.
+        #[arg(long)]
+        dry_run: bool,
+        /// Allow offsets an earlier redrive covered.
+        #[arg(long)]
+        allow_repeat: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -111,6 +149,21 @@ struct SettingsArgs {
     max_record_bytes: Option<u32>,
     #[arg(long)]
     segment_bytes: Option<u64>,
+    /// Deliveries a nacked record gets before it is dead-lettered.
+    #[arg(long)]
+    max_deliveries: Option<u32>,
+    /// Wait before the first redelivery, in ms.
+    #[arg(long)]
+    retry_backoff_ms: Option<u64>,
+    /// Growth of the wait per redelivery.
+    #[arg(long)]
+    retry_backoff_multiplier: Option<f64>,
+    /// Longest wait between redeliveries, in ms.
+    #[arg(long)]
+    retry_backoff_max_ms: Option<u64>,
+    /// DLQ topic name template, with {topic} and {group}.
+    #[arg(long)]
+    dlq_topic: Option<String>,
 }
 
 impl SettingsArgs {
@@ -122,6 +175,11 @@ impl SettingsArgs {
             flush: self.flush,
             max_record_bytes: self.max_record_bytes,
             segment_bytes: self.segment_bytes,
+            max_deliveries: self.max_deliveries,
+            retry_backoff_ms: self.retry_backoff_ms,
+            retry_backoff_multiplier: self.retry_backoff_multiplier,
+            retry_backoff_max_ms: self.retry_backoff_max_ms,
+            dlq_topic: self.dlq_topic,
         }
     }
 }
@@ -232,6 +290,7 @@ async fn main() -> anyhow::Result<()> {
             None => consume(&config, args).await,
         },
         Command::Group(command) => group(&config, command).await,
+        Command::Dlq(command) => dlq(&config, command).await,
         Command::Offsets(args) => {
             let admin = Admin::new(&config)?;
             for (partition, offset) in admin.offsets(&args.topic, &[], args.at).await? {
@@ -318,6 +377,12 @@ async fn group(config: &ClientConfig, command: GroupCommand) -> anyhow::Result<(
                 info.lag,
                 info.max_time_lag_ms
             );
+            for d in &info.dead_letters {
+                println!(
+                    "  {}: {} retry(ies) pending, {} dead letter(s) in {}",
+                    d.topic, d.retry_set_size, d.dlq_depth, d.dlq_topic
+                );
+            }
             for m in &info.members {
                 let assigned: Vec<String> =
                     m.assigned.iter().map(|(t, p)| format!("{t}/{p}")).collect();
@@ -369,6 +434,54 @@ async fn group(config: &ClientConfig, command: GroupCommand) -> anyhow::Result<(
             } else {
                 println!("dry run: nothing changed; add --execute to apply");
             }
+        }
+    }
+    Ok(())
+}
+
+async fn dlq(config: &ClientConfig, command: DlqCommand) -> anyhow::Result<()> {
+    let admin = Admin::new(config)?;
+    match command {
+        DlqCommand::Redrive {
+            dlq_topic,
+            partition,
+            from,
+            to,
+            to_source,
+            to_topic,
+            rate,
+            dry_run,
+            allow_repeat,
+        } => {
+            let target = match (to_source, to_topic) {
+                (true, _) => RedriveTarget::SourceTopic,
+                (false, Some(topic)) => RedriveTarget::Topic(topic),
+                (false, None) => RedriveTarget::Group,
+            };
+            let report = admin
+                .redrive(
+                    &dlq_topic,
+                    partition,
+                    RedriveOptions {
+                        from_offset: from,
+                        to_offset: to,
+                        target,
+                        max_records_per_second: rate,
+                        dry_run,
+                        allow_repeat,
+                    },
+                )
+                .await?;
+            for (topic, partition, offset) in &report.records {
+                println!("{topic}/{partition}/{offset}");
+            }
+            println!(
+                "{} {} dead letter(s) from {dlq_topic}/{partition} offsets {}..{}",
+                if dry_run { "would redrive" } else { "redrove" },
+                report.records.len(),
+                report.from_offset,
+                report.to_offset
+            );
         }
     }
     Ok(())

@@ -1,0 +1,605 @@
+//! `DeadLetterService`: nack, ack, redelivery and redrive, plus the
+//! dead-letter appends they lead to.
+//!
+//! The retry bookkeeping is [`RetrySets`]; this module reads the records
+//! to redeliver from the topics, appends dead letters to DLQ topics
+//! (creating them on demand) and finishes, at startup, the dead letters a
+//! crash interrupted.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sluice_proto::v1::{self, dead_letter_service_server::DeadLetterService};
+use tonic::{Request, Response, Status};
+
+use super::convert::{consumed, now_ms};
+use super::{blocking, status};
+use crate::dlq::{
+    self, DeadLetter, NackOutcome, RecordLocation, RetryKey, RetrySets, is_dead_letter_of,
+};
+use crate::groups::{GroupCoordinator, TopicPartition};
+use crate::storage::{BatchBuilder, Header, ProducerInfo, Record, StoredRecord};
+use crate::topics::{TopicConfigPatch, TopicError, TopicRegistry, name_rule_violation};
+
+/// How long a redelivered record stays with the member it was handed to
+/// before it is handed out again without an ack or nack.
+pub const REDELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
+const MAX_REASON_BYTES: usize = 4096;
+const MAX_ERROR_CLASS_BYTES: usize = 256;
+const DEFAULT_MAX_RETRIES: usize = 100;
+const DEFAULT_REDRIVE_RATE: u32 = 1000;
+/// How far back from a DLQ's end startup looks for a dead letter a crash
+/// may have appended before recording it.
+const RECOVERY_SCAN_RECORDS: u64 = 10_000;
+
+pub(crate) struct DeadLetters {
+    pub(crate) topics: Arc<TopicRegistry>,
+    pub(crate) groups: Arc<GroupCoordinator>,
+    pub(crate) retries: Arc<RetrySets>,
+}
+
+/// The record at `offset` of a partition, if the log still keeps it.
+fn read_one(
+    topics: &TopicRegistry,
+    topic: &str,
+    partition: u32,
+    offset: u64,
+) -> Result<Option<StoredRecord>, Status> {
+    let topic = topics.get(topic).map_err(status::topic)?;
+    let log = topic
+        .partition(partition)
+        .map_err(status::topic)?
+        .log()
+        .clone();
+    if offset < log.log_start_offset() || offset >= log.high_watermark() {
+        return Ok(None);
+    }
+    let records = log.read_records(offset, 1).map_err(status::storage)?;
+    Ok(records.into_iter().find(|r| r.offset == offset))
+}
+
+/// Appends `record` to partition `partition` of `topic`, durably; its
+/// offset.
+fn append(
+    topics: &TopicRegistry,
+    topic: &str,
+    partition: u32,
+    record: Record,
+) -> Result<u64, Status> {
+    let topic = topics.get(topic).map_err(status::topic)?;
+    let batch = BatchBuilder::encode(&[record], ProducerInfo::NONE);
+    let appended = topic
+        .partition(partition)
+        .map_err(status::topic)?
+        .appender()
+        .append(&batch, now_ms())
+        .map_err(status::producer_append)?;
+    Ok(appended.info.base_offset)
+}
+
+/// Creates the DLQ topic of `source` if it does not exist: one partition,
+/// synced appends, retention at least the source's.
+fn ensure_dlq_topic(topics: &TopicRegistry, source: &str, dlq_topic: &str) -> Result<(), Status> {
+    if topics.get(dlq_topic).is_ok() {
+        return Ok(());
+    }
+    let source = topics.get(source).map_err(status::topic)?.config();
+    let patch = TopicConfigPatch {
+        partitions: Some(1),
+        retention_ms: Some(source.retention_ms.unwrap_or(0)),
+        retention_bytes: Some(source.retention_bytes.unwrap_or(0)),
+        flush: Some("every-batch".into()),
+        max_record_bytes: Some(source.max_record_bytes.saturating_add(4096)),
+        segment_bytes: Some(
+            source
+                .segment_bytes
+                .max(u64::from(source.max_record_bytes) + 16384),
+        ),
+        ..TopicConfigPatch::default()
+    };
+    match topics.create(dlq_topic, &patch) {
+        Ok(_) => {
+            tracing::info!(topic = dlq_topic, "created a dead-letter topic");
+            Ok(())
+        }
+        Err(TopicError::AlreadyExists(_)) => Ok(()),
+        Err(e) => Err(status::topic(e)),
+    }
+}
+
+/// Appends a dead letter to its DLQ (unless `check_tail` finds it there
+/// already, after a crash) and takes it out of the retry set. Its DLQ topic
+/// and offset (`None` when it was found already there).
+fn dead_letter(
+    topics: &TopicRegistry,
+    retries: &RetrySets,
+    letter: &DeadLetter,
+    check_tail: bool,
+) -> Result<(String, Option<u64>), Status> {
+    let key = &letter.entry.key;
+    let dlq_topic = topics
+        .get(&key.topic)
+        .map_err(status::topic)?
+        .config()
+        .dead_letters
+        .dlq_topic(&key.topic, &letter.group);
+    ensure_dlq_topic(topics, &key.topic, &dlq_topic)?;
+    if check_tail && already_in_dlq(topics, &dlq_topic, letter)? {
+        retries
+            .dead_lettered(&letter.group, key)
+            .map_err(status::storage)?;
+        return Ok((dlq_topic, None));
+    }
+    let data = &letter.entry.data;
+    let mut entry = letter.entry.clone();
+    let record = match read_one(topics, &data.topic, data.partition, data.offset)? {
+        Some(stored) => stored.record,
+        None => {
+            // Retention deleted it while it waited: the dead letter still
+            // says what failed and why, without the bytes.
+            entry.last_reason = format!(
+                "{} (the record was deleted by retention before it was dead-lettered)",
+                entry.last_reason
+            );
+            Record {
+                key: None,
+                value: bytes::Bytes::new(),
+                headers: vec![],
+                timestamp: now_ms(),
+            }
+        }
+    };
+    let mut headers = dlq::own_headers(record.headers);
+    headers.extend(dlq::dead_letter_headers(&letter.group, &entry));
+    let offset = append(
+        topics,
+        &dlq_topic,
+        0,
+        Record {
+            key: record.key,
+            value: record.value,
+            headers,
+            timestamp: record.timestamp,
+        },
+    )?;
+    retries
+        .dead_lettered(&letter.group, key)
+        .map_err(status::storage)?;
+    tracing::info!(group = %letter.group, source = %format!("{}/{}/{}", key.topic, key.partition, key.offset), dlq = %dlq_topic, offset, "dead-lettered a record");
+    Ok((dlq_topic, Some(offset)))
+}
+
+fn already_in_dlq(
+    topics: &TopicRegistry,
+    dlq_topic: &str,
+    letter: &DeadLetter,
+) -> Result<bool, Status> {
+    let log = topics
+        .get(dlq_topic)
+        .map_err(status::topic)?
+        .partition(0)
+        .map_err(status::topic)?
+        .log()
+        .clone();
+    let end = log.high_watermark();
+    let mut next = end
+        .saturating_sub(RECOVERY_SCAN_RECORDS)
+        .max(log.log_start_offset());
+    while next < end {
+        let records = log.read_records(next, 1 << 20).map_err(status::storage)?;
+        let Some(last) = records.last() else { break };
+        next = last.offset + 1;
+        if records
+            .iter()
+            .any(|r| is_dead_letter_of(&r.record.headers, &letter.group, &letter.entry.key))
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Finishes the dead letters a crash left between "failed for the last
+/// time" and "appended to the DLQ": each is appended once (or found
+/// already appended). Run before serving.
+pub fn finish_pending_dead_letters(
+    topics: &TopicRegistry,
+    retries: &RetrySets,
+) -> Result<usize, Status> {
+    let pending = retries.pending_dead_letters();
+    for letter in &pending {
+        let (dlq_topic, offset) = dead_letter(topics, retries, letter, true)?;
+        tracing::info!(group = %letter.group, dlq = %dlq_topic, appended = offset.is_some(), "finished a dead letter interrupted by a restart");
+    }
+    Ok(pending.len())
+}
+
+fn record_ref(r: Option<v1::RecordRef>) -> Result<RetryKey, Status> {
+    let r =
+        r.ok_or_else(|| Status::invalid_argument("say which record: topic, partition, offset"))?;
+    Ok(RetryKey {
+        topic: r.topic,
+        partition: r.partition,
+        offset: r.offset,
+    })
+}
+
+fn check_ids(group_id: &str, member_id: &str) -> Result<(), Status> {
+    if let Some(reason) = name_rule_violation(group_id) {
+        return Err(Status::invalid_argument(format!(
+            "invalid group id {group_id:?}: {reason}"
+        )));
+    }
+    if member_id.is_empty() {
+        return Err(Status::invalid_argument(
+            "member id is empty: join the group first",
+        ));
+    }
+    Ok(())
+}
+
+impl DeadLetters {
+    /// Checks that `key` names a consumed record of a partition the member
+    /// holds.
+    fn check_held(&self, group_id: &str, member_id: &str, key: &RetryKey) -> Result<(), Status> {
+        let topic = self.topics.get(&key.topic).map_err(status::topic)?;
+        let latest = topic
+            .partition(key.partition)
+            .map_err(status::topic)?
+            .log()
+            .high_watermark();
+        if key.offset >= latest {
+            return Err(Status::out_of_range(format!(
+                "{}/{} has no offset {} (its latest is {latest})",
+                key.topic, key.partition, key.offset
+            )));
+        }
+        let held = self
+            .groups
+            .member_partitions(group_id, member_id, Instant::now())
+            .map_err(status::group)?;
+        let tp = TopicPartition::new(&key.topic, key.partition);
+        if !held.contains(&tp) {
+            return Err(status::group(crate::groups::GroupError::NotOwner {
+                group: group_id.to_owned(),
+                member: member_id.to_owned(),
+                partition: tp,
+            }));
+        }
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl DeadLetterService for DeadLetters {
+    #[tracing::instrument(skip_all, fields(group = %request.get_ref().group_id))]
+    async fn nack(
+        &self,
+        request: Request<v1::NackRequest>,
+    ) -> Result<Response<v1::NackResponse>, Status> {
+        let request = request.into_inner();
+        check_ids(&request.group_id, &request.member_id)?;
+        if request.reason.len() > MAX_REASON_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "reason is {} bytes; at most {MAX_REASON_BYTES}",
+                request.reason.len()
+            )));
+        }
+        if request.error_class.len() > MAX_ERROR_CLASS_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "error class is {} bytes; at most {MAX_ERROR_CLASS_BYTES}",
+                request.error_class.len()
+            )));
+        }
+        let key = record_ref(request.record)?;
+        self.check_held(&request.group_id, &request.member_id, &key)?;
+        let policy = self
+            .topics
+            .get(&key.topic)
+            .map_err(status::topic)?
+            .config()
+            .dead_letters
+            .policy();
+        let topics = Arc::clone(&self.topics);
+        let retries = Arc::clone(&self.retries);
+        blocking(move || {
+            let data = RecordLocation {
+                topic: key.topic.clone(),
+                partition: key.partition,
+                offset: key.offset,
+            };
+            let outcome = retries
+                .nack(
+                    &request.group_id,
+                    key,
+                    data,
+                    &request.reason,
+                    &request.error_class,
+                    &policy,
+                    now_ms(),
+                )
+                .map_err(status::storage)?;
+            Ok(match outcome {
+                NackOutcome::Retry {
+                    deliveries,
+                    next_delivery_ms,
+                } => v1::NackResponse {
+                    deliveries,
+                    next_delivery_ms,
+                    dead_lettered: false,
+                    dlq_topic: String::new(),
+                    dlq_offset: 0,
+                },
+                NackOutcome::DeadLetter(letter) => {
+                    let deliveries = letter.entry.deliveries;
+                    let (dlq_topic, offset) = dead_letter(&topics, &retries, &letter, false)?;
+                    v1::NackResponse {
+                        deliveries,
+                        next_delivery_ms: 0,
+                        dead_lettered: true,
+                        dlq_topic,
+                        dlq_offset: offset.unwrap_or(0),
+                    }
+                }
+            })
+        })
+        .await
+        .map(Response::new)
+    }
+
+    #[tracing::instrument(skip_all, fields(group = %request.get_ref().group_id))]
+    async fn ack(
+        &self,
+        request: Request<v1::AckRequest>,
+    ) -> Result<Response<v1::AckResponse>, Status> {
+        let request = request.into_inner();
+        check_ids(&request.group_id, &request.member_id)?;
+        let key = record_ref(request.record)?;
+        self.check_held(&request.group_id, &request.member_id, &key)?;
+        let retries = Arc::clone(&self.retries);
+        let removed = blocking(move || {
+            retries
+                .ack(&request.group_id, &key)
+                .map_err(status::storage)
+        })
+        .await?;
+        Ok(Response::new(v1::AckResponse { removed }))
+    }
+
+    #[tracing::instrument(skip_all, fields(group = %request.get_ref().group_id))]
+    async fn fetch_retries(
+        &self,
+        request: Request<v1::FetchRetriesRequest>,
+    ) -> Result<Response<v1::FetchRetriesResponse>, Status> {
+        let request = request.into_inner();
+        check_ids(&request.group_id, &request.member_id)?;
+        let held: BTreeSet<(String, u32)> = self
+            .groups
+            .member_partitions(&request.group_id, &request.member_id, Instant::now())
+            .map_err(status::group)?
+            .into_iter()
+            .map(|tp| (tp.topic, tp.partition))
+            .collect();
+        let limit = match request.max_records {
+            0 => DEFAULT_MAX_RETRIES,
+            n => n as usize,
+        };
+        let topics = Arc::clone(&self.topics);
+        let retries = Arc::clone(&self.retries);
+        let group = request.group_id;
+        let records = blocking(move || {
+            let now = now_ms();
+            let mut out = Vec::new();
+            for entry in retries.due(&group, &held, now, limit) {
+                let data = &entry.data;
+                let Some(stored) = read_one(&topics, &data.topic, data.partition, data.offset)?
+                else {
+                    // Gone before it could be retried: dead-letter what is
+                    // known about it rather than retry nothing forever.
+                    let letter = DeadLetter {
+                        group: group.clone(),
+                        entry: entry.clone(),
+                    };
+                    dead_letter(&topics, &retries, &letter, false)?;
+                    continue;
+                };
+                retries
+                    .delivered(&group, &entry.key, now, REDELIVERY_TIMEOUT)
+                    .map_err(status::storage)?;
+                let mut record = stored.record;
+                let redriven = data.topic != entry.key.topic
+                    || data.partition != entry.key.partition
+                    || data.offset != entry.key.offset;
+                record.headers = dlq::own_headers(record.headers);
+                if redriven {
+                    record.headers.push(Header {
+                        key: dlq::HEADER_REDRIVEN_FROM.to_owned(),
+                        value: format!("{}/{}/{}", data.topic, data.partition, data.offset).into(),
+                    });
+                }
+                out.push(v1::RetryRecord {
+                    record: Some(consumed(
+                        &entry.key.topic,
+                        entry.key.partition,
+                        StoredRecord {
+                            offset: entry.key.offset,
+                            record,
+                        },
+                    )),
+                    attempt: entry.deliveries + 1,
+                });
+            }
+            Ok(out)
+        })
+        .await?;
+        Ok(Response::new(v1::FetchRetriesResponse {
+            records,
+            redelivery_timeout_ms: REDELIVERY_TIMEOUT.as_millis() as u32,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(dlq = %request.get_ref().dlq_topic))]
+    async fn redrive(
+        &self,
+        request: Request<v1::RedriveRequest>,
+    ) -> Result<Response<v1::RedriveResponse>, Status> {
+        let request = request.into_inner();
+        let dlq_topic = self.topics.get(&request.dlq_topic).map_err(status::topic)?;
+        let log = dlq_topic
+            .partition(request.partition)
+            .map_err(status::topic)?
+            .log()
+            .clone();
+        let target = v1::RedriveTarget::try_from(request.target).map_err(|_| {
+            Status::invalid_argument(format!("unknown redrive target {}", request.target))
+        })?;
+        if target == v1::RedriveTarget::Topic {
+            self.topics
+                .get(&request.target_topic)
+                .map_err(status::topic)?;
+        }
+        let progress = self
+            .retries
+            .redrive_progress(&request.dlq_topic, request.partition);
+        let (start, end) = (log.log_start_offset(), log.high_watermark());
+        let from = request
+            .from_offset
+            .unwrap_or_else(|| progress.unwrap_or(start))
+            .max(start);
+        let to = request.to_offset.unwrap_or(end).min(end);
+        if from > to {
+            return Err(Status::out_of_range(format!(
+                "redrive range {from}..{to} is empty or reversed (the DLQ keeps {start}..{end})"
+            )));
+        }
+        if let Some(done) = progress
+            && from < done
+            && !request.allow_repeat
+        {
+            return Err(Status::failed_precondition(format!(
+                "{}/{} was already redriven up to offset {done}; start there, or set \
+                 allow_repeat to redrive {from}..{done} again",
+                request.dlq_topic, request.partition
+            )));
+        }
+        let rate = match request.max_records_per_second {
+            0 => DEFAULT_REDRIVE_RATE,
+            n => n,
+        };
+        // Work in chunks of a tenth of a second's worth, pausing between
+        // them, so a large redrive does not flood the group.
+        let chunk = (rate / 10).max(1) as usize;
+        let progress_floor = progress.unwrap_or(0);
+        let mut redriven = Vec::new();
+        let mut next = from;
+        while next < to {
+            let started = Instant::now();
+            let topics = Arc::clone(&self.topics);
+            let retries = Arc::clone(&self.retries);
+            let request = request.clone();
+            let log = log.clone();
+            let (refs, after) = blocking(move || {
+                let mut records = log.read_records(next, 1 << 20).map_err(status::storage)?;
+                records.retain(|r| r.offset >= next && r.offset < to);
+                records.truncate(chunk);
+                let after = records.last().map_or(to, |r| r.offset + 1);
+                let mut refs = Vec::new();
+                let mut by_group: Vec<(String, RetryKey, RecordLocation)> = Vec::new();
+                for stored in records {
+                    let Some(source) = dlq::dead_letter_source(&stored.record.headers) else {
+                        tracing::warn!(
+                            offset = stored.offset,
+                            "skipping a DLQ record without dead-letter headers"
+                        );
+                        continue;
+                    };
+                    refs.push(v1::RecordRef {
+                        topic: source.topic.clone(),
+                        partition: source.partition,
+                        offset: source.offset,
+                    });
+                    if request.dry_run {
+                        continue;
+                    }
+                    let redriven_from = format!(
+                        "{}/{}/{}",
+                        request.dlq_topic, request.partition, stored.offset
+                    );
+                    match target {
+                        v1::RedriveTarget::Unspecified | v1::RedriveTarget::Group => {
+                            let group = stored
+                                .record
+                                .headers
+                                .iter()
+                                .rev()
+                                .find(|h| h.key == dlq::HEADER_GROUP)
+                                .and_then(|h| std::str::from_utf8(&h.value).ok())
+                                .unwrap_or_default()
+                                .to_owned();
+                            by_group.push((
+                                group,
+                                source,
+                                RecordLocation {
+                                    topic: request.dlq_topic.clone(),
+                                    partition: request.partition,
+                                    offset: stored.offset,
+                                },
+                            ));
+                        }
+                        v1::RedriveTarget::SourceTopic | v1::RedriveTarget::Topic => {
+                            let mut record = stored.record;
+                            record.headers = dlq::own_headers(record.headers);
+                            record.headers.push(Header {
+                                key: dlq::HEADER_REDRIVEN_FROM.to_owned(),
+                                value: redriven_from.into(),
+                            });
+                            let (topic, partition) = if target == v1::RedriveTarget::Topic {
+                                let t = topics.get(&request.target_topic).map_err(status::topic)?;
+                                let p = match &record.key {
+                                    Some(k) => t.partition_for_key(k),
+                                    None => t.next_partition(),
+                                };
+                                (request.target_topic.clone(), p)
+                            } else {
+                                (source.topic.clone(), source.partition)
+                            };
+                            append(&topics, &topic, partition, record)?;
+                        }
+                    }
+                }
+                for (group, key, location) in by_group {
+                    retries
+                        .redrive(&group, vec![(key, location)], now_ms())
+                        .map_err(status::storage)?;
+                }
+                if !request.dry_run {
+                    retries
+                        .set_redrive_progress(
+                            &request.dlq_topic,
+                            request.partition,
+                            after.max(progress_floor),
+                        )
+                        .map_err(status::storage)?;
+                }
+                Ok((refs, after))
+            })
+            .await?;
+            redriven.extend(refs);
+            next = after;
+            if !request.dry_run && next < to {
+                let pace = Duration::from_millis(100).saturating_sub(started.elapsed());
+                tokio::time::sleep(pace).await;
+            }
+        }
+        if !request.dry_run {
+            tracing::info!(dlq = %request.dlq_topic, records = redriven.len(), from, to, "redrove dead letters");
+        }
+        Ok(Response::new(v1::RedriveResponse {
+            records: redriven,
+            from_offset: from,
+            to_offset: to,
+            dry_run: request.dry_run,
+        }))
+    }
+}
