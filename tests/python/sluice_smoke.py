@@ -17,7 +17,7 @@ import threading
 import grpc
 from grpc_tools import protoc
 
-PROTOS = ["records", "admin", "produce", "consume"]
+PROTOS = ["records", "admin", "produce", "consume", "groups", "dlq"]
 
 
 def generate_stubs(proto_root: str) -> str:
@@ -37,6 +37,10 @@ def main() -> None:
         admin_pb2_grpc,
         consume_pb2,
         consume_pb2_grpc,
+        dlq_pb2,
+        dlq_pb2_grpc,
+        groups_pb2,
+        groups_pb2_grpc,
         produce_pb2,
         produce_pb2_grpc,
         records_pb2,
@@ -133,6 +137,48 @@ def main() -> None:
             assert error.code() == expected, (error.code(), error.details())
         else:
             raise AssertionError(f"expected {expected}")
+
+    # A group member from Python: join, get partitions, commit, nack.
+    groups = groups_pb2_grpc.GroupServiceStub(channel)
+    dead_letters = dlq_pb2_grpc.DeadLetterServiceStub(channel)
+    joined = groups.JoinGroup(groups_pb2.JoinGroupRequest(group_id="py-group", topics=["py-events"]))
+    beat = groups.Heartbeat(groups_pb2.HeartbeatRequest(group_id="py-group", member_id=joined.member_id))
+    assert [sorted(s.partitions) for s in beat.assigned] == [[0, 1, 2]], beat
+    groups.CommitOffsets(
+        groups_pb2.CommitOffsetsRequest(
+            group_id="py-group",
+            member_id=joined.member_id,
+            member_epoch=beat.member_epoch,
+            offsets=[groups_pb2.OffsetCommit(topic="py-events", partition=1, offset=3)],
+        )
+    )
+    nacked = dead_letters.Nack(
+        dlq_pb2.NackRequest(
+            group_id="py-group",
+            member_id=joined.member_id,
+            record=dlq_pb2.RecordRef(topic="py-events", partition=1, offset=0),
+            reason="cannot parse",
+        )
+    )
+    assert nacked.deliveries == 1 and not nacked.dead_lettered, nacked
+    described = groups.DescribeGroup(groups_pb2.DescribeGroupRequest(group_id="py-group"))
+    p1 = [p for p in described.partitions if p.partition == 1][0]
+    assert p1.committed_offset == 3 and p1.lag == p1.end_offset - 3, p1
+    assert described.dead_letters[0].retry_set_size == 1, described
+    try:
+        groups.CommitOffsets(
+            groups_pb2.CommitOffsetsRequest(
+                group_id="py-group",
+                member_id="stranger",
+                offsets=[groups_pb2.OffsetCommit(topic="py-events", partition=1, offset=1)],
+            )
+        )
+    except grpc.RpcError as error:
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error
+        assert ("sluice-error", "unknown-member") in error.trailing_metadata(), error.trailing_metadata()
+    else:
+        raise AssertionError("a stranger's commit was accepted")
+    groups.LeaveGroup(groups_pb2.LeaveGroupRequest(group_id="py-group", member_id=joined.member_id))
 
     print("python client: ok")
 
