@@ -116,9 +116,17 @@ wait_for_port "$REDIS_PORT"
 RESULTS="$OUT/results.jsonl"
 : >"$RESULTS"
 
+# Before each workload: write back what the last one left dirty in the page
+# cache, so no run pays for another's writes (fair to every system).
+settle() {
+  sync
+  sleep 1
+}
+
 bench() { # bench MODE SYSTEM URL PID ARGS...
   local mode=$1 system=$2 url=$3 pid=$4
   shift 4
+  settle
   "$BENCH" "$mode" --system "$system" --url "$url" --server-pid "$pid" \
     "${COMMON[@]}" --json "$RESULTS" "$@" >/dev/null
 }
@@ -156,9 +164,11 @@ run_nats() {
 }
 
 run_ceilings() {
+  settle
   "$BENCH" produce --system tcp "${COMMON[@]}" "${BULK[@]}" --mib "$OS_MIB" --label ceiling-loopback \
     --json "$RESULTS" >/dev/null
   local line bytes seconds
+  settle
   line=$(dd if=/dev/zero of="$DATA/dd.bin" bs=1M count="$DD_MIB" conv=fdatasync 2>&1 | tail -1)
   rm -f "$DATA/dd.bin"
   bytes=$(echo "$line" | awk '{print $1}')
