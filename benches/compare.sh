@@ -11,7 +11,8 @@
 # data in one temp dir, runs every workload against each in turn, then
 # prints one table (medians, ratios Sluice/peer, the loopback and disk
 # ceilings, the targets) and writes the results as JSON under --out
-# (default target/compare). Everything it started is stopped on exit.
+# (default target/compare), with one latency plot per end-to-end workload
+# (e2e-*.svg). Everything it started is stopped on exit.
 #
 # Workloads (1 KiB records, batches of 1000, 4 producers, 8 partitions,
 # 4 consumers):
@@ -115,6 +116,7 @@ wait_for_port "$REDIS_PORT"
 
 RESULTS="$OUT/results.jsonl"
 : >"$RESULTS"
+rm -f "$OUT"/e2e-*.svg
 
 # Before each workload: write back what the last one left dirty in the page
 # cache, so no run pays for another's writes (fair to every system).
@@ -137,10 +139,8 @@ run_sluice() {
   bench consume "${s[@]}" "${BULK[@]}" --label consume --backlog-label produce-interval \
     --flush 'interval(1000ms)' --mib "$BACKLOG_MIB"
   bench produce "${s[@]}" "${BULK[@]}" --label produce-os --flush os --mib "$OS_MIB"
-  bench end-to-end "${s[@]}" --label e2e-durable --flush every-batch "${E2E[@]}" \
-    --plot "$OUT/e2e-durable-sluice.svg"
-  bench end-to-end "${s[@]}" --label e2e-interval --flush 'interval(1000ms)' "${E2E[@]}" \
-    --plot "$OUT/e2e-interval-sluice.svg"
+  bench end-to-end "${s[@]}" --label e2e-durable --flush every-batch "${E2E[@]}"
+  bench end-to-end "${s[@]}" --label e2e-interval --flush 'interval(1000ms)' "${E2E[@]}"
 }
 
 run_redis() {
@@ -148,10 +148,8 @@ run_redis() {
   bench produce "${r[@]}" "${BULK[@]}" --label produce-durable --flush always --mib "$DURABLE_MIB"
   bench consume "${r[@]}" "${BULK[@]}" --label consume --backlog-label produce-interval \
     --flush everysec --mib "$BACKLOG_MIB"
-  bench end-to-end "${r[@]}" --label e2e-durable --flush always "${E2E[@]}" \
-    --plot "$OUT/e2e-durable-redis.svg"
-  bench end-to-end "${r[@]}" --label e2e-interval --flush everysec "${E2E[@]}" \
-    --plot "$OUT/e2e-interval-redis.svg"
+  bench end-to-end "${r[@]}" --label e2e-durable --flush always "${E2E[@]}"
+  bench end-to-end "${r[@]}" --label e2e-interval --flush everysec "${E2E[@]}"
 }
 
 run_nats() {
@@ -159,8 +157,7 @@ run_nats() {
   local n=(nats "nats://127.0.0.1:$NATS_PORT" "$NATS_PID")
   bench consume "${n[@]}" "${BULK[@]}" --label consume --backlog-label produce-interval \
     --flush file --mib "$BACKLOG_MIB"
-  bench end-to-end "${n[@]}" --label e2e-interval --flush file "${E2E[@]}" \
-    --plot "$OUT/e2e-interval-nats.svg"
+  bench end-to-end "${n[@]}" --label e2e-interval --flush file "${E2E[@]}"
 }
 
 run_ceilings() {
@@ -189,7 +186,7 @@ done
 echo "== done in $(($(date +%s) - START)) s; results in $RESULTS"
 echo
 
-"$BENCH" table "$RESULTS" --json "$OUT/summary.json" | tee "$OUT/table.md"
+"$BENCH" table "$RESULTS" --json "$OUT/summary.json" --plots "$OUT" | tee "$OUT/table.md"
 
 if [ "$SMOKE" = 1 ]; then
   # Every workload against every system produced a result.

@@ -90,6 +90,10 @@ pub struct RunResult {
     pub latency: Option<Latency>,
     /// The server's RssAnon at the end of the run, in KiB.
     pub server_rss_anon_kib: Option<u64>,
+    /// The latency distribution as (nines, ms) points, for plots (see
+    /// [`crate::load::plot::percentile_curve`]); end-to-end runs only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub latency_curve: Vec<(f64, f64)>,
 }
 
 impl RunResult {
@@ -161,6 +165,7 @@ mod tests {
             latency_kind: None,
             latency: None,
             server_rss_anon_kib: Some(12_345),
+            latency_curve: vec![],
         };
         run.set_rates(1_000_000, Duration::from_secs(4));
         assert_eq!(run.records_per_sec, 250_000.0);

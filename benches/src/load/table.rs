@@ -8,6 +8,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use super::plot;
 use super::report::{RunResult, median};
 
 /// The peers, in column order, with their display names.
@@ -275,6 +276,47 @@ fn thousands(v: f64) -> String {
     }
 }
 
+/// One SVG per end-to-end workload: each system's latency distribution,
+/// from its repetition whose p99 is the median one. Returns (label, SVG).
+pub fn latency_plots(runs: &[RunResult]) -> Vec<(String, String)> {
+    let mut labels: Vec<&str> = Vec::new();
+    for run in runs.iter().filter(|r| !r.latency_curve.is_empty()) {
+        if !labels.contains(&run.label.as_str()) {
+            labels.push(&run.label);
+        }
+    }
+    labels
+        .into_iter()
+        .map(|label| {
+            let mut series = Vec::new();
+            let systems = ["sluice", PEERS[0].0, PEERS[1].0];
+            for system in systems {
+                let mut of_system: Vec<&RunResult> = runs
+                    .iter()
+                    .filter(|r| r.label == label && r.system == system)
+                    .filter(|r| !r.latency_curve.is_empty())
+                    .collect();
+                of_system.sort_by(|a, b| p99(a).total_cmp(&p99(b)));
+                if let Some(middle) = of_system.get(of_system.len() / 2) {
+                    let name = format!("{system} [{}]: p99 {}", middle.durability, ms(p99(middle)));
+                    series.push((name, middle.latency_curve.clone()));
+                }
+            }
+            let rate = runs
+                .iter()
+                .find(|r| r.label == label)
+                .and_then(|r| r.target_rate.map(|rate| rate * r.record_bytes as f64 / 1e6))
+                .map_or(String::new(), |mb| format!(" at {mb:.0} MB/s"));
+            let title = format!("{label}: end-to-end latency{rate} (median repetition)");
+            (label.to_owned(), plot::latency_svg(&title, &series))
+        })
+        .collect()
+}
+
+fn p99(run: &RunResult) -> f64 {
+    run.latency.map_or(f64::NAN, |l| l.p99_us)
+}
+
 /// The summary as Markdown: the comparison, the ceilings, the targets.
 pub fn markdown(summary: &Summary) -> String {
     let mut out = String::new();
@@ -384,6 +426,7 @@ mod tests {
                 max_us: p99,
             }),
             server_rss_anon_kib: Some(1024),
+            latency_curve: p99.map_or(vec![], |p99| vec![(0.0, p99 / 2e3), (2.0, p99 / 1e3)]),
         }
     }
 
@@ -415,6 +458,24 @@ mod tests {
         let table = markdown(&summary);
         assert!(table.contains("| 4.00x | 2.00x |"), "{table}");
         assert!(table.contains("p99 **2.00 ms**"), "{table}");
+    }
+
+    #[test]
+    fn one_plot_per_end_to_end_workload_from_the_median_repetition() {
+        let runs = vec![
+            run("e2e", "sluice", "end-to-end", 1.0, Some(3_000.0)),
+            run("e2e", "sluice", "end-to-end", 1.0, Some(9_000.0)),
+            run("e2e", "sluice", "end-to-end", 1.0, Some(4_000.0)),
+            run("e2e", "redis", "end-to-end", 1.0, Some(5_000.0)),
+            run("produce", "sluice", "produce", 1.0, None),
+        ];
+        let plots = latency_plots(&runs);
+        assert_eq!(plots.len(), 1);
+        let (label, svg) = &plots[0];
+        assert_eq!(label, "e2e");
+        assert_eq!(svg.matches("<polyline").count(), 2, "{svg}");
+        assert!(svg.contains("sluice [d]: p99 4.00 ms"), "{svg}");
+        assert!(svg.contains("redis [d]: p99 5.00 ms"), "{svg}");
     }
 
     #[test]

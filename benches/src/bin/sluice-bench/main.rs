@@ -167,6 +167,10 @@ struct TableArgs {
     /// Also write the summary (medians, ratios, targets) as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Draw each end-to-end workload's latency distributions, one line per
+    /// system, to DIR/LABEL.svg.
+    #[arg(long)]
+    plots: Option<PathBuf>,
 }
 
 fn main() -> Result<()> {
@@ -310,6 +314,7 @@ impl RunArgs {
             latency_kind: None,
             latency: None,
             server_rss_anon_kib: None,
+            latency_curve: Vec::new(),
         }
     }
 
@@ -432,6 +437,7 @@ async fn run_on_topic(
             result.set_rates(plan.count, last.duration_since(start));
             result.latency_kind = Some("end-to-end".into());
             result.latency = Latency::of(&latencies);
+            result.latency_curve = plot::percentile_curve(&latencies);
             Ok(vec![(result, Some(latencies))])
         }
     }
@@ -708,6 +714,12 @@ fn print_table(args: &TableArgs) -> Result<()> {
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&summary)?)
             .with_context(|| format!("write {}", path.display()))?;
+    }
+    if let Some(dir) = &args.plots {
+        for (label, svg) in table::latency_plots(&runs) {
+            let path = dir.join(format!("{label}.svg"));
+            std::fs::write(&path, svg).with_context(|| format!("write {}", path.display()))?;
+        }
     }
     Ok(())
 }
