@@ -365,7 +365,15 @@ async fn run(mode: Mode, args: &RunArgs) -> Result<Vec<Outcome>> {
         .create_topic(&topic, args.partitions, &args.flush())
         .await?;
     let outcome = run_on_topic(mode, args, &system, &topic, plan).await;
-    let rss = args.server_pid.map(procfs::rss_anon_kib).transpose()?;
+    let rss = args
+        .server_pid
+        .and_then(|pid| match procfs::rss_anon_kib(pid) {
+            Ok(kib) => Some(kib),
+            Err(error) => {
+                eprintln!("warning: {error}");
+                None
+            }
+        });
     if !args.keep_topic {
         system.delete_topic(&topic, args.partitions).await?;
     }
