@@ -1,5 +1,8 @@
-//! Fixtures shared by Sluice's benches: the records every bench writes, so
-//! figures from different benches describe the same bytes.
+//! Fixtures shared by Sluice's benches (the records every bench writes, so
+//! figures from different benches describe the same bytes) and the logic of
+//! the `sluice-bench` load generator ([`load`]).
+
+pub mod load;
 
 use bytes::Bytes;
 use sluice_broker::storage::Record;

@@ -261,6 +261,42 @@ impl Producer {
         Ok(DeliveryFuture { receiver })
     }
 
+    /// Sends `records` to `partition` of `topic` as one request and waits
+    /// for the broker's acknowledgement: for callers that build their own
+    /// batches (a bulk loader, a load generator), at the cost of one call
+    /// per batch instead of a channel send per record. It bypasses the
+    /// producer's buffers, linger and retries, and is not idempotent: an
+    /// error is returned as is (a batch whose acknowledgement was lost may
+    /// have been written), and batches sent concurrently to one partition
+    /// may land in either order. Returns where each record landed.
+    pub async fn send_batch(
+        &self,
+        topic: &str,
+        partition: u32,
+        records: Vec<Record>,
+    ) -> Result<Vec<Position>> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        let request = v1::ProduceRequest {
+            topic: topic.to_owned(),
+            partition: Some(partition),
+            records: records.into_iter().map(Record::into_proto).collect(),
+            request_id: 0,
+            producer: None,
+        };
+        let response = self.inner.client.clone().produce(request).await?;
+        Ok(response
+            .into_inner()
+            .positions
+            .into_iter()
+            .map(|p| Position {
+                partition: p.partition,
+                offset: p.offset,
+            })
+            .collect())
+    }
+
     /// Sends everything batched now and waits until every record accepted so
     /// far is acknowledged or failed.
     pub async fn flush(&self) -> Result<()> {

@@ -263,3 +263,45 @@ async fn errors_are_typed_and_say_whether_to_retry() {
     assert!(unreachable.is_retryable(), "{unreachable}");
     assert!(Admin::new(&ClientConfig::new("not a url")).is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_sent_in_one_call_lands_in_order_on_its_partition() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start(dir.path());
+    let config = ClientConfig::new(broker.url());
+    Admin::new(&config)
+        .unwrap()
+        .create_topic("bulk", 3)
+        .await
+        .unwrap();
+    let producer = Producer::new(&config, ProducerConfig::default()).unwrap();
+    let batch = |from: u32| {
+        (from..from + 100)
+            .map(|i| Record::new(i.to_string()))
+            .collect()
+    };
+    let first = producer.send_batch("bulk", 2, batch(0)).await.unwrap();
+    let second = producer.send_batch("bulk", 2, batch(100)).await.unwrap();
+    let offsets: Vec<u64> = first.iter().chain(&second).map(|p| p.offset).collect();
+    assert_eq!(offsets, (0..200).collect::<Vec<u64>>());
+    assert!(first.iter().chain(&second).all(|p| p.partition == 2));
+    let unknown = producer.send_batch("bulk", 7, batch(0)).await.unwrap_err();
+    assert!(!unknown.is_retryable(), "{unknown}");
+    producer.close().await.unwrap();
+    assert!(matches!(
+        producer.send_batch("bulk", 0, batch(0)).await,
+        Err(Error::Closed)
+    ));
+
+    let mut consumer = Consumer::new(&config).unwrap();
+    consumer
+        .assign("bulk", &[2], StartFrom::Earliest)
+        .await
+        .unwrap();
+    let values: Vec<String> = take(&mut consumer, 200)
+        .await
+        .into_iter()
+        .map(|r| String::from_utf8(r.value.to_vec()).unwrap())
+        .collect();
+    assert_eq!(values, (0..200).map(|i| i.to_string()).collect::<Vec<_>>());
+}
