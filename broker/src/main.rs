@@ -68,11 +68,6 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
     let address = listener.local_addr()?;
-    // Accepted connections inherit TCP_NODELAY from the listener (Linux).
-    // Without it a small response (a produce acknowledgement) written
-    // behind an unacknowledged segment waits for the client's delayed ACK:
-    // 20-40 ms added to acknowledgements and pushes under a paced load.
-    rustix::net::sockopt::set_tcp_nodelay(&listener, true).context("setting TCP_NODELAY")?;
     tracing::info!(%address, data_dir = %config.data_dir.display(), "sluice-broker listening on {address}");
     server::serve(
         Arc::clone(&topics),
