@@ -720,3 +720,85 @@ async fn bad_dead_letter_requests_get_clear_statuses() {
         .into_inner();
     assert_eq!((answer.deliveries, answer.dead_lettered), (1, false));
 }
+
+#[tokio::test]
+async fn a_group_can_change_a_topics_retry_settings_for_itself_durably() {
+    use sluice_proto::v1::dead_letter_service_client::DeadLetterServiceClient;
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = start_broker(dir.path(), &[]);
+    create_topic(&broker, "t", 1).await;
+    produce(&broker, "t", 0, 5).await;
+    let mut dlq = DeadLetterServiceClient::new(broker.channel().await);
+    let effective = dlq
+        .set_group_settings(v1::SetGroupSettingsRequest {
+            group_id: "strict".into(),
+            topic: "t".into(),
+            settings: Some(v1::DeadLetterSettings {
+                max_deliveries: Some(1),
+                dlq_topic: Some("quarantine.{group}".into()),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .effective
+        .unwrap();
+    assert_eq!(effective.max_deliveries, Some(1));
+    assert_eq!(
+        effective.retry_backoff_ms,
+        Some(1000),
+        "the topic's, unchanged"
+    );
+    let invalid = dlq
+        .set_group_settings(v1::SetGroupSettingsRequest {
+            group_id: "strict".into(),
+            topic: "t".into(),
+            settings: Some(v1::DeadLetterSettings {
+                retry_backoff_multiplier: Some(0.5),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(invalid.code(), Code::InvalidArgument);
+
+    // The override survives SIGKILL.
+    let addr = broker.addr;
+    broker.kill();
+    let broker = start_broker(dir.path(), &["--listen", &addr.to_string()]);
+    let mut client = groups(&broker).await;
+    let mut dlq = DeadLetterServiceClient::new(broker.channel().await);
+    let mut nack_as = async |group: &str| {
+        let member = client
+            .join_group(join(group, "t", 10_000))
+            .await
+            .unwrap()
+            .into_inner();
+        client
+            .heartbeat(heartbeat(group, &member.member_id, &[]))
+            .await
+            .unwrap();
+        dlq.nack(v1::NackRequest {
+            group_id: group.into(),
+            member_id: member.member_id,
+            record: Some(v1::RecordRef {
+                topic: "t".into(),
+                partition: 0,
+                offset: 2,
+            }),
+            reason: "no".into(),
+            error_class: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    };
+    // One failure is the last for "strict", into its own DLQ name.
+    let strict = nack_as("strict").await;
+    assert!(strict.dead_lettered);
+    assert_eq!(strict.dlq_topic, "quarantine.strict");
+    // Another group keeps the topic's 5 deliveries.
+    let lenient = nack_as("lenient").await;
+    assert_eq!((lenient.deliveries, lenient.dead_lettered), (1, false));
+}

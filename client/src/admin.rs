@@ -588,4 +588,42 @@ impl Admin {
             })
             .collect())
     }
+
+    /// Changes `topic`'s retry and dead-letter settings for `group` only
+    /// (the `max_deliveries`, `retry_backoff_*` and `dlq_topic` fields of
+    /// `settings`; the others are ignored). All unset clears the group's
+    /// changes. Returns the settings the group now has.
+    pub async fn set_group_dead_letter_settings(
+        &self,
+        group_id: &str,
+        topic: &str,
+        settings: TopicSettings,
+    ) -> Result<TopicSettings> {
+        let effective = self
+            .dead_letters
+            .clone()
+            .set_group_settings(self.request(v1::SetGroupSettingsRequest {
+                group_id: group_id.to_owned(),
+                topic: topic.to_owned(),
+                settings: Some(v1::DeadLetterSettings {
+                    max_deliveries: settings.max_deliveries,
+                    retry_backoff_ms: settings.retry_backoff_ms,
+                    retry_backoff_multiplier: settings.retry_backoff_multiplier,
+                    retry_backoff_max_ms: settings.retry_backoff_max_ms,
+                    dlq_topic: settings.dlq_topic,
+                }),
+            }))
+            .await?
+            .into_inner()
+            .effective
+            .unwrap_or_default();
+        Ok(TopicSettings {
+            max_deliveries: effective.max_deliveries,
+            retry_backoff_ms: effective.retry_backoff_ms,
+            retry_backoff_multiplier: effective.retry_backoff_multiplier,
+            retry_backoff_max_ms: effective.retry_backoff_max_ms,
+            dlq_topic: effective.dlq_topic,
+            ..TopicSettings::default()
+        })
+    }
 }

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::storage::{ByteReader, Record, StateLog, StateMachine, StorageError};
+use crate::storage::{ByteReader, Record, StateLog, StateMachine, StorageError, write_atomically};
+use crate::topics::DeadLetterPatch;
 
 const KIND_UPSERT: u8 = 1;
 const KIND_REMOVE: u8 = 2;
@@ -119,16 +120,72 @@ struct RetryState {
     redrive_progress: BTreeMap<(String, u32), u64>,
 }
 
-/// Every group's retry set.
+/// Every group's retry set, and each group's changes to its topics' retry
+/// settings.
 pub struct RetrySets {
     state: StateLog<RetryState>,
+    /// `group-overrides.json` beside the state log: (group, topic) →
+    /// settings the group changed. Small and rarely written: one file,
+    /// replaced atomically.
+    overrides_path: PathBuf,
+    overrides: parking_lot::Mutex<GroupOverrides>,
 }
+
+/// group → topic → changed settings.
+type GroupOverrides = BTreeMap<String, BTreeMap<String, DeadLetterPatch>>;
 
 impl RetrySets {
     pub fn open(dir: impl Into<PathBuf>) -> Result<RetrySets, StorageError> {
+        let dir = dir.into();
+        let state = StateLog::open(&dir)?;
+        let overrides_path = dir.join("group-overrides.json");
+        let overrides = match std::fs::read(&overrides_path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StorageError::Corrupt {
+                path: overrides_path.clone(),
+                position: 0,
+                reason: e.to_string(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => GroupOverrides::new(),
+            Err(e) => return Err(StorageError::io("read group overrides", &overrides_path, e)),
+        };
         Ok(RetrySets {
-            state: StateLog::open(dir)?,
+            state,
+            overrides_path,
+            overrides: parking_lot::Mutex::new(overrides),
         })
+    }
+
+    /// The settings `group` changed for `topic`, if any.
+    pub fn group_override(&self, group: &str, topic: &str) -> Option<DeadLetterPatch> {
+        self.overrides.lock().get(group)?.get(topic).cloned()
+    }
+
+    /// Sets (or, with an empty patch, clears) what `group` changes of
+    /// `topic`'s retry settings; durable when it returns.
+    pub fn set_group_override(
+        &self,
+        group: &str,
+        topic: &str,
+        patch: DeadLetterPatch,
+    ) -> Result<(), StorageError> {
+        let mut overrides = self.overrides.lock();
+        let mut next = overrides.clone();
+        if patch.is_empty() {
+            if let Some(topics) = next.get_mut(group) {
+                topics.remove(topic);
+                if topics.is_empty() {
+                    next.remove(group);
+                }
+            }
+        } else {
+            next.entry(group.to_owned())
+                .or_default()
+                .insert(topic.to_owned(), patch);
+        }
+        let bytes = serde_json::to_vec_pretty(&next).expect("overrides serialise");
+        write_atomically(&self.overrides_path, &bytes)?;
+        *overrides = next;
+        Ok(())
     }
 
     /// Records a failed delivery of `key` (its bytes at `data`). The first

@@ -14,13 +14,16 @@ use sluice_proto::v1::{self, dead_letter_service_server::DeadLetterService};
 use tonic::{Request, Response, Status};
 
 use super::convert::{consumed, now_ms};
+use super::groups::{check_group_id, check_member_id};
 use super::{blocking, status};
 use crate::dlq::{
     self, DeadLetter, NackOutcome, RecordLocation, RetryKey, RetrySets, is_dead_letter_of,
 };
 use crate::groups::{GroupCoordinator, TopicPartition};
 use crate::storage::{BatchBuilder, Header, ProducerInfo, Record, StoredRecord};
-use crate::topics::{TopicConfigPatch, TopicError, TopicRegistry, name_rule_violation};
+use crate::topics::{
+    DeadLetterConfig, DeadLetterPatch, TopicConfigPatch, TopicError, TopicRegistry,
+};
 
 /// How long a redelivered record stays with the member it was handed to
 /// before it is handed out again without an ack or nack.
@@ -78,6 +81,29 @@ fn append(
     Ok(appended.info.base_offset)
 }
 
+/// `topic`'s retry and dead-letter settings as `group` has them: the
+/// topic's, changed by what the group set.
+pub(crate) fn effective_settings(
+    topics: &TopicRegistry,
+    retries: &RetrySets,
+    topic: &str,
+    group: &str,
+) -> Result<DeadLetterConfig, Status> {
+    let base = topics
+        .get(topic)
+        .map_err(status::topic)?
+        .config()
+        .dead_letters;
+    let Some(patch) = retries.group_override(group, topic) else {
+        return Ok(base);
+    };
+    // Checked when set; a later change of the topic may clash with it.
+    Ok(base.patched(&patch).unwrap_or_else(|e| {
+        tracing::warn!(group, topic, error = %e, "the group's retry settings no longer fit the topic's; using the topic's");
+        base
+    }))
+}
+
 /// Creates the DLQ topic of `source` if it does not exist: one partition,
 /// synced appends, retention at least the source's.
 fn ensure_dlq_topic(topics: &TopicRegistry, source: &str, dlq_topic: &str) -> Result<(), Status> {
@@ -118,11 +144,7 @@ fn dead_letter(
     check_tail: bool,
 ) -> Result<(String, Option<u64>), Status> {
     let key = &letter.entry.key;
-    let dlq_topic = topics
-        .get(&key.topic)
-        .map_err(status::topic)?
-        .config()
-        .dead_letters
+    let dlq_topic = effective_settings(topics, retries, &key.topic, &letter.group)?
         .dlq_topic(&key.topic, &letter.group);
     ensure_dlq_topic(topics, &key.topic, &dlq_topic)?;
     if check_tail && already_in_dlq(topics, &dlq_topic, letter)? {
@@ -226,17 +248,8 @@ fn record_ref(r: Option<v1::RecordRef>) -> Result<RetryKey, Status> {
 }
 
 fn check_ids(group_id: &str, member_id: &str) -> Result<(), Status> {
-    if let Some(reason) = name_rule_violation(group_id) {
-        return Err(Status::invalid_argument(format!(
-            "invalid group id {group_id:?}: {reason}"
-        )));
-    }
-    if member_id.is_empty() {
-        return Err(Status::invalid_argument(
-            "member id is empty: join the group first",
-        ));
-    }
-    Ok(())
+    check_group_id(group_id)?;
+    check_member_id(member_id)
 }
 
 impl DeadLetters {
@@ -294,13 +307,9 @@ impl DeadLetterService for DeadLetters {
         }
         let key = record_ref(request.record)?;
         self.check_held(&request.group_id, &request.member_id, &key)?;
-        let policy = self
-            .topics
-            .get(&key.topic)
-            .map_err(status::topic)?
-            .config()
-            .dead_letters
-            .policy();
+        let policy =
+            effective_settings(&self.topics, &self.retries, &key.topic, &request.group_id)?
+                .policy();
         let topics = Arc::clone(&self.topics);
         let retries = Arc::clone(&self.retries);
         blocking(move || {
@@ -436,6 +445,46 @@ impl DeadLetterService for DeadLetters {
         Ok(Response::new(v1::FetchRetriesResponse {
             records,
             redelivery_timeout_ms: REDELIVERY_TIMEOUT.as_millis() as u32,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(group = %request.get_ref().group_id))]
+    async fn set_group_settings(
+        &self,
+        request: Request<v1::SetGroupSettingsRequest>,
+    ) -> Result<Response<v1::SetGroupSettingsResponse>, Status> {
+        let request = request.into_inner();
+        check_group_id(&request.group_id)?;
+        let base = self
+            .topics
+            .get(&request.topic)
+            .map_err(status::topic)?
+            .config()
+            .dead_letters;
+        let s = request.settings.unwrap_or_default();
+        let patch = DeadLetterPatch {
+            max_deliveries: s.max_deliveries,
+            retry_backoff_ms: s.retry_backoff_ms,
+            retry_backoff_multiplier: s.retry_backoff_multiplier,
+            retry_backoff_max_ms: s.retry_backoff_max_ms,
+            dlq_topic: s.dlq_topic,
+        };
+        let effective = base.patched(&patch).map_err(status::topic)?;
+        let retries = Arc::clone(&self.retries);
+        blocking(move || {
+            retries
+                .set_group_override(&request.group_id, &request.topic, patch)
+                .map_err(status::storage)
+        })
+        .await?;
+        Ok(Response::new(v1::SetGroupSettingsResponse {
+            effective: Some(v1::DeadLetterSettings {
+                max_deliveries: Some(effective.max_deliveries),
+                retry_backoff_ms: Some(effective.retry_backoff_ms),
+                retry_backoff_multiplier: Some(effective.retry_backoff_multiplier),
+                retry_backoff_max_ms: Some(effective.retry_backoff_max_ms),
+                dlq_topic: Some(effective.dlq_topic),
+            }),
         }))
     }
 

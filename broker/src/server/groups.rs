@@ -30,7 +30,7 @@ pub(crate) struct Groups {
     pub(crate) retries: Arc<RetrySets>,
 }
 
-fn check_group_id(group_id: &str) -> Result<(), Status> {
+pub(crate) fn check_group_id(group_id: &str) -> Result<(), Status> {
     match name_rule_violation(group_id) {
         Some(reason) => Err(Status::invalid_argument(format!(
             "invalid group id {group_id:?}: {reason}"
@@ -39,7 +39,7 @@ fn check_group_id(group_id: &str) -> Result<(), Status> {
     }
 }
 
-fn check_member_id(member_id: &str) -> Result<(), Status> {
+pub(crate) fn check_member_id(member_id: &str) -> Result<(), Status> {
     if member_id.is_empty() {
         return Err(Status::invalid_argument(
             "member id is empty: join the group first",
@@ -181,8 +181,10 @@ fn describe_with_lag(
     let dead_letters = source_topics
         .into_iter()
         .filter_map(|topic| {
-            let config = topics.get(&topic).ok()?.config();
-            let dlq_topic = config.dead_letters.dlq_topic(&topic, &description.group_id);
+            let settings =
+                super::dlq::effective_settings(topics, retries, &topic, &description.group_id)
+                    .ok()?;
+            let dlq_topic = settings.dlq_topic(&topic, &description.group_id);
             let dlq_depth = topics.get(&dlq_topic).map_or(0, |t| {
                 t.partitions()
                     .iter()

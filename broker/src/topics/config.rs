@@ -54,7 +54,49 @@ impl Default for DeadLetterConfig {
     }
 }
 
+/// A group's changes to a topic's retry and dead-letter settings; `None`
+/// keeps the topic's value.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeadLetterPatch {
+    pub max_deliveries: Option<u32>,
+    pub retry_backoff_ms: Option<u64>,
+    pub retry_backoff_multiplier: Option<f64>,
+    pub retry_backoff_max_ms: Option<u64>,
+    pub dlq_topic: Option<String>,
+}
+
+impl DeadLetterPatch {
+    pub fn is_empty(&self) -> bool {
+        *self == DeadLetterPatch::default()
+    }
+}
+
 impl DeadLetterConfig {
+    /// These settings changed by `patch`, validated.
+    pub fn patched(&self, patch: &DeadLetterPatch) -> Result<DeadLetterConfig, TopicError> {
+        let config = self.merged(patch);
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn merged(&self, patch: &DeadLetterPatch) -> DeadLetterConfig {
+        DeadLetterConfig {
+            max_deliveries: patch.max_deliveries.unwrap_or(self.max_deliveries),
+            retry_backoff_ms: patch.retry_backoff_ms.unwrap_or(self.retry_backoff_ms),
+            retry_backoff_multiplier: patch
+                .retry_backoff_multiplier
+                .unwrap_or(self.retry_backoff_multiplier),
+            retry_backoff_max_ms: patch
+                .retry_backoff_max_ms
+                .unwrap_or(self.retry_backoff_max_ms),
+            dlq_topic: patch
+                .dlq_topic
+                .clone()
+                .unwrap_or_else(|| self.dlq_topic.clone()),
+        }
+    }
+
     pub fn policy(&self) -> crate::dlq::RetryPolicy {
         crate::dlq::RetryPolicy {
             max_deliveries: self.max_deliveries,
@@ -206,23 +248,14 @@ impl TopicConfig {
             flush: patch.flush.clone().unwrap_or_else(|| self.flush.clone()),
             max_record_bytes: patch.max_record_bytes.unwrap_or(self.max_record_bytes),
             segment_bytes: patch.segment_bytes.unwrap_or(self.segment_bytes),
-            dead_letters: {
-                let d = &self.dead_letters;
-                DeadLetterConfig {
-                    max_deliveries: patch.max_deliveries.unwrap_or(d.max_deliveries),
-                    retry_backoff_ms: patch.retry_backoff_ms.unwrap_or(d.retry_backoff_ms),
-                    retry_backoff_multiplier: patch
-                        .retry_backoff_multiplier
-                        .unwrap_or(d.retry_backoff_multiplier),
-                    retry_backoff_max_ms: patch
-                        .retry_backoff_max_ms
-                        .unwrap_or(d.retry_backoff_max_ms),
-                    dlq_topic: patch
-                        .dlq_topic
-                        .clone()
-                        .unwrap_or_else(|| d.dlq_topic.clone()),
-                }
-            },
+            // Validated with the rest by `log_config`.
+            dead_letters: self.dead_letters.merged(&DeadLetterPatch {
+                max_deliveries: patch.max_deliveries,
+                retry_backoff_ms: patch.retry_backoff_ms,
+                retry_backoff_multiplier: patch.retry_backoff_multiplier,
+                retry_backoff_max_ms: patch.retry_backoff_max_ms,
+                dlq_topic: patch.dlq_topic.clone(),
+            }),
         }
     }
 

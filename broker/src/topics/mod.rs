@@ -22,8 +22,8 @@
 mod config;
 
 pub use config::{
-    DeadLetterConfig, TopicConfig, TopicConfigPatch, TopicDefaults, name_rule_violation,
-    validate_topic_name,
+    DeadLetterConfig, DeadLetterPatch, TopicConfig, TopicConfigPatch, TopicDefaults,
+    name_rule_violation, validate_topic_name,
 };
 
 use std::collections::BTreeMap;

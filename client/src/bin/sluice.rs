@@ -56,6 +56,16 @@ enum Command {
 
 #[derive(Subcommand)]
 enum DlqCommand {
+    /// Change a topic's retry and dead-letter settings for one group
+    /// (options not given keep the topic's; none at all clears the group's
+    /// changes).
+    Settings {
+        group: String,
+        #[arg(long)]
+        topic: String,
+        #[command(flatten)]
+        settings: DeadLetterArgs,
+    },
     /// Redrive dead letters: by default back to the group that failed them
     /// (only it sees them again).
     Redrive {
@@ -149,6 +159,12 @@ struct SettingsArgs {
     max_record_bytes: Option<u32>,
     #[arg(long)]
     segment_bytes: Option<u64>,
+    #[command(flatten)]
+    dead_letters: DeadLetterArgs,
+}
+
+#[derive(Args)]
+struct DeadLetterArgs {
     /// Deliveries a nacked record gets before it is dead-lettered.
     #[arg(long)]
     max_deliveries: Option<u32>,
@@ -166,6 +182,19 @@ struct SettingsArgs {
     dlq_topic: Option<String>,
 }
 
+impl DeadLetterArgs {
+    fn settings(self) -> TopicSettings {
+        TopicSettings {
+            max_deliveries: self.max_deliveries,
+            retry_backoff_ms: self.retry_backoff_ms,
+            retry_backoff_multiplier: self.retry_backoff_multiplier,
+            retry_backoff_max_ms: self.retry_backoff_max_ms,
+            dlq_topic: self.dlq_topic,
+            ..TopicSettings::default()
+        }
+    }
+}
+
 impl SettingsArgs {
     fn settings(self) -> TopicSettings {
         TopicSettings {
@@ -175,11 +204,7 @@ impl SettingsArgs {
             flush: self.flush,
             max_record_bytes: self.max_record_bytes,
             segment_bytes: self.segment_bytes,
-            max_deliveries: self.max_deliveries,
-            retry_backoff_ms: self.retry_backoff_ms,
-            retry_backoff_multiplier: self.retry_backoff_multiplier,
-            retry_backoff_max_ms: self.retry_backoff_max_ms,
-            dlq_topic: self.dlq_topic,
+            ..self.dead_letters.settings()
         }
     }
 }
@@ -442,6 +467,24 @@ async fn group(config: &ClientConfig, command: GroupCommand) -> anyhow::Result<(
 async fn dlq(config: &ClientConfig, command: DlqCommand) -> anyhow::Result<()> {
     let admin = Admin::new(config)?;
     match command {
+        DlqCommand::Settings {
+            group,
+            topic,
+            settings,
+        } => {
+            let effective = admin
+                .set_group_dead_letter_settings(&group, &topic, settings.settings())
+                .await?;
+            println!(
+                "{group} on {topic}: max_deliveries={} retry_backoff_ms={} multiplier={} \
+                 retry_backoff_max_ms={} dlq_topic={}",
+                or_dash(effective.max_deliveries),
+                or_dash(effective.retry_backoff_ms),
+                or_dash(effective.retry_backoff_multiplier),
+                or_dash(effective.retry_backoff_max_ms),
+                effective.dlq_topic.as_deref().unwrap_or("-")
+            );
+        }
         DlqCommand::Redrive {
             dlq_topic,
             partition,
