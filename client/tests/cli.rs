@@ -221,3 +221,70 @@ fn groups_consume_list_describe_and_reset_offsets() {
     assert!(!ok);
     assert!(err.contains("not found"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_settings_and_redrive_from_the_command_line() {
+    use sluice_client::{ClientConfig, GroupConfig, GroupConsumer};
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(&broker_binary(), dir.path(), &[]);
+    let (ok, _, err) = sluice(&broker, &["topic", "create", "jobs"], None);
+    assert!(ok, "{err}");
+    let (ok, out, err) = sluice(
+        &broker,
+        &[
+            "dlq",
+            "settings",
+            "crew",
+            "--topic",
+            "jobs",
+            "--max-deliveries",
+            "1",
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("max_deliveries=1 retry_backoff_ms=1000"),
+        "{out}"
+    );
+    let (ok, _, err) = sluice(&broker, &["produce", "jobs"], Some("good\nbad\n"));
+    assert!(ok, "{err}");
+
+    let config = ClientConfig::new(broker.url());
+    let mut consumer = GroupConsumer::new(&config, GroupConfig::new("crew", ["jobs"])).unwrap();
+    for _ in 0..2 {
+        let record = consumer.next().await.unwrap();
+        if &record.value[..] == b"bad" {
+            assert!(consumer.nack(&record, "broken", "test").await.unwrap());
+        }
+    }
+    consumer.close().await.unwrap();
+
+    let (ok, out, err) = sluice(
+        &broker,
+        &["dlq", "redrive", "jobs.crew.dlq", "--dry-run"],
+        None,
+    );
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("jobs/0/1\nwould redrive 1 dead letter(s)"),
+        "{out}"
+    );
+    let (ok, out, err) = sluice(&broker, &["dlq", "redrive", "jobs.crew.dlq"], None);
+    assert!(ok, "{err}");
+    assert!(out.contains("redrove 1 dead letter(s)"), "{out}");
+    let (ok, out, _) = sluice(&broker, &["group", "describe", "crew"], None);
+    assert!(ok);
+    assert!(
+        out.contains("jobs: 1 retry(ies) pending, 1 dead letter(s) in jobs.crew.dlq"),
+        "{out}"
+    );
+    // Not twice by accident.
+    let (ok, _, err) = sluice(
+        &broker,
+        &["dlq", "redrive", "jobs.crew.dlq", "--from", "0"],
+        None,
+    );
+    assert!(!ok);
+    assert!(err.contains("already redriven"), "{err}");
+}
