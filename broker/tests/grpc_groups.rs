@@ -802,3 +802,93 @@ async fn a_group_can_change_a_topics_retry_settings_for_itself_durably() {
     let lenient = nack_as("lenient").await;
     assert_eq!((lenient.deliveries, lenient.dead_lettered), (1, false));
 }
+
+#[tokio::test]
+async fn a_redriven_record_whose_dlq_was_deleted_is_dead_lettered_again_not_lost() {
+    use sluice_proto::v1::dead_letter_service_client::DeadLetterServiceClient;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start_broker(dir.path(), &[]);
+    grpc_common::create_topic_with(
+        &broker,
+        "t",
+        v1::TopicConfig {
+            partitions: Some(1),
+            max_deliveries: Some(1),
+            ..Default::default()
+        },
+    )
+    .await;
+    produce(&broker, "t", 0, 3).await;
+    let mut client = groups(&broker).await;
+    let mut dlq = DeadLetterServiceClient::new(broker.channel().await);
+    let member = client
+        .join_group(join("g", "t", 10_000))
+        .await
+        .unwrap()
+        .into_inner();
+    client
+        .heartbeat(heartbeat("g", &member.member_id, &[]))
+        .await
+        .unwrap();
+    let nacked = dlq
+        .nack(v1::NackRequest {
+            group_id: "g".into(),
+            member_id: member.member_id.clone(),
+            record: Some(v1::RecordRef {
+                topic: "t".into(),
+                partition: 0,
+                offset: 1,
+            }),
+            reason: "bad".into(),
+            error_class: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(nacked.dead_lettered);
+    dlq.redrive(v1::RedriveRequest {
+        dlq_topic: "t.g.dlq".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // The redriven retry reads its bytes from the DLQ, which goes away.
+    broker
+        .admin()
+        .await
+        .delete_topic(v1::DeleteTopicRequest {
+            name: "t.g.dlq".into(),
+        })
+        .await
+        .unwrap();
+    let retries = dlq
+        .fetch_retries(v1::FetchRetriesRequest {
+            group_id: "g".into(),
+            member_id: member.member_id,
+            max_records: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(retries.records.is_empty());
+    let letters = grpc_common::fetch_all(&broker, "t.g.dlq", 0).await;
+    assert_eq!(letters.len(), 1, "dead-lettered again, with what is known");
+    let reason = letters[0]
+        .headers
+        .iter()
+        .find(|h| h.key == "sluice.dlq.reason")
+        .unwrap();
+    assert!(
+        std::str::from_utf8(&reason.value)
+            .unwrap()
+            .contains("deleted before it was dead-lettered")
+    );
+    let described = client
+        .describe_group(v1::DescribeGroupRequest {
+            group_id: "g".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(described.dead_letters[0].retry_set_size, 0);
+}

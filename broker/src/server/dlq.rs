@@ -42,19 +42,24 @@ pub(crate) struct DeadLetters {
     pub(crate) retries: Arc<RetrySets>,
 }
 
-/// The record at `offset` of a partition, if the log still keeps it.
+/// The record at `offset` of a partition, if the log still keeps it (and
+/// the topic still exists: a redriven record's DLQ may have been deleted).
 fn read_one(
     topics: &TopicRegistry,
     topic: &str,
     partition: u32,
     offset: u64,
 ) -> Result<Option<StoredRecord>, Status> {
-    let topic = topics.get(topic).map_err(status::topic)?;
-    let log = topic
-        .partition(partition)
-        .map_err(status::topic)?
-        .log()
-        .clone();
+    let topic = match topics.get(topic) {
+        Ok(topic) => topic,
+        Err(TopicError::NotFound(_)) => return Ok(None),
+        Err(e) => return Err(status::topic(e)),
+    };
+    let log = match topic.partition(partition) {
+        Ok(p) => p.log().clone(),
+        Err(TopicError::NoSuchPartition { .. }) => return Ok(None),
+        Err(e) => return Err(status::topic(e)),
+    };
     if offset < log.log_start_offset() || offset >= log.high_watermark() {
         return Ok(None);
     }
@@ -158,10 +163,11 @@ fn dead_letter(
     let record = match read_one(topics, &data.topic, data.partition, data.offset)? {
         Some(stored) => stored.record,
         None => {
-            // Retention deleted it while it waited: the dead letter still
-            // says what failed and why, without the bytes.
+            // Retention (or deleting the DLQ it was redriven from) removed
+            // it while it waited: the dead letter still says what failed
+            // and why, without the bytes.
             entry.last_reason = format!(
-                "{} (the record was deleted by retention before it was dead-lettered)",
+                "{} (the record was deleted before it was dead-lettered)",
                 entry.last_reason
             );
             Record {
