@@ -65,17 +65,24 @@ pub fn dead_letter_headers(group: &str, entry: &RetryEntry) -> Vec<Header> {
     ]
 }
 
+/// The last value of header `name`: a header added later wins.
+fn header<'a>(headers: &'a [Header], name: &str) -> Option<&'a [u8]> {
+    headers
+        .iter()
+        .rev()
+        .find(|h| h.key == name)
+        .map(|h| h.value.as_ref())
+}
+
+fn header_text<'a>(headers: &'a [Header], name: &str) -> Option<&'a str> {
+    header(headers, name).and_then(|v| std::str::from_utf8(v).ok())
+}
+
 /// Whether `headers` (of a record in a DLQ) mark it as the dead letter of
 /// `key` for `group`: how a restart tells whether a pending dead letter was
 /// already appended.
 pub fn is_dead_letter_of(headers: &[Header], group: &str, key: &RetryKey) -> bool {
-    let get = |name: &str| {
-        headers
-            .iter()
-            .rev()
-            .find(|h| h.key == name)
-            .map(|h| h.value.as_ref())
-    };
+    let get = |name| header(headers, name);
     get(HEADER_GROUP) == Some(group.as_bytes())
         && get(HEADER_SOURCE_TOPIC) == Some(key.topic.as_bytes())
         && get(HEADER_SOURCE_PARTITION) == Some(key.partition.to_string().as_bytes())
@@ -84,18 +91,17 @@ pub fn is_dead_letter_of(headers: &[Header], group: &str, key: &RetryKey) -> boo
 
 /// Where a dead letter says it came from, if it carries the headers.
 pub fn dead_letter_source(headers: &[Header]) -> Option<RetryKey> {
-    let get = |name: &str| {
-        headers
-            .iter()
-            .rev()
-            .find(|h| h.key == name)
-            .and_then(|h| std::str::from_utf8(&h.value).ok())
-    };
+    let get = |name| header_text(headers, name);
     Some(RetryKey {
         topic: get(HEADER_SOURCE_TOPIC)?.to_owned(),
         partition: get(HEADER_SOURCE_PARTITION)?.parse().ok()?,
         offset: get(HEADER_SOURCE_OFFSET)?.parse().ok()?,
     })
+}
+
+/// The group that dead-lettered a record, if it says.
+pub fn dead_letter_group(headers: &[Header]) -> Option<&str> {
+    header_text(headers, HEADER_GROUP)
 }
 
 /// The record's own headers: `headers` without the ones a dead-lettering

@@ -6,7 +6,7 @@
 //! (creating them on demand) and finishes, at startup, the dead letters a
 //! crash interrupted.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -560,7 +560,10 @@ impl DeadLetterService for DeadLetters {
                 records.truncate(chunk);
                 let after = records.last().map_or(to, |r| r.offset + 1);
                 let mut refs = Vec::new();
-                let mut by_group: Vec<(String, RetryKey, RecordLocation)> = Vec::new();
+                // One durable retry-set append per group and chunk, not one
+                // per record.
+                let mut by_group: BTreeMap<String, Vec<(RetryKey, RecordLocation)>> =
+                    BTreeMap::new();
                 for stored in records {
                     let Some(source) = dlq::dead_letter_source(&stored.record.headers) else {
                         tracing::warn!(
@@ -583,17 +586,10 @@ impl DeadLetterService for DeadLetters {
                     );
                     match target {
                         v1::RedriveTarget::Unspecified | v1::RedriveTarget::Group => {
-                            let group = stored
-                                .record
-                                .headers
-                                .iter()
-                                .rev()
-                                .find(|h| h.key == dlq::HEADER_GROUP)
-                                .and_then(|h| std::str::from_utf8(&h.value).ok())
+                            let group = dlq::dead_letter_group(&stored.record.headers)
                                 .unwrap_or_default()
                                 .to_owned();
-                            by_group.push((
-                                group,
+                            by_group.entry(group).or_default().push((
                                 source,
                                 RecordLocation {
                                     topic: request.dlq_topic.clone(),
@@ -623,9 +619,9 @@ impl DeadLetterService for DeadLetters {
                         }
                     }
                 }
-                for (group, key, location) in by_group {
+                for (group, records) in by_group {
                     retries
-                        .redrive(&group, vec![(key, location)], now_ms())
+                        .redrive(&group, records, now_ms())
                         .map_err(status::storage)?;
                 }
                 if !request.dry_run {
