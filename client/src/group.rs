@@ -17,7 +17,7 @@
 //! restart), its partitions are already someone else's: it stops reading
 //! them without committing ([`GroupEvent::Lost`]) and joins again.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -171,9 +171,11 @@ pub struct GroupConsumer {
     committed: HashMap<TopicPartition, u64>,
     next_auto_commit: Instant,
     events: Option<mpsc::UnboundedSender<GroupEvent>>,
-    /// Redeliveries fetched and not yet handed over.
-    retries: VecDeque<ConsumedRecord>,
-    next_retry_poll: Instant,
+    /// Redeliveries fetched by the retry task, not yet handed over. A task
+    /// of its own so that a `next` cancelled mid-fetch cannot drop records
+    /// the broker already counts as handed out.
+    retries: mpsc::Receiver<ConsumedRecord>,
+    retry_task: JoinHandle<()>,
     /// A rebalance started but did not finish (`next` was cancelled in the
     /// middle of it, or it failed): the next call applies it again.
     rebalance_pending: bool,
@@ -196,6 +198,15 @@ impl GroupConsumer {
             shared: Arc::clone(&shared),
             updates: sender,
         };
+        let (retry_sender, retries) = mpsc::channel(RETRY_QUEUE);
+        let retry_task = RetryTask {
+            client: dead_letters.clone(),
+            group_id: config.group_id.clone(),
+            interval: config.retry_poll_interval,
+            request_timeout: client_config.request_timeout,
+            shared: Arc::clone(&shared),
+            sender: retry_sender,
+        };
         let next_auto_commit = Instant::now()
             + match config.commit {
                 CommitMode::Auto(every) => every,
@@ -206,7 +217,6 @@ impl GroupConsumer {
             admin: Admin::new(client_config)?,
             client,
             dead_letters,
-            next_retry_poll: Instant::now() + config.retry_poll_interval,
             config,
             request_timeout: client_config.request_timeout,
             shared,
@@ -219,7 +229,8 @@ impl GroupConsumer {
             next_auto_commit,
             events: None,
             rebalance_pending: false,
-            retries: VecDeque::new(),
+            retries,
+            retry_task: tokio::spawn(retry_task.run()),
         })
     }
 
@@ -260,17 +271,9 @@ impl GroupConsumer {
                 self.rebalance().await?;
                 continue;
             }
-            while let Some(retry) = self.retries.pop_front() {
-                // Not if the partition moved meanwhile: its new owner gets
-                // it once the redelivery timeout passes.
-                if self.owned.contains(&(retry.topic.clone(), retry.partition)) {
-                    return Ok(retry);
-                }
-            }
             let auto_commit_due =
                 matches!(self.config.commit, CommitMode::Auto(_)) && self.has_uncommitted();
             let deadline = self.next_auto_commit;
-            let retry_poll = self.next_retry_poll;
             tokio::select! {
                 biased;
                 changed = self.updates.changed() => {
@@ -280,11 +283,15 @@ impl GroupConsumer {
                     }
                     self.rebalance().await?;
                 }
+                Some(retry) = self.retries.recv() => {
+                    // Not if the partition moved meanwhile: its new owner
+                    // gets it once the redelivery timeout passes.
+                    if self.owned.contains(&(retry.topic.clone(), retry.partition)) {
+                        return Ok(retry);
+                    }
+                }
                 () = tokio::time::sleep_until(deadline), if auto_commit_due => {
                     self.auto_commit().await;
-                }
-                () = tokio::time::sleep_until(retry_poll), if !self.owned.is_empty() => {
-                    self.poll_retries().await;
                 }
                 record = self.consumer.next_record(), if !self.owned.is_empty() => {
                     match record {
@@ -366,37 +373,6 @@ impl GroupConsumer {
         }
     }
 
-    async fn poll_retries(&mut self) {
-        self.next_retry_poll = Instant::now() + self.config.retry_poll_interval;
-        let member_id = lock(&self.shared.membership).member_id.clone();
-        if member_id.is_empty() {
-            return;
-        }
-        let answer = self
-            .dead_letters
-            .fetch_retries(self.request(v1::FetchRetriesRequest {
-                group_id: self.config.group_id.clone(),
-                member_id,
-                max_records: 0,
-            }))
-            .await;
-        match answer {
-            Ok(answer) => {
-                for retry in answer.into_inner().records {
-                    if let Some(record) = retry.record {
-                        let mut record = ConsumedRecord::from(record);
-                        record.attempt = retry.attempt;
-                        record.redelivery = true;
-                        self.retries.push_back(record);
-                    }
-                }
-            }
-            Err(status) => {
-                tracing::debug!(%status, "fetching retries failed; the next poll tries again");
-            }
-        }
-    }
-
     /// Marks `record` processed: its offset + 1 is what the next commit of
     /// its partition writes (with [`CommitMode::Manual`]; auto commit marks
     /// everything handed over by itself).
@@ -431,6 +407,7 @@ impl GroupConsumer {
         }
         let committed = self.commit_processed(None).await;
         self.membership_task.abort();
+        self.retry_task.abort();
         let membership = lock(&self.shared.membership).clone();
         if !membership.member_id.is_empty() {
             let left = self
@@ -643,6 +620,60 @@ impl GroupConsumer {
 impl Drop for GroupConsumer {
     fn drop(&mut self) {
         self.membership_task.abort();
+        self.retry_task.abort();
+    }
+}
+
+/// Redeliveries fetched and not yet handed over, at most: the retry task
+/// asks for no more than there is room for, so a slow application is not
+/// handed records the broker would redeliver past their timeout.
+const RETRY_QUEUE: usize = 100;
+
+/// Asks the broker for due retries of this member every interval.
+struct RetryTask {
+    client: DeadLetterServiceClient<Channel>,
+    group_id: String,
+    interval: Duration,
+    request_timeout: Duration,
+    shared: Arc<Shared>,
+    sender: mpsc::Sender<ConsumedRecord>,
+}
+
+impl RetryTask {
+    async fn run(mut self) {
+        loop {
+            tokio::time::sleep(self.interval).await;
+            if self.sender.is_closed() {
+                return;
+            }
+            let room = self.sender.capacity();
+            let member_id = lock(&self.shared.membership).member_id.clone();
+            if room == 0 || member_id.is_empty() {
+                continue;
+            }
+            let mut request = tonic::Request::new(v1::FetchRetriesRequest {
+                group_id: self.group_id.clone(),
+                member_id,
+                max_records: room as u32,
+            });
+            request.set_timeout(self.request_timeout);
+            let records = match self.client.fetch_retries(request).await {
+                Ok(answer) => answer.into_inner().records,
+                Err(status) => {
+                    tracing::debug!(%status, "fetching retries failed; the next poll tries again");
+                    continue;
+                }
+            };
+            for retry in records {
+                let Some(record) = retry.record else { continue };
+                let mut record = ConsumedRecord::from(record);
+                record.attempt = retry.attempt;
+                record.redelivery = true;
+                if self.sender.send(record).await.is_err() {
+                    return;
+                }
+            }
+        }
     }
 }
 
