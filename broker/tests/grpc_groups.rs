@@ -826,8 +826,15 @@ async fn a_redriven_record_whose_dlq_was_deleted_is_dead_lettered_again_not_lost
         .await
         .unwrap()
         .into_inner();
-    client
+    let assigned = client
         .heartbeat(heartbeat("g", &member.member_id, &[]))
+        .await
+        .unwrap()
+        .into_inner()
+        .assigned;
+    // Retries go to partitions the member says it reads.
+    client
+        .heartbeat(heartbeat("g", &member.member_id, &assigned))
         .await
         .unwrap();
     let nacked = dlq

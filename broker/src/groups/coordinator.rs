@@ -366,20 +366,47 @@ impl GroupCoordinator {
     }
 
     /// What a live member holds or was given: the partitions whose records
-    /// it may nack, ack and receive retries of.
+    /// it may nack and ack.
     pub fn member_partitions(
         &self,
         group_id: &str,
         member_id: &str,
         now: Instant,
     ) -> Result<BTreeSet<TopicPartition>, GroupError> {
+        self.with_member(group_id, member_id, now, |m| {
+            m.assigned.union(&m.owned).cloned().collect()
+        })
+    }
+
+    /// What a live member reads and keeps: partitions it reported holding
+    /// that are still assigned to it. Retries go only there: a member drops
+    /// a retry of a partition it is releasing or has not started yet, and
+    /// the retry then waits out its redelivery timeout.
+    pub fn member_reading(
+        &self,
+        group_id: &str,
+        member_id: &str,
+        now: Instant,
+    ) -> Result<BTreeSet<TopicPartition>, GroupError> {
+        self.with_member(group_id, member_id, now, |m| {
+            m.assigned.intersection(&m.owned).cloned().collect()
+        })
+    }
+
+    fn with_member<T>(
+        &self,
+        group_id: &str,
+        member_id: &str,
+        now: Instant,
+        f: impl FnOnce(&Member) -> T,
+    ) -> Result<T, GroupError> {
         let mut groups = self.groups.lock();
         expire_members(&mut groups, now);
         let member = groups
             .get(group_id)
             .and_then(|g| g.members.get(member_id))
             .ok_or_else(|| unknown_member(group_id, member_id))?;
-        Ok(member.assigned.union(&member.owned).cloned().collect())
+        Ok(f(member))
     }
 
     /// Removes a member at once; its partitions go to the others.

@@ -391,7 +391,7 @@ impl DeadLetterService for DeadLetters {
         check_ids(&request.group_id, &request.member_id)?;
         let held: BTreeSet<(String, u32)> = self
             .groups
-            .member_partitions(&request.group_id, &request.member_id, Instant::now())
+            .member_reading(&request.group_id, &request.member_id, Instant::now())
             .map_err(status::group)?
             .into_iter()
             .map(|tp| (tp.topic, tp.partition))
