@@ -460,14 +460,7 @@ impl Admin {
                     member_id: m.member_id,
                     instance_id: m.instance_id,
                     member_epoch: m.member_epoch,
-                    assigned: m
-                        .assigned
-                        .into_iter()
-                        .flat_map(|set| {
-                            let topic = set.topic;
-                            set.partitions.into_iter().map(move |p| (topic.clone(), p))
-                        })
-                        .collect(),
+                    assigned: v1::TopicPartitions::flatten(m.assigned).collect(),
                     since_heartbeat_ms: m.since_heartbeat_ms,
                 })
                 .collect(),

@@ -729,7 +729,9 @@ impl MembershipTask {
                     .heartbeat(self.request(v1::HeartbeatRequest {
                         group_id: self.config.group_id.clone(),
                         member_id,
-                        owned: partition_sets(&owned),
+                        owned: v1::TopicPartitions::group(
+                            owned.iter().map(|(t, p)| (t.as_str(), *p)),
+                        ),
                     }))
                     .await
                     .map_err(Error::from);
@@ -739,7 +741,7 @@ impl MembershipTask {
                         backoff = Duration::from_millis(50);
                         interval = Duration::from_millis(u64::from(answer.heartbeat_interval_ms));
                         lock(&self.shared.membership).member_epoch = answer.member_epoch;
-                        let assigned = from_partition_sets(answer.assigned);
+                        let assigned = v1::TopicPartitions::flatten(answer.assigned).collect();
                         self.updates.send_if_modified(|u| {
                             let changed = u.assigned != assigned;
                             u.assigned = assigned;
@@ -806,47 +808,5 @@ impl MembershipTask {
                 }
             }
         }
-    }
-}
-
-fn partition_sets(partitions: &BTreeSet<TopicPartition>) -> Vec<v1::TopicPartitions> {
-    let mut sets: Vec<v1::TopicPartitions> = Vec::new();
-    for (topic, partition) in partitions {
-        match sets.last_mut() {
-            Some(set) if &set.topic == topic => set.partitions.push(*partition),
-            _ => sets.push(v1::TopicPartitions {
-                topic: topic.clone(),
-                partitions: vec![*partition],
-            }),
-        }
-    }
-    sets
-}
-
-fn from_partition_sets(sets: Vec<v1::TopicPartitions>) -> BTreeSet<TopicPartition> {
-    sets.into_iter()
-        .flat_map(|set| {
-            let topic = set.topic;
-            set.partitions.into_iter().map(move |p| (topic.clone(), p))
-        })
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn partition_sets_group_by_topic_and_round_trip() {
-        let set: BTreeSet<TopicPartition> = [
-            ("a".to_string(), 0),
-            ("a".to_string(), 3),
-            ("b".to_string(), 1),
-        ]
-        .into();
-        let wire = partition_sets(&set);
-        assert_eq!(wire.len(), 2);
-        assert_eq!(wire[0].partitions, vec![0, 3]);
-        assert_eq!(from_partition_sets(wire), set);
     }
 }

@@ -12,6 +12,32 @@ pub mod v1 {
     /// The encoded `FileDescriptorSet` of every `sluice.v1` file, for gRPC
     /// server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("sluice_descriptor");
+
+    impl TopicPartitions {
+        /// (topic, partition) pairs as one message per topic, topics in
+        /// order, each topic's partitions in the order given.
+        pub fn group<'a>(pairs: impl IntoIterator<Item = (&'a str, u32)>) -> Vec<TopicPartitions> {
+            let mut by_topic: std::collections::BTreeMap<&str, Vec<u32>> = Default::default();
+            for (topic, partition) in pairs {
+                by_topic.entry(topic).or_default().push(partition);
+            }
+            by_topic
+                .into_iter()
+                .map(|(topic, partitions)| TopicPartitions {
+                    topic: topic.to_owned(),
+                    partitions,
+                })
+                .collect()
+        }
+
+        /// The (topic, partition) pairs of `sets`.
+        pub fn flatten(sets: Vec<TopicPartitions>) -> impl Iterator<Item = (String, u32)> {
+            sets.into_iter().flat_map(|set| {
+                let topic = set.topic;
+                set.partitions.into_iter().map(move |p| (topic.clone(), p))
+            })
+        }
+    }
 }
 
 /// Kafka's murmur2 hash (`org.apache.kafka.common.utils.Utils.murmur2`),
@@ -58,6 +84,22 @@ pub fn partition_for_key(key: &[u8], partitions: u32) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn topic_partitions_group_by_topic_and_flatten_back() {
+        let pairs = [("b", 1), ("a", 0), ("a", 3)];
+        let sets = v1::TopicPartitions::group(pairs);
+        assert_eq!(sets.len(), 2);
+        assert_eq!(
+            (sets[0].topic.as_str(), sets[0].partitions.clone()),
+            ("a", vec![0, 3])
+        );
+        let back: Vec<(String, u32)> = v1::TopicPartitions::flatten(sets).collect();
+        assert_eq!(
+            back,
+            vec![("a".into(), 0), ("a".into(), 3), ("b".into(), 1)]
+        );
+    }
 
     /// Vectors from Kafka's `UtilsTest.testMurmur2`.
     #[test]

@@ -49,27 +49,16 @@ pub(crate) fn check_member_id(member_id: &str) -> Result<(), Status> {
 }
 
 fn partition_sets(partitions: &BTreeSet<TopicPartition>) -> Vec<v1::TopicPartitions> {
-    let mut by_topic: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
-    for tp in partitions {
-        by_topic.entry(&tp.topic).or_default().push(tp.partition);
-    }
-    by_topic
-        .into_iter()
-        .map(|(topic, partitions)| v1::TopicPartitions {
-            topic: topic.to_owned(),
-            partitions,
-        })
-        .collect()
+    v1::TopicPartitions::group(
+        partitions
+            .iter()
+            .map(|tp| (tp.topic.as_str(), tp.partition)),
+    )
 }
 
 fn from_partition_sets(sets: Vec<v1::TopicPartitions>) -> BTreeSet<TopicPartition> {
-    sets.into_iter()
-        .flat_map(|set| {
-            let topic = set.topic;
-            set.partitions
-                .into_iter()
-                .map(move |p| TopicPartition::new(topic.clone(), p))
-        })
+    v1::TopicPartitions::flatten(sets)
+        .map(|(topic, partition)| TopicPartition { topic, partition })
         .collect()
 }
 
