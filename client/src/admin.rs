@@ -6,7 +6,7 @@ use sluice_proto::v1::{
 };
 use tonic::transport::Channel;
 
-use crate::connection::ClientConfig;
+use crate::connection::{ClientConfig, with_timeout};
 use crate::consumer::StartFrom;
 use crate::error::Result;
 
@@ -270,9 +270,7 @@ impl Admin {
     }
 
     fn request<T>(&self, message: T) -> tonic::Request<T> {
-        let mut request = tonic::Request::new(message);
-        request.set_timeout(self.config.request_timeout);
-        request
+        with_timeout(message, self.config.request_timeout)
     }
 
     /// Creates a topic with `partitions` partitions and default settings.

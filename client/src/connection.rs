@@ -53,3 +53,10 @@ impl Default for ClientConfig {
         ClientConfig::new("http://127.0.0.1:7070")
     }
 }
+
+/// A request that gives up after `timeout`.
+pub(crate) fn with_timeout<T>(message: T, timeout: Duration) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(timeout);
+    request
+}

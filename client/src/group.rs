@@ -31,7 +31,7 @@ use tokio::time::Instant;
 use tonic::transport::Channel;
 
 use crate::admin::Admin;
-use crate::connection::ClientConfig;
+use crate::connection::{ClientConfig, with_timeout};
 use crate::consumer::{Consumer, StartFrom};
 use crate::error::{Error, Result};
 use crate::record::ConsumedRecord;
@@ -358,12 +358,7 @@ impl GroupConsumer {
         E: std::fmt::Display,
     {
         let record = self.next().await?;
-        let reference = ConsumedRecord {
-            key: None,
-            value: bytes::Bytes::new(),
-            headers: Vec::new(),
-            ..record.clone()
-        };
+        let reference = record.clone();
         match handler(record).await {
             Ok(()) => self.ack(&reference).await,
             Err(error) => self
@@ -425,9 +420,7 @@ impl GroupConsumer {
     }
 
     fn request<T>(&self, message: T) -> tonic::Request<T> {
-        let mut request = tonic::Request::new(message);
-        request.set_timeout(self.request_timeout);
-        request
+        with_timeout(message, self.request_timeout)
     }
 
     fn emit(&self, event: GroupEvent) {
@@ -651,12 +644,14 @@ impl RetryTask {
             if room == 0 || member_id.is_empty() {
                 continue;
             }
-            let mut request = tonic::Request::new(v1::FetchRetriesRequest {
-                group_id: self.group_id.clone(),
-                member_id,
-                max_records: room as u32,
-            });
-            request.set_timeout(self.request_timeout);
+            let request = with_timeout(
+                v1::FetchRetriesRequest {
+                    group_id: self.group_id.clone(),
+                    member_id,
+                    max_records: room as u32,
+                },
+                self.request_timeout,
+            );
             let records = match self.client.fetch_retries(request).await {
                 Ok(answer) => answer.into_inner().records,
                 Err(status) => {
@@ -703,10 +698,11 @@ struct MembershipTask {
 
 impl MembershipTask {
     fn request<T>(&self, message: T) -> tonic::Request<T> {
-        let mut request = tonic::Request::new(message);
         // A heartbeat that hangs must not outlive the session.
-        request.set_timeout(self.request_timeout.min(self.config.session_timeout / 2));
-        request
+        with_timeout(
+            message,
+            self.request_timeout.min(self.config.session_timeout / 2),
+        )
     }
 
     async fn run(mut self) {

@@ -290,10 +290,7 @@ impl Producer {
             .into_inner()
             .positions
             .into_iter()
-            .map(|p| Position {
-                partition: p.partition,
-                offset: p.offset,
-            })
+            .map(Position::from)
             .collect())
     }
 
@@ -646,13 +643,8 @@ impl PartitionSender {
             let batch = self.in_flight.pop_front().expect("front exists");
             let positions = response.response.map(|r| r.positions).unwrap_or_default();
             for (pending, position) in batch.records.into_iter().zip(positions) {
-                self.outstanding.settle(
-                    pending,
-                    Ok(Position {
-                        partition: position.partition,
-                        offset: position.offset,
-                    }),
-                );
+                self.outstanding
+                    .settle(pending, Ok(Position::from(position)));
             }
             return true;
         }

@@ -100,6 +100,15 @@ pub struct Position {
     pub offset: u64,
 }
 
+impl From<v1::RecordPosition> for Position {
+    fn from(p: v1::RecordPosition) -> Self {
+        Position {
+            partition: p.partition,
+            offset: p.offset,
+        }
+    }
+}
+
 /// A record read from a topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConsumedRecord {
