@@ -297,3 +297,30 @@ fn an_unchanged_partition_writes_no_new_snapshot() {
     log.snapshot().unwrap();
     assert_ne!(snapshots(), before, "rewritten after expiry");
 }
+
+/// Issue 13, item 4: a producer rebuilt from the log's tail takes its idle
+/// clock from the broker's restart, not from its records' (client-set, here
+/// years old) timestamps, so the first expiry after a restart keeps it.
+#[test]
+fn a_producer_rebuilt_from_the_log_is_not_expired_by_its_old_record_timestamps() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = common::config(64 * 1024, FlushPolicy::EveryBatch);
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+    };
+    let first = {
+        let log = open(dir.path(), &cfg);
+        log.append(&batch(PRODUCER_ID, 0, 0, 2), now_ms()).unwrap()
+    }; // no snapshot: rebuilt from the log alone
+    let log = open(dir.path(), &cfg);
+    let hour = std::time::Duration::from_secs(3600);
+    assert_eq!(log.expire_producers(now_ms(), hour), 0, "expired at once");
+    let retry = log.append(&batch(PRODUCER_ID, 0, 0, 2), now_ms()).unwrap();
+    assert!(retry.duplicate, "written twice");
+    assert_eq!(retry.info, first.info);
+    // It still expires once idle for the expiry period after the restart.
+    assert_eq!(log.expire_producers(now_ms() + 2 * 3_600_000, hour), 1);
+}

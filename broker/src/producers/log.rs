@@ -205,7 +205,17 @@ fn list_snapshots(dir: &Path) -> Result<Vec<u64>, ProducerStateError> {
 
 /// The newest snapshot at or below the log's end that reads back whole,
 /// then every idempotent batch from there to the end of the log.
+///
+/// Every producer recovered counts as seen now (broker time): its idle
+/// clock restarts with the broker. A batch's timestamps are the client's
+/// (event times, possibly days old) and say nothing about when the broker
+/// last heard from the producer; and a producer whose acknowledgement the
+/// crash swallowed is about to retry, so it must outlive the restart by a
+/// whole expiry period.
 fn recover(log: &PartitionLog, dir: &Path) -> Result<PartitionProducers, ProducerStateError> {
+    let recovered_at_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
     let end = log.end_offset();
     let mut state = PartitionProducers::default();
     let mut from = log.log_start_offset();
@@ -244,13 +254,14 @@ fn recover(log: &PartitionLog, dir: &Path) -> Result<PartitionProducers, Produce
                     &header.producer,
                     header.record_count,
                     header.base_offset,
-                    header.max_timestamp,
+                    recovered_at_ms,
                 );
                 replayed += 1;
             }
             from = header.next_offset();
         }
     }
+    state.seen_at_least(recovered_at_ms);
     tracing::debug!(dir = %dir.display(), producers = state.len(), replayed, "recovered producer state");
     Ok(state)
 }

@@ -5,7 +5,10 @@
 //!
 //! - [`ProducerIds`] hands out producer ids and epochs, broker-wide. A named
 //!   producer that initialises again gets the same id with the next epoch,
-//!   which fences the older instance. Persisted in one small file.
+//!   which fences the older instance on every partition at once: each
+//!   idempotent append is checked against the newest epoch of its producer
+//!   id ([`ProducerIds::fence`]), not only against the epochs that wrote the
+//!   partition. Persisted in one small file before `InitProducer` answers.
 //! - [`PartitionProducers`] is one partition's memory of the last
 //!   [`MAX_CACHED_BATCHES`] batches of each producer. It decides whether an
 //!   incoming batch is new, a retry of a batch already written (answered with
@@ -24,7 +27,7 @@ mod ids;
 mod log;
 mod state;
 
-pub use ids::{ProducerIdentity, ProducerIds};
+pub use ids::{FenceGuard, ProducerIdentity, ProducerIds};
 pub use log::{IdempotentLog, ProducerAppend, ProducerAppendError};
 pub use state::{
     CachedBatch, MAX_CACHED_BATCHES, PartitionProducers, SequenceCheck, SequenceError,

@@ -201,6 +201,14 @@ impl PartitionProducers {
         entry.last_seen_ms = entry.last_seen_ms.max(now_ms);
     }
 
+    /// Counts every producer as seen at `now_ms` at the latest (after a
+    /// restart: their idle clocks restart with the broker).
+    pub fn seen_at_least(&mut self, now_ms: i64) {
+        for entry in self.producers.values_mut() {
+            entry.last_seen_ms = entry.last_seen_ms.max(now_ms);
+        }
+    }
+
     /// Forgets producers not seen for `max_idle`; returns how many.
     pub fn expire(&mut self, now_ms: i64, max_idle: Duration) -> usize {
         let idle_ms = i64::try_from(max_idle.as_millis()).unwrap_or(i64::MAX);

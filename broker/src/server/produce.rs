@@ -37,6 +37,7 @@ pub(crate) struct Produce {
 /// request positions of its records.
 struct Prepared {
     topic: Arc<Topic>,
+    producer: ProducerInfo,
     batches: Vec<(u32, EncodedBatch, Vec<usize>)>,
     records: usize,
 }
@@ -153,6 +154,7 @@ fn prepare(topics: &TopicRegistry, request: v1::ProduceRequest) -> Result<Prepar
     }
     Ok(Prepared {
         topic,
+        producer,
         batches,
         records,
     })
@@ -164,6 +166,20 @@ fn prepare(topics: &TopicRegistry, request: v1::ProduceRequest) -> Result<Prepar
 async fn write(topics: Arc<TopicRegistry>, request: v1::ProduceRequest) -> Result<Written, Status> {
     tokio::task::spawn_blocking(move || {
         let prepared = prepare(&topics, request)?;
+        // An older epoch of a named producer is refused on every partition
+        // once a newer one was handed out, whether or not the newer one has
+        // written here; the guard keeps a new epoch from being published
+        // while this request writes.
+        let _fence = if prepared.producer == ProducerInfo::NONE {
+            None
+        } else {
+            Some(
+                topics
+                    .producer_ids()
+                    .fence(prepared.producer.producer_id, prepared.producer.epoch)
+                    .map_err(status::sequence)?,
+            )
+        };
         let now = now_ms();
         let mut written = Vec::with_capacity(prepared.batches.len());
         for (partition, batch, indexes) in prepared.batches {
