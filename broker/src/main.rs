@@ -51,6 +51,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
         let dir = config.data_dir.join("internal/retries");
         tokio::task::spawn_blocking(move || -> anyhow::Result<RetrySets> {
             let retries = RetrySets::open(&dir).context("opening the retry sets")?;
+            // Retries of topics deleted (or deleted and created again) while
+            // a crash kept them from going with the topic.
+            retries
+                .reconcile(&|name| topics.get(name).ok().map(|t| t.id()))
+                .context("dropping the retries of deleted topics")?;
             server::finish_pending_dead_letters(&topics, &retries).map_err(|status| {
                 anyhow::anyhow!("finishing dead letters: {}", status.message())
             })?;
@@ -64,6 +69,17 @@ async fn run(config: Config) -> anyhow::Result<()> {
         Box::new(Arc::clone(&topics)),
         GroupSettings::default(),
     ));
+    {
+        // Offsets of topics deleted (or deleted and created again) while a
+        // crash kept them from going with the topic; before any commit.
+        let groups = Arc::clone(&groups);
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        tokio::task::spawn_blocking(move || groups.discard_stale_offsets(now_ms))
+            .await?
+            .context("dropping the offsets of deleted topics")?;
+    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;

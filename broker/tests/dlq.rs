@@ -312,3 +312,47 @@ fn startup_finishes_an_interrupted_dead_letter_exactly_once() {
         topics.get("orders").unwrap().config().retention_ms
     );
 }
+
+/// Issue 13, items 3 and 10: a deleted topic's retries go with it, and
+/// retries of an earlier topic of the same name are dropped before the new
+/// one's are added or served, also when found only at startup.
+#[test]
+fn retries_are_bound_to_their_topics_incarnation() {
+    use sluice_broker::topics::TopicId;
+    let dir = tempfile::tempdir().unwrap();
+    let (old, new) = (TopicId(1), TopicId(2));
+    {
+        let sets = RetrySets::open(dir.path()).unwrap();
+        sets.bind_topic("orders", old).unwrap();
+        for offset in [1, 2] {
+            sets.nack("g", key(offset), at(offset), "x", "E", &policy(), 0)
+                .unwrap();
+        }
+        sets.nack("h", key(3), at(3), "x", "E", &policy(), 0)
+            .unwrap();
+        assert!(sets.is_bound("orders", old));
+        // The topic is deleted: every group's entries go.
+        sets.delete_topic("orders").unwrap();
+        assert!(sets.is_empty("g") && sets.is_empty("h"));
+        assert!(!sets.is_bound("orders", old));
+        // A new topic of that name; a crash keeps the next delete from
+        // removing its retries.
+        sets.bind_topic("orders", new).unwrap();
+        sets.nack("g", key(1), at(1), "x", "E", &policy(), 0)
+            .unwrap();
+    }
+    let sets = RetrySets::open(dir.path()).unwrap();
+    assert!(sets.is_bound("orders", new), "the binding is durable");
+    // Created once more: binding the newest drops the entries before they
+    // can be served.
+    sets.bind_topic("orders", TopicId(3)).unwrap();
+    assert!(sets.is_empty("g"));
+    assert!(sets.due("g", &owned(), i64::MAX, 10).is_empty());
+    sets.nack("g", key(2), at(2), "x", "E", &policy(), 0)
+        .unwrap();
+    // At startup: a topic that no longer exists loses its entries.
+    assert!(sets.reconcile(&|_| Some(TopicId(3))).unwrap().is_empty());
+    assert_eq!(sets.len("g"), 1);
+    assert_eq!(sets.reconcile(&|_| None).unwrap(), ["orders"]);
+    assert!(sets.is_empty("g"));
+}

@@ -6,12 +6,17 @@ use std::time::{Duration, Instant};
 use sluice_broker::groups::{
     GroupCoordinator, GroupError, GroupSettings, OffsetStore, TopicCatalog, TopicPartition,
 };
+use sluice_broker::topics::TopicId;
 
 struct Catalog(BTreeMap<String, u32>);
 
 impl TopicCatalog for Catalog {
     fn partition_count(&self, topic: &str) -> Option<u32> {
         self.0.get(topic).copied()
+    }
+
+    fn topic_id(&self, topic: &str) -> Option<TopicId> {
+        self.0.contains_key(topic).then_some(TopicId(7))
     }
 }
 
@@ -239,6 +244,7 @@ fn offsets_survive_a_reopen_and_compaction() {
                             commit_time_ms: i as i64,
                         },
                     )],
+                    &|_| Some(TopicId(7)),
                 )
                 .unwrap();
         }
@@ -285,7 +291,7 @@ fn reset_needs_an_empty_group_and_a_dry_run_changes_nothing() {
         .commit("g", None, vec![(tp.clone(), 9, String::new())], now, 0)
         .unwrap_err();
     assert!(matches!(err, GroupError::GroupNotEmpty { .. }), "{err}");
-    c.leave("g", &m).unwrap();
+    c.leave("g", &m, now).unwrap();
     let plan = c
         .reset_offsets("g", vec![(tp.clone(), 1)], true, now, 0)
         .unwrap();
@@ -318,22 +324,87 @@ fn empty_groups_offsets_expire_but_never_while_members_live() {
         1_000,
     )
     .unwrap();
+    let session = Duration::from_secs(300);
     let m = c
-        .join("busy", None, orders(), SESSION, now)
+        .join("busy", None, orders(), session, now)
         .unwrap()
         .member_id;
-    c.heartbeat("busy", &m, BTreeSet::new(), now).unwrap();
     let week = Duration::from_secs(7 * 24 * 3600);
     let later_ms = 1_000 + week.as_millis() as i64;
+    // "idle" has been empty since the coordinator started: a week after
+    // that, "busy" still alive.
+    let later = now + week;
+    keep_alive(&c, "busy", &m, now, later, session);
     assert!(
-        c.expire_offsets(now, later_ms - 1, week)
+        c.expire_offsets(later, later_ms - 1, week)
             .unwrap()
             .is_empty()
     );
     assert_eq!(
-        c.expire_offsets(now, later_ms, week).unwrap(),
+        c.expire_offsets(later, later_ms, week).unwrap(),
         vec!["idle".to_string()]
     );
     assert!(c.offsets().fetch("idle").is_empty());
     assert!(!c.offsets().fetch("busy").is_empty());
+}
+
+/// Heartbeats `member` from `from` to `to` often enough for `session`.
+fn keep_alive(
+    c: &GroupCoordinator,
+    group: &str,
+    member: &str,
+    from: Instant,
+    to: Instant,
+    session: Duration,
+) {
+    let mut at = from;
+    while at < to {
+        at = (at + session / 2).min(to);
+        c.heartbeat(group, member, BTreeSet::new(), at).unwrap();
+    }
+}
+
+/// KIP-211: an empty group's offsets are kept for the retention counted
+/// from when it became empty, however old its last commit.
+#[test]
+fn the_retention_clock_starts_when_the_group_becomes_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path());
+    let start = Instant::now();
+    let retention = Duration::from_secs(60);
+    let m = c
+        .join("g", None, orders(), SESSION, start)
+        .unwrap()
+        .member_id;
+    let epoch = c
+        .heartbeat("g", &m, BTreeSet::new(), start)
+        .unwrap()
+        .member_epoch;
+    let tp = TopicPartition::new("orders", 0);
+    c.commit(
+        "g",
+        Some((&m, epoch)),
+        vec![(tp, 4, String::new())],
+        start,
+        0,
+    )
+    .unwrap();
+    // Alive, committing nothing, for ten retentions; then it leaves.
+    let left = start + retention * 10;
+    keep_alive(&c, "g", &m, start, left, SESSION);
+    c.leave("g", &m, left).unwrap();
+    let ms = |at: Instant| at.duration_since(start).as_millis() as i64;
+    let soon = left + retention / 2;
+    assert!(
+        c.expire_offsets(soon, ms(soon), retention)
+            .unwrap()
+            .is_empty()
+    );
+    assert!(!c.fetch_offsets("g").is_empty());
+    let later = left + retention;
+    assert_eq!(
+        c.expire_offsets(later, ms(later), retention).unwrap(),
+        ["g"]
+    );
+    assert!(c.fetch_offsets("g").is_empty());
 }

@@ -899,3 +899,268 @@ async fn a_redriven_record_whose_dlq_was_deleted_is_dead_lettered_again_not_lost
         .into_inner();
     assert_eq!(described.dead_letters[0].retry_set_size, 0);
 }
+
+/// Joins `group` on `topic` and heartbeats twice, so the member reads
+/// (holds and is assigned) every partition. Its member id and epoch.
+async fn join_and_hold(
+    client: &mut GroupServiceClient<Channel>,
+    group: &str,
+    topic: &str,
+) -> (String, u64) {
+    let member = client
+        .join_group(join(group, topic, 60_000))
+        .await
+        .unwrap()
+        .into_inner();
+    let assigned = client
+        .heartbeat(heartbeat(group, &member.member_id, &[]))
+        .await
+        .unwrap()
+        .into_inner()
+        .assigned;
+    let epoch = client
+        .heartbeat(heartbeat(group, &member.member_id, &assigned))
+        .await
+        .unwrap()
+        .into_inner()
+        .member_epoch;
+    (member.member_id, epoch)
+}
+
+async fn committed(client: &mut GroupServiceClient<Channel>, group: &str) -> Vec<(String, u64)> {
+    client
+        .fetch_offsets(v1::FetchOffsetsRequest {
+            group_id: group.into(),
+            topics: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .offsets
+        .into_iter()
+        .map(|o| (o.topic, o.offset))
+        .collect()
+}
+
+/// Issue 13, item 3: deleting a topic takes the groups' retries of it
+/// along; a topic created later under the same name gets none of them.
+#[tokio::test]
+async fn a_deleted_topics_retries_go_with_it() {
+    use sluice_proto::v1::dead_letter_service_client::DeadLetterServiceClient;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start_broker(dir.path(), &[]);
+    let config = v1::TopicConfig {
+        partitions: Some(1),
+        retry_backoff_ms: Some(10),
+        retry_backoff_max_ms: Some(10),
+        ..Default::default()
+    };
+    grpc_common::create_topic_with(&broker, "t", config.clone()).await;
+    produce(&broker, "t", 0, 3).await;
+    let mut client = groups(&broker).await;
+    let (member, _) = join_and_hold(&mut client, "g", "t").await;
+    let mut dlq = DeadLetterServiceClient::new(broker.channel().await);
+    for offset in [1, 2] {
+        dlq.nack(v1::NackRequest {
+            group_id: "g".into(),
+            member_id: member.clone(),
+            record: Some(v1::RecordRef {
+                topic: "t".into(),
+                partition: 0,
+                offset,
+            }),
+            reason: "old failure".into(),
+            error_class: String::new(),
+        })
+        .await
+        .unwrap();
+    }
+    broker
+        .admin()
+        .await
+        .delete_topic(v1::DeleteTopicRequest { name: "t".into() })
+        .await
+        .unwrap();
+    grpc_common::create_topic_with(&broker, "t", config).await;
+    let new = (0..2).map(|i| record(None, &format!("NEW-{i}"))).collect();
+    broker
+        .producer()
+        .await
+        .produce(produce_request("t", Some(0), new))
+        .await
+        .unwrap();
+    // The member still subscribes to `t`: it reads the new topic.
+    let assigned = client
+        .heartbeat(heartbeat("g", &member, &[]))
+        .await
+        .unwrap()
+        .into_inner()
+        .assigned;
+    client
+        .heartbeat(heartbeat("g", &member, &assigned))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let served: Vec<(u64, u32, String)> = dlq
+        .fetch_retries(v1::FetchRetriesRequest {
+            group_id: "g".into(),
+            member_id: member,
+            max_records: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .records
+        .into_iter()
+        .map(|r| {
+            let record = r.record.unwrap();
+            (
+                record.offset,
+                r.attempt,
+                String::from_utf8_lossy(&record.value).into_owned(),
+            )
+        })
+        .collect();
+    assert!(
+        served.is_empty(),
+        "new records served as the old topic's retries: {served:?}"
+    );
+    let dlq_topic = broker
+        .admin()
+        .await
+        .describe_topic(v1::DescribeTopicRequest {
+            name: "t.g.dlq".into(),
+        })
+        .await;
+    assert_eq!(
+        dlq_topic.map(|_| ()).unwrap_err().code(),
+        Code::NotFound,
+        "an old retry past the new log's end was dead-lettered"
+    );
+    let described = client
+        .describe_group(v1::DescribeGroupRequest {
+            group_id: "g".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        described.dead_letters.iter().all(|d| d.retry_set_size == 0),
+        "{:?}",
+        described.dead_letters
+    );
+}
+
+const RETENTION_MS: u64 = 4000;
+
+/// Waits until `group` has no committed offsets (the broker expired them);
+/// how long that took.
+async fn wait_for_expiry(
+    client: &mut GroupServiceClient<Channel>,
+    group: &str,
+) -> std::time::Duration {
+    let started = std::time::Instant::now();
+    while !committed(client, group).await.is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the offsets of the empty group never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    started.elapsed()
+}
+
+/// Issue 13, item 8 (KIP-211): the retention of an empty group's offsets
+/// counts from when it became empty, not from its last commit.
+#[tokio::test]
+async fn offsets_expire_a_retention_after_the_group_became_empty_not_after_its_last_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let retention = RETENTION_MS.to_string();
+    let broker = start_broker(
+        dir.path(),
+        &[
+            "--group-offset-retention-ms",
+            &retention,
+            "--maintenance-interval-ms",
+            "100",
+        ],
+    );
+    create_topic(&broker, "t", 1).await;
+    produce(&broker, "t", 0, 3).await;
+    let mut client = groups(&broker).await;
+    let (member, epoch) = join_and_hold(&mut client, "g", "t").await;
+    client
+        .commit_offsets(commit("g", (&member, epoch), &[("t", 0, 2)]))
+        .await
+        .unwrap();
+    // Alive, with nothing new to commit, for longer than the retention.
+    let quiet = std::time::Instant::now();
+    while quiet.elapsed() < Duration::from_millis(RETENTION_MS + 1000) {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        client
+            .heartbeat(heartbeat("g", &member, &[]))
+            .await
+            .unwrap();
+    }
+    client
+        .leave_group(v1::LeaveGroupRequest {
+            group_id: "g".into(),
+            member_id: member,
+        })
+        .await
+        .unwrap();
+    let left = std::time::Instant::now();
+    // Many maintenance ticks later the offsets are still there.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        committed(&mut client, "g").await,
+        [("t".to_string(), 2)],
+        "expired the moment the group became empty"
+    );
+    wait_for_expiry(&mut client, "g").await;
+    assert!(
+        left.elapsed() >= Duration::from_millis(RETENTION_MS),
+        "expired {:?} after the group became empty",
+        left.elapsed()
+    );
+}
+
+/// Issue 13, item 8: after a restart an empty group's offsets are kept for
+/// at least the retention, however old its last commit.
+#[tokio::test]
+async fn after_a_restart_offsets_are_kept_for_at_least_the_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let retention = RETENTION_MS.to_string();
+    let args = [
+        "--group-offset-retention-ms",
+        retention.as_str(),
+        "--maintenance-interval-ms",
+        "100",
+    ];
+    let mut broker = start_broker(dir.path(), &args);
+    create_topic(&broker, "t", 1).await;
+    produce(&broker, "t", 0, 3).await;
+    groups(&broker)
+        .await
+        .commit_offsets(commit("g", ("", 0), &[("t", 0, 1)]))
+        .await
+        .unwrap();
+    broker.stop(Duration::from_secs(15));
+    // Down for longer than the retention.
+    tokio::time::sleep(Duration::from_millis(RETENTION_MS + 500)).await;
+    let broker = broker.start_again();
+    let restarted = std::time::Instant::now();
+    let mut client = groups(&broker).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        committed(&mut client, "g").await,
+        [("t".to_string(), 1)],
+        "expired at the first maintenance tick after the restart"
+    );
+    wait_for_expiry(&mut client, "g").await;
+    assert!(
+        restarted.elapsed() >= Duration::from_millis(RETENTION_MS),
+        "expired {:?} after the restart",
+        restarted.elapsed()
+    );
+}

@@ -7,11 +7,18 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::storage::{ByteReader, Record, StateLog, StateMachine, StorageError, write_atomically};
-use crate::topics::DeadLetterPatch;
+use crate::topics::{DeadLetterPatch, LiveTopics, Reconcile, TopicBindings, TopicId};
 
 const KIND_UPSERT: u8 = 1;
 const KIND_REMOVE: u8 = 2;
 const KIND_REDRIVE_PROGRESS: u8 = 3;
+/// Keyed by a source topic: every group's entries of it go (the topic was
+/// deleted). Numbered apart from the kinds above, which other changes add
+/// to.
+const KIND_DELETE_TOPIC: u8 = 20;
+/// Keyed by a source topic: its entries belong to this incarnation; those
+/// of any other go.
+const KIND_BIND_TOPIC: u8 = 21;
 
 /// Deliveries and backoff for records a group nacks.
 #[derive(Debug, Clone, PartialEq)]
@@ -118,6 +125,28 @@ struct RetryState {
     groups: HashMap<String, BTreeMap<RetryKey, RetryEntry>>,
     /// (dlq topic, partition) → offset up to which a redrive has gone.
     redrive_progress: BTreeMap<(String, u32), u64>,
+    /// The incarnation each source topic's entries belong to (none for
+    /// entries from before incarnations: bound at startup).
+    bindings: TopicBindings,
+}
+
+impl RetryState {
+    /// Forgets every group's entries of source topic `topic`.
+    fn remove_topic(&mut self, topic: &str) {
+        for entries in self.groups.values_mut() {
+            entries.retain(|key, _| key.topic != topic);
+        }
+        self.groups.retain(|_, entries| !entries.is_empty());
+        self.bindings.remove(topic);
+    }
+
+    /// Source topics with entries.
+    fn topics(&self) -> BTreeSet<String> {
+        self.groups
+            .values()
+            .flat_map(|entries| entries.keys().map(|k| k.topic.clone()))
+            .collect()
+    }
 }
 
 /// Every group's retry set, and each group's changes to its topics' retry
@@ -186,6 +215,73 @@ impl RetrySets {
         write_atomically(&self.overrides_path, &bytes)?;
         *overrides = next;
         Ok(())
+    }
+
+    /// Forgets every group's retries of `topic` (it was deleted), pending
+    /// dead letters included; durable when it returns.
+    pub fn delete_topic(&self, topic: &str) -> Result<(), StorageError> {
+        {
+            let state = self.state.state();
+            if !state.topics().contains(topic) && !state.bindings.topics().any(|t| t == topic) {
+                return Ok(());
+            }
+        }
+        self.state
+            .append(&[topic_record(KIND_DELETE_TOPIC, topic, None)])
+    }
+
+    /// Makes sure the entries of source topic `topic` are those of its live
+    /// incarnation `id`: entries of an earlier topic of that name are
+    /// dropped (durably) first. Call before adding or serving entries of it.
+    pub fn bind_topic(&self, topic: &str, id: TopicId) -> Result<(), StorageError> {
+        if self.is_bound(topic, id) {
+            return Ok(());
+        }
+        // Two binds racing: the second finds its incarnation and does
+        // nothing when applied.
+        self.state
+            .append(&[topic_record(KIND_BIND_TOPIC, topic, Some(id))])
+    }
+
+    /// Whether the entries of `topic` belong to incarnation `id`.
+    pub fn is_bound(&self, topic: &str, id: TopicId) -> bool {
+        self.state.state().bindings.is_bound(topic, id)
+    }
+
+    /// At startup, before serving or finishing dead letters: drops the
+    /// entries of source topics that do not exist (a crash came between
+    /// deleting the topic and its retries) or whose incarnation is not the
+    /// live one, and binds the rest to their live topic. Returns the topics
+    /// whose entries were dropped.
+    pub fn reconcile(&self, live: LiveTopics<'_>) -> Result<Vec<String>, StorageError> {
+        let plan = {
+            let state = self.state.state();
+            crate::topics::reconcile(&state.topics(), &state.bindings, live)
+        };
+        let mut records = Vec::new();
+        let mut dropped = Vec::new();
+        for change in plan {
+            match change {
+                Reconcile::Bind { topic, id, drops } => {
+                    records.push(topic_record(KIND_BIND_TOPIC, &topic, Some(id)));
+                    if drops {
+                        dropped.push(topic);
+                    }
+                }
+                Reconcile::Delete { topic } => {
+                    records.push(topic_record(KIND_DELETE_TOPIC, &topic, None));
+                    dropped.push(topic);
+                }
+            }
+        }
+        self.state.append(&records)?;
+        for topic in &dropped {
+            tracing::warn!(
+                topic,
+                "dropped retries of a deleted topic (or of an earlier topic of that name)"
+            );
+        }
+        Ok(dropped)
     }
 
     /// Records a failed delivery of `key` (its bytes at `data`). The first
@@ -446,6 +542,20 @@ fn remove(group: &str, key: &RetryKey) -> Record {
     }
 }
 
+/// A record about every group's entries of source topic `topic`.
+fn topic_record(kind: u8, topic: &str, id: Option<TopicId>) -> Record {
+    let mut value = vec![kind];
+    if let Some(id) = id {
+        value.extend_from_slice(&id.to_le_bytes());
+    }
+    Record {
+        key: Some(Bytes::copy_from_slice(topic.as_bytes())),
+        value: value.into(),
+        headers: vec![],
+        timestamp: 0,
+    }
+}
+
 fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(&(s.len() as u32).to_le_bytes());
     out.extend_from_slice(s.as_bytes());
@@ -531,6 +641,17 @@ impl StateMachine for RetryState {
                 }
                 None => tracing::warn!(group, "malformed retry removal skipped"),
             },
+            (Some(&KIND_DELETE_TOPIC), Some(topic)) => self.remove_topic(&topic),
+            (Some(&KIND_BIND_TOPIC), Some(topic)) => match TopicId::read(&mut r) {
+                Some(id) => {
+                    if self.bindings.bind(&topic, id) {
+                        // Entries of an earlier topic of this name.
+                        self.remove_topic(&topic);
+                        let _ = self.bindings.bind(&topic, id);
+                    }
+                }
+                None => tracing::warn!(topic, "malformed retry topic binding skipped"),
+            },
             (Some(&KIND_REDRIVE_PROGRESS), _) => match (get_str(&mut r), r.u32(), r.u64()) {
                 (Some(topic), Some(partition), Some(offset)) => {
                     self.redrive_progress.insert((topic, partition), offset);
@@ -559,6 +680,9 @@ impl StateMachine for RetryState {
             out.extend_from_slice(&partition.to_le_bytes());
             out.extend_from_slice(&offset.to_le_bytes());
         }
+        // Source topic bindings, last (a snapshot written before they
+        // existed ends before them).
+        self.bindings.encode(&mut out);
         out
     }
 
@@ -581,6 +705,7 @@ impl StateMachine for RetryState {
             let offset = r.u64().ok_or(truncated)?;
             state.redrive_progress.insert((topic, partition), offset);
         }
+        state.bindings = TopicBindings::decode(&mut r)?;
         if !r.is_empty() {
             return Err("bytes after the retry state");
         }
@@ -602,5 +727,39 @@ mod tests {
         };
         let got: Vec<u128> = (1..=5).map(|n| p.backoff(n).as_millis()).collect();
         assert_eq!(got, vec![100, 200, 400, 700, 700]);
+    }
+
+    #[test]
+    fn topic_incarnations_survive_a_snapshot_and_one_from_before_them_reads() {
+        let mut state = RetryState::default();
+        state.apply(&topic_record(KIND_BIND_TOPIC, "orders", Some(TopicId(7))));
+        let entry = RetryEntry::fresh(
+            RetryKey {
+                topic: "orders".into(),
+                partition: 0,
+                offset: 4,
+            },
+            RecordLocation {
+                topic: "orders".into(),
+                partition: 0,
+                offset: 4,
+            },
+            0,
+        );
+        state.apply(&upsert("g", &entry));
+        let bytes = state.encode_snapshot();
+        let back = RetryState::decode_snapshot(&bytes).unwrap();
+        assert_eq!(back.bindings, state.bindings);
+        assert_eq!(back.groups, state.groups);
+        // A snapshot written before incarnations ends after the redrive
+        // progress.
+        let mut old = state.encode_snapshot();
+        old.truncate(old.len() - (4 + 2 + "orders".len() + 16));
+        let back = RetryState::decode_snapshot(&old).unwrap();
+        assert_eq!(back.bindings, TopicBindings::default());
+        assert_eq!(back.groups, state.groups);
+        // Binding another incarnation drops the entries.
+        state.apply(&topic_record(KIND_BIND_TOPIC, "orders", Some(TopicId(8))));
+        assert!(state.groups.is_empty());
     }
 }

@@ -19,7 +19,15 @@
 //!
 //! Membership lives in memory: after a broker restart members get "unknown
 //! member" on their next heartbeat and join again. Offsets are durable
-//! ([`OffsetStore`]).
+//! ([`OffsetStore`]), bound to the incarnation of their topic: offsets of a
+//! deleted topic, or of an earlier topic of the same name, are never
+//! answered.
+//!
+//! Offset expiry follows Kafka's KIP-211: the offsets of a group expire once
+//! it has been empty (no live member) for the retention and its newest
+//! commit is as old. When it became empty is known in memory only: after a
+//! restart, a group without members counts as empty since the start, so no
+//! offsets expire within one retention of a restart.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,16 +38,24 @@ use parking_lot::Mutex;
 use super::assignor::{MemberSubscription, TopicPartition, assign};
 use super::offsets::{CommittedOffset, OffsetStore};
 use crate::storage::StorageError;
+use crate::topics::TopicId;
 
-/// Where the coordinator learns how many partitions a topic has.
+/// Where the coordinator learns how many partitions a topic has, and which
+/// incarnation of it is live.
 pub trait TopicCatalog: Send + Sync {
     /// `None` when the topic does not exist.
     fn partition_count(&self, topic: &str) -> Option<u32>;
+    /// The live incarnation of `topic`; `None` when it does not exist.
+    fn topic_id(&self, topic: &str) -> Option<TopicId>;
 }
 
 impl<T: TopicCatalog + ?Sized> TopicCatalog for std::sync::Arc<T> {
     fn partition_count(&self, topic: &str) -> Option<u32> {
         (**self).partition_count(topic)
+    }
+
+    fn topic_id(&self, topic: &str) -> Option<TopicId> {
+        (**self).topic_id(topic)
     }
 }
 
@@ -168,6 +184,9 @@ struct Group {
     partition_counts: BTreeMap<String, u32>,
     /// Membership or subscriptions changed since the targets were computed.
     stale: bool,
+    /// When the last member left or was removed: the offset retention
+    /// clock of an empty group starts here (KIP-211).
+    emptied_at: Option<Instant>,
 }
 
 impl Group {
@@ -227,6 +246,9 @@ pub struct GroupCoordinator {
     catalog: Box<dyn TopicCatalog>,
     settings: GroupSettings,
     next_member: AtomicU64,
+    /// A group without members that this process never saw with members
+    /// counts as empty since here.
+    started_at: Instant,
 }
 
 impl GroupCoordinator {
@@ -241,11 +263,28 @@ impl GroupCoordinator {
             catalog,
             settings,
             next_member: AtomicU64::new(0),
+            started_at: Instant::now(),
         }
     }
 
     pub fn offsets(&self) -> &OffsetStore {
         &self.offsets
+    }
+
+    /// The committed offsets of `group_id` that belong to the live
+    /// incarnation of their topic.
+    pub fn fetch_offsets(&self, group_id: &str) -> BTreeMap<TopicPartition, CommittedOffset> {
+        self.offsets
+            .fetch_live(group_id, &|topic| self.catalog.topic_id(topic))
+    }
+
+    /// Drops, durably, offsets of deleted topics and of earlier topics of
+    /// the same name (a crash may have come between deleting a topic and its
+    /// offsets). Run at startup before serving; maintenance runs it too.
+    pub fn discard_stale_offsets(&self, now_ms: i64) -> Result<Vec<String>, GroupError> {
+        Ok(self
+            .offsets
+            .reconcile(&|topic| self.catalog.topic_id(topic), now_ms)?)
     }
 
     fn heartbeat_interval(&self, session_timeout: Duration) -> Duration {
@@ -280,6 +319,7 @@ impl GroupCoordinator {
         );
         let mut groups = self.groups.lock();
         let group = groups.entry(group_id.to_owned()).or_default();
+        group.emptied_at = None;
         let previous = instance_id.and_then(|instance| {
             let id = group
                 .members
@@ -410,7 +450,7 @@ impl GroupCoordinator {
     }
 
     /// Removes a member at once; its partitions go to the others.
-    pub fn leave(&self, group_id: &str, member_id: &str) -> Result<(), GroupError> {
+    pub fn leave(&self, group_id: &str, member_id: &str, now: Instant) -> Result<(), GroupError> {
         let mut groups = self.groups.lock();
         let group = groups
             .get_mut(group_id)
@@ -420,6 +460,9 @@ impl GroupCoordinator {
             .remove(member_id)
             .ok_or_else(|| unknown_member(group_id, member_id))?;
         group.stale = true;
+        if group.members.is_empty() {
+            group.emptied_at = Some(now);
+        }
         tracing::info!(group = group_id, member = member_id, "member left");
         Ok(())
     }
@@ -496,7 +539,8 @@ impl GroupCoordinator {
                 )
             })
             .collect();
-        self.offsets.commit(group_id, &entries)?;
+        self.offsets
+            .commit(group_id, &entries, &|topic| self.catalog.topic_id(topic))?;
         Ok(())
     }
 
@@ -521,7 +565,7 @@ impl GroupCoordinator {
                 });
             }
         }
-        let current = self.offsets.fetch(group_id);
+        let current = self.fetch_offsets(group_id);
         let changes: Vec<OffsetChange> = targets
             .into_iter()
             .map(|(partition, offset)| OffsetChange {
@@ -545,24 +589,38 @@ impl GroupCoordinator {
         Ok(changes)
     }
 
-    /// Deletes the offsets of groups that have had no members and no commit
-    /// for `retention`; a group with live members is never touched.
+    /// Deletes the offsets of groups that have been empty (no live member)
+    /// for `retention` and have had no commit for as long (KIP-211); a group
+    /// with live members is never touched. Offsets of deleted topics go too
+    /// ([`GroupCoordinator::discard_stale_offsets`]).
     pub fn expire_offsets(
         &self,
         now: Instant,
         now_ms: i64,
         retention: Duration,
     ) -> Result<Vec<String>, GroupError> {
-        let live: BTreeSet<String> = {
+        self.discard_stale_offsets(now_ms)?;
+        let with_offsets = self.offsets.groups();
+        // When each group without members became empty.
+        let empty_since: BTreeMap<String, Instant> = {
             let mut groups = self.groups.lock();
             expire_members(&mut groups, now);
-            groups.retain(|_, g| !g.members.is_empty());
-            groups.keys().cloned().collect()
+            // Keep an empty group's record while it has offsets: it holds
+            // when the group became empty.
+            groups.retain(|id, g| !g.members.is_empty() || with_offsets.binary_search(id).is_ok());
+            with_offsets
+                .iter()
+                .filter_map(|id| match groups.get(id) {
+                    Some(g) if !g.members.is_empty() => None,
+                    Some(g) => Some((id.clone(), g.emptied_at.unwrap_or(self.started_at))),
+                    None => Some((id.clone(), self.started_at)),
+                })
+                .collect()
         };
         let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
         let mut expired = Vec::new();
-        for group in self.offsets.groups() {
-            if live.contains(&group) {
+        for (group, emptied_at) in empty_since {
+            if now.saturating_duration_since(emptied_at) < retention {
                 continue;
             }
             let newest = self
@@ -572,7 +630,14 @@ impl GroupCoordinator {
                 .map(|c| c.commit_time_ms)
                 .max();
             if newest.is_some_and(|t| now_ms.saturating_sub(t) >= retention_ms) {
+                // Under the lock, so a member joining meanwhile is either
+                // seen here or joins after the offsets are gone.
+                let mut groups = self.groups.lock();
+                if groups.get(&group).is_some_and(|g| !g.members.is_empty()) {
+                    continue;
+                }
                 self.offsets.delete_group(&group, now_ms)?;
+                groups.remove(&group);
                 tracing::info!(group, "expired the offsets of an empty group");
                 expired.push(group);
             }
@@ -594,7 +659,7 @@ impl GroupCoordinator {
     }
 
     pub fn describe(&self, group_id: &str, now: Instant) -> Result<GroupDescription, GroupError> {
-        let offsets = self.offsets.fetch(group_id);
+        let offsets = self.fetch_offsets(group_id);
         let mut groups = self.groups.lock();
         expire_members(&mut groups, now);
         let group = groups.get(group_id);
@@ -647,6 +712,9 @@ fn expire_members(groups: &mut HashMap<String, Group>, now: Instant) -> usize {
         if group.members.len() != before {
             group.stale = true;
             expired += before - group.members.len();
+            if group.members.is_empty() {
+                group.emptied_at = Some(now);
+            }
         }
     }
     expired

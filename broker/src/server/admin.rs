@@ -6,12 +6,14 @@ use sluice_proto::v1::{self, admin_service_server::AdminService};
 use tonic::{Request, Response, Status};
 
 use super::{blocking, status};
+use crate::dlq::RetrySets;
 use crate::groups::GroupCoordinator;
 use crate::topics::{Topic, TopicConfig, TopicConfigPatch, TopicRegistry};
 
 pub(crate) struct Admin {
     pub(crate) topics: Arc<TopicRegistry>,
     pub(crate) groups: Arc<GroupCoordinator>,
+    pub(crate) retries: Arc<RetrySets>,
 }
 
 fn patch(config: Option<v1::TopicConfig>) -> TopicConfigPatch {
@@ -96,13 +98,18 @@ impl AdminService for Admin {
         let name = request.into_inner().name;
         let topics = Arc::clone(&self.topics);
         let groups = Arc::clone(&self.groups);
+        let retries = Arc::clone(&self.retries);
         blocking(move || {
             topics.delete(&name).map_err(status::topic)?;
-            // A topic created later under this name starts with no offsets.
+            // The groups' state of it goes too. Not atomic with the delete:
+            // after a crash here the state is bound to the deleted topic's
+            // incarnation, so a topic created later under this name never
+            // obeys it, and the next start drops it.
             groups
                 .offsets()
                 .delete_topic(&name, super::convert::now_ms())
-                .map_err(status::storage)
+                .map_err(status::storage)?;
+            retries.delete_topic(&name).map_err(status::storage)
         })
         .await?;
         Ok(Response::new(v1::DeleteTopicResponse {}))

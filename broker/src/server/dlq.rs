@@ -316,9 +316,14 @@ impl DeadLetterService for DeadLetters {
         let policy =
             effective_settings(&self.topics, &self.retries, &key.topic, &request.group_id)?
                 .policy();
+        let topic_id = self.topics.get(&key.topic).map_err(status::topic)?.id();
         let topics = Arc::clone(&self.topics);
         let retries = Arc::clone(&self.retries);
         blocking(move || {
+            // Entries left by an earlier topic of this name go first.
+            retries
+                .bind_topic(&key.topic, topic_id)
+                .map_err(status::storage)?;
             let data = RecordLocation {
                 topic: key.topic.clone(),
                 partition: key.partition,
@@ -404,6 +409,15 @@ impl DeadLetterService for DeadLetters {
         let retries = Arc::clone(&self.retries);
         let group = request.group_id;
         let records = blocking(move || {
+            // Never serve entries left by an earlier topic of the same name.
+            let held_topics: BTreeSet<&String> = held.iter().map(|(topic, _)| topic).collect();
+            for topic in held_topics {
+                if let Ok(live) = topics.get(topic) {
+                    retries
+                        .bind_topic(topic, live.id())
+                        .map_err(status::storage)?;
+                }
+            }
             let now = now_ms();
             let mut out = Vec::new();
             for entry in retries.due(&group, &held, now, limit) {

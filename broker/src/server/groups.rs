@@ -180,8 +180,17 @@ fn describe_with_lag(
                     .map(|p| p.log().high_watermark() - p.log().log_start_offset())
                     .sum()
             });
+            // Entries of an earlier topic of this name are not its.
+            let current = topics
+                .get(&topic)
+                .is_ok_and(|t| retries.is_bound(&topic, t.id()));
+            let retry_set_size = if current {
+                retries.len_for_topic(&description.group_id, &topic) as u64
+            } else {
+                0
+            };
             Some(v1::DeadLetterStatus {
-                retry_set_size: retries.len_for_topic(&description.group_id, &topic) as u64,
+                retry_set_size,
                 dlq_topic,
                 dlq_depth,
                 topic,
@@ -320,7 +329,7 @@ impl GroupService for Groups {
         check_group_id(&request.group_id)?;
         check_member_id(&request.member_id)?;
         self.groups
-            .leave(&request.group_id, &request.member_id)
+            .leave(&request.group_id, &request.member_id, Instant::now())
             .map_err(status::group)?;
         Ok(Response::new(v1::LeaveGroupResponse {}))
     }
@@ -396,8 +405,7 @@ impl GroupService for Groups {
         let only: BTreeSet<String> = request.topics.into_iter().collect();
         let offsets = self
             .groups
-            .offsets()
-            .fetch(&request.group_id)
+            .fetch_offsets(&request.group_id)
             .into_iter()
             .filter(|(tp, _)| only.is_empty() || only.contains(&tp.topic))
             .map(|(tp, c)| v1::CommittedOffset {

@@ -106,6 +106,7 @@ pub async fn serve(
     let admin = AdminServiceServer::new(admin::Admin {
         topics: Arc::clone(&topics),
         groups: Arc::clone(&groups),
+        retries: Arc::clone(&retries),
     })
     .max_decoding_message_size(limit)
     .max_encoding_message_size(limit);

@@ -16,10 +16,20 @@
 //! settings (an unacknowledged create, an interrupted delete) are removed
 //! when the registry opens.
 //!
+//! Each topic has a [`TopicId`]: its incarnation, random, given at creation
+//! and kept in `topics.json` (a topic from a file written before ids existed
+//! gets one when the registry opens, written back at once). A topic deleted
+//! and created again under the same name has a new id, so state kept
+//! elsewhere by name (group offsets, retry sets) can tell the old topic's
+//! from the new one's, even when a crash kept it from being deleted.
+//!
 //! It knows nothing of gRPC; names and settings are validated here, so
 //! every caller gets the same rules.
 
 mod config;
+mod incarnation;
+
+pub use incarnation::{LiveTopics, Reconcile, TopicBindings, TopicId, reconcile};
 
 pub use config::{
     DeadLetterConfig, DeadLetterPatch, TopicConfig, TopicConfigPatch, TopicDefaults,
@@ -82,6 +92,7 @@ impl Partition {
 
 pub struct Topic {
     name: String,
+    id: TopicId,
     config: RwLock<TopicConfig>,
     partitions: Vec<Arc<Partition>>,
     round_robin: AtomicU32,
@@ -93,6 +104,11 @@ pub struct Topic {
 impl Topic {
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// This incarnation of the topic.
+    pub fn id(&self) -> TopicId {
+        self.id
     }
 
     pub fn config(&self) -> TopicConfig {
@@ -145,7 +161,17 @@ impl Topic {
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct TopicsFile {
     version: u32,
-    topics: BTreeMap<String, TopicConfig>,
+    topics: BTreeMap<String, StoredTopic>,
+}
+
+/// A topic in `topics.json`: its settings, and its id beside them (absent
+/// in files written before ids existed).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredTopic {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    id: Option<TopicId>,
+    #[serde(flatten)]
+    config: TopicConfig,
 }
 
 /// Every topic of a data directory. Holds the directory's lock for as long
@@ -196,17 +222,28 @@ impl TopicRegistry {
         };
         remove_orphans(&registry.data_dir, &file.topics)?;
         let mut topics = BTreeMap::new();
-        for (name, config) in file.topics {
+        let mut ids_assigned = false;
+        for (name, stored) in file.topics {
             // A hand-edited file must not point outside the data directory.
             validate_topic_name(&name).map_err(|e| TopicError::Metadata {
                 path: meta_path.clone(),
                 reason: e.to_string(),
             })?;
-            let topic = registry.open_topic(&name, config)?;
+            let id = stored.id.unwrap_or_else(|| {
+                ids_assigned = true;
+                TopicId::random()
+            });
+            let topic = registry.open_topic(&name, stored.config, id)?;
             topics.insert(name, topic);
         }
         tracing::info!(data_dir = %registry.data_dir.display(), topics = topics.len(), "opened topics");
         *registry.topics.write() = topics;
+        if ids_assigned {
+            // Written before anything is stamped with them, so that the ids
+            // stay what state elsewhere will be stamped with.
+            registry.write_metadata(&registry.stored())?;
+            tracing::info!("gave topics from before topic ids their ids");
+        }
         Ok(registry)
     }
 
@@ -231,7 +268,12 @@ impl TopicRegistry {
         self.data_dir.join("internal/producers").join(name)
     }
 
-    fn open_topic(&self, name: &str, config: TopicConfig) -> Result<Arc<Topic>, TopicError> {
+    fn open_topic(
+        &self,
+        name: &str,
+        config: TopicConfig,
+        id: TopicId,
+    ) -> Result<Arc<Topic>, TopicError> {
         let log_config = config.log_config()?;
         let mut partitions = Vec::with_capacity(config.partitions as usize);
         for index in 0..config.partitions {
@@ -246,6 +288,7 @@ impl TopicRegistry {
         }
         Ok(Arc::new(Topic {
             name: name.to_owned(),
+            id,
             config: RwLock::new(config),
             partitions,
             round_robin: AtomicU32::new(0),
@@ -253,7 +296,7 @@ impl TopicRegistry {
         }))
     }
 
-    fn write_metadata(&self, topics: &BTreeMap<String, TopicConfig>) -> Result<(), TopicError> {
+    fn write_metadata(&self, topics: &BTreeMap<String, StoredTopic>) -> Result<(), TopicError> {
         let file = TopicsFile {
             version: 1,
             topics: topics.clone(),
@@ -266,11 +309,18 @@ impl TopicRegistry {
         Ok(())
     }
 
-    fn configs(&self) -> BTreeMap<String, TopicConfig> {
+    /// Every topic as `topics.json` stores it.
+    fn stored(&self) -> BTreeMap<String, StoredTopic> {
         self.topics
             .read()
             .iter()
-            .map(|(name, t)| (name.clone(), t.config()))
+            .map(|(name, t)| {
+                let stored = StoredTopic {
+                    id: Some(t.id),
+                    config: t.config(),
+                };
+                (name.clone(), stored)
+            })
             .collect()
     }
 
@@ -285,10 +335,15 @@ impl TopicRegistry {
         // Leftovers of an unacknowledged create must not leak into this one.
         remove_dir_if_present(&self.topic_dir(name))?;
         remove_dir_if_present(&self.producer_dir(name))?;
-        let created = self.open_topic(name, config.clone()).and_then(|topic| {
-            let mut configs = self.configs();
-            configs.insert(name.to_owned(), config.clone());
-            self.write_metadata(&configs)?;
+        let id = TopicId::random();
+        let created = self.open_topic(name, config.clone(), id).and_then(|topic| {
+            let mut stored = self.stored();
+            let new = StoredTopic {
+                id: Some(id),
+                config: config.clone(),
+            };
+            stored.insert(name.to_owned(), new);
+            self.write_metadata(&stored)?;
             Ok(topic)
         });
         let topic = match created {
@@ -323,9 +378,9 @@ impl TopicRegistry {
             .get(name)
             .cloned()
             .ok_or_else(|| TopicError::NotFound(name.to_owned()))?;
-        let mut configs = self.configs();
-        configs.remove(name);
-        self.write_metadata(&configs)?;
+        let mut stored = self.stored();
+        stored.remove(name);
+        self.write_metadata(&stored)?;
         self.topics.write().remove(name);
         topic.deleted.send_replace(true);
         for partition in topic.partitions() {
@@ -358,9 +413,13 @@ impl TopicRegistry {
         let config = topic.config().patched(patch)?;
         self.defaults.check_limits(&config)?;
         let log_config = config.log_config()?;
-        let mut configs = self.configs();
-        configs.insert(name.to_owned(), config.clone());
-        self.write_metadata(&configs)?;
+        let mut stored = self.stored();
+        let altered = StoredTopic {
+            id: Some(topic.id),
+            config: config.clone(),
+        };
+        stored.insert(name.to_owned(), altered);
+        self.write_metadata(&stored)?;
         for partition in topic.partitions() {
             partition.log().set_config(log_config.clone())?;
         }
@@ -412,6 +471,10 @@ impl crate::groups::TopicCatalog for TopicRegistry {
     fn partition_count(&self, topic: &str) -> Option<u32> {
         self.get(topic).ok().map(|t| t.partition_count())
     }
+
+    fn topic_id(&self, topic: &str) -> Option<TopicId> {
+        self.get(topic).ok().map(|t| t.id())
+    }
 }
 
 fn remove_dir_if_present(path: &Path) -> Result<(), StorageError> {
@@ -426,7 +489,7 @@ fn remove_dir_if_present(path: &Path) -> Result<(), StorageError> {
 /// create that was never acknowledged or a delete that was.
 fn remove_orphans(
     data_dir: &Path,
-    topics: &BTreeMap<String, TopicConfig>,
+    topics: &BTreeMap<String, StoredTopic>,
 ) -> Result<(), StorageError> {
     for parent in [data_dir.join("topics"), data_dir.join("internal/producers")] {
         let entries =
@@ -561,7 +624,7 @@ mod tests {
         let config = defaults().config(&TopicConfigPatch::default()).unwrap();
         let file = TopicsFile {
             version: 1,
-            topics: BTreeMap::from([("../escape".to_owned(), config)]),
+            topics: BTreeMap::from([("../escape".to_owned(), StoredTopic { id: None, config })]),
         };
         fs::write(
             dir.path().join("meta/topics.json"),
@@ -572,6 +635,55 @@ mod tests {
             panic!("opened a registry with a topic named ../escape");
         };
         assert!(error.to_string().contains("invalid topic name"), "{error}");
+    }
+
+    #[test]
+    fn a_topic_keeps_its_id_and_a_new_topic_of_the_same_name_gets_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = {
+            let registry = TopicRegistry::open(dir.path(), defaults()).unwrap();
+            registry.create("t", &partitions(1)).unwrap();
+            let id = registry.get("t").unwrap().id();
+            registry
+                .alter(
+                    "t",
+                    &TopicConfigPatch {
+                        flush: Some("os".into()),
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
+            assert_eq!(registry.get("t").unwrap().id(), id, "kept by alter");
+            id
+        };
+        let registry = TopicRegistry::open(dir.path(), defaults()).unwrap();
+        assert_eq!(registry.get("t").unwrap().id(), first, "kept across opens");
+        registry.delete("t").unwrap();
+        registry.create("t", &partitions(1)).unwrap();
+        assert_ne!(registry.get("t").unwrap().id(), first, "a new incarnation");
+    }
+
+    #[test]
+    fn a_settings_file_from_before_ids_gets_ids_that_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(TopicRegistry::open(dir.path(), defaults()).unwrap());
+        let config = defaults().config(&TopicConfigPatch::default()).unwrap();
+        let old = serde_json::json!({
+            "version": 1,
+            "topics": { "t": serde_json::to_value(&config).unwrap() },
+        });
+        fs::write(
+            dir.path().join("meta/topics.json"),
+            serde_json::to_vec(&old).unwrap(),
+        )
+        .unwrap();
+        let id = {
+            let registry = TopicRegistry::open(dir.path(), defaults()).unwrap();
+            assert_eq!(registry.get("t").unwrap().config(), config);
+            registry.get("t").unwrap().id()
+        };
+        let registry = TopicRegistry::open(dir.path(), defaults()).unwrap();
+        assert_eq!(registry.get("t").unwrap().id(), id, "written back at once");
     }
 
     #[test]
