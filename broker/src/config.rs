@@ -73,7 +73,7 @@ pub struct Settings {
     /// How often retention runs, in ms [default: 30000].
     #[arg(long, env = "SLUICE_MAINTENANCE_INTERVAL_MS")]
     pub maintenance_interval_ms: Option<u64>,
-    /// Keep the offsets of a group with no members this long after its last commit, in ms [default: 604800000].
+    /// Keep the offsets of a group this long after it became empty (or the broker started) and after its last commit, in ms [default: 604800000].
     #[arg(long, env = "SLUICE_GROUP_OFFSET_RETENTION_MS")]
     pub group_offset_retention_ms: Option<u64>,
 }

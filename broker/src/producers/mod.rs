@@ -21,6 +21,18 @@
 //!   carries its producer id, epoch and base sequence), so a duplicate that
 //!   arrives after a crash and restart is still caught.
 //!
+//! Producer liveness is broker time: a producer idle for the expiry is
+//! forgotten, idle counted from the broker's clock at its last written batch,
+//! never from record timestamps (client-set event times). Every producer
+//! recovered at open counts as seen then: a restart restarts the idle
+//! clocks, so the retry of a batch whose acknowledgement a crash swallowed
+//! is still recognised (and a broker restarted more often than the expiry
+//! keeps idle producers longer, never shorter).
+//!
+//! Crash limits: an epoch is durable before `InitProducer` answers, so a
+//! crash before that leaves the old epoch current (the caller retries and
+//! gets the next one); a crash after it fences as the running broker did.
+//!
 //! It knows nothing of gRPC or topics: callers name the directories.
 
 mod ids;

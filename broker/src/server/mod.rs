@@ -58,8 +58,8 @@ pub struct ServerSettings {
     pub shutdown_timeout: Duration,
     /// How often retention runs and producer state is snapshotted.
     pub maintenance_interval: Duration,
-    /// How long the offsets of a group with no members are kept after its
-    /// last commit.
+    /// How long the offsets of a group with no members are kept after it
+    /// became empty (or the broker started) and after its last commit.
     pub group_offset_retention: Duration,
 }
 
