@@ -332,7 +332,7 @@ fn retries_are_bound_to_their_topics_incarnation() {
             .unwrap();
         assert!(sets.is_bound("orders", old));
         // The topic is deleted: every group's entries go.
-        sets.delete_topic("orders").unwrap();
+        sets.delete_topic("orders", old).unwrap();
         assert!(sets.is_empty("g") && sets.is_empty("h"));
         assert!(!sets.is_bound("orders", old));
         // A new topic of that name; a crash keeps the next delete from
@@ -340,6 +340,9 @@ fn retries_are_bound_to_their_topics_incarnation() {
         sets.bind_topic("orders", new).unwrap();
         sets.nack("g", key(1), at(1), "x", "E", &policy(), 0)
             .unwrap();
+        // A late delete of the old incarnation leaves the new one's alone.
+        sets.delete_topic("orders", old).unwrap();
+        assert_eq!(sets.len("g"), 1);
     }
     let sets = RetrySets::open(dir.path()).unwrap();
     assert!(sets.is_bound("orders", new), "the binding is durable");

@@ -7,7 +7,10 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::storage::{ByteReader, Record, StateLog, StateMachine, StorageError, write_atomically};
-use crate::topics::{DeadLetterPatch, LiveTopics, Reconcile, TopicBindings, TopicId};
+use crate::topics::{
+    DeadLetterPatch, LiveTopics, Reconcile, TopicBindings, TopicId, put_deleted_incarnation,
+    read_deleted_incarnation,
+};
 
 const KIND_UPSERT: u8 = 1;
 const KIND_REMOVE: u8 = 2;
@@ -217,9 +220,10 @@ impl RetrySets {
         Ok(())
     }
 
-    /// Forgets every group's retries of `topic` (it was deleted), pending
-    /// dead letters included; durable when it returns.
-    pub fn delete_topic(&self, topic: &str) -> Result<(), StorageError> {
+    /// Forgets every group's retries of `topic` (its incarnation `deleted`
+    /// was deleted), pending dead letters included; durable when it
+    /// returns. Retries of a newer topic of that name stay.
+    pub fn delete_topic(&self, topic: &str, deleted: TopicId) -> Result<(), StorageError> {
         {
             let state = self.state.state();
             if !state.topics().contains(topic) && !state.bindings.topics().any(|t| t == topic) {
@@ -227,7 +231,7 @@ impl RetrySets {
             }
         }
         self.state
-            .append(&[topic_record(KIND_DELETE_TOPIC, topic, None)])
+            .append(&[delete_topic_record(topic, Some(deleted))])
     }
 
     /// Makes sure the entries of source topic `topic` are those of its live
@@ -239,8 +243,7 @@ impl RetrySets {
         }
         // Two binds racing: the second finds its incarnation and does
         // nothing when applied.
-        self.state
-            .append(&[topic_record(KIND_BIND_TOPIC, topic, Some(id))])
+        self.state.append(&[bind_record(topic, id)])
     }
 
     /// Whether the entries of `topic` belong to incarnation `id`.
@@ -263,13 +266,13 @@ impl RetrySets {
         for change in plan {
             match change {
                 Reconcile::Bind { topic, id, drops } => {
-                    records.push(topic_record(KIND_BIND_TOPIC, &topic, Some(id)));
+                    records.push(bind_record(&topic, id));
                     if drops {
                         dropped.push(topic);
                     }
                 }
-                Reconcile::Delete { topic } => {
-                    records.push(topic_record(KIND_DELETE_TOPIC, &topic, None));
+                Reconcile::Delete { topic, bound } => {
+                    records.push(delete_topic_record(&topic, bound));
                     dropped.push(topic);
                 }
             }
@@ -542,12 +545,23 @@ fn remove(group: &str, key: &RetryKey) -> Record {
     }
 }
 
+/// Binds source topic `topic` to incarnation `id`.
+fn bind_record(topic: &str, id: TopicId) -> Record {
+    let mut value = vec![KIND_BIND_TOPIC];
+    value.extend_from_slice(&id.to_le_bytes());
+    topic_record(topic, value)
+}
+
+/// Deletes every group's entries of source topic `topic` if they belong to
+/// incarnation `deleted` (`None`: unbound), not those of a newer one.
+fn delete_topic_record(topic: &str, deleted: Option<TopicId>) -> Record {
+    let mut value = vec![KIND_DELETE_TOPIC];
+    put_deleted_incarnation(&mut value, deleted);
+    topic_record(topic, value)
+}
+
 /// A record about every group's entries of source topic `topic`.
-fn topic_record(kind: u8, topic: &str, id: Option<TopicId>) -> Record {
-    let mut value = vec![kind];
-    if let Some(id) = id {
-        value.extend_from_slice(&id.to_le_bytes());
-    }
+fn topic_record(topic: &str, value: Vec<u8>) -> Record {
     Record {
         key: Some(Bytes::copy_from_slice(topic.as_bytes())),
         value: value.into(),
@@ -641,7 +655,17 @@ impl StateMachine for RetryState {
                 }
                 None => tracing::warn!(group, "malformed retry removal skipped"),
             },
-            (Some(&KIND_DELETE_TOPIC), Some(topic)) => self.remove_topic(&topic),
+            (Some(&KIND_DELETE_TOPIC), Some(topic)) => match read_deleted_incarnation(&mut r) {
+                Ok(None) => self.remove_topic(&topic),
+                Ok(Some(deleted)) => {
+                    if self.bindings.delete_applies(&topic, deleted) {
+                        self.remove_topic(&topic);
+                    }
+                }
+                Err(reason) => {
+                    tracing::warn!(topic, reason, "malformed retry topic delete skipped")
+                }
+            },
             (Some(&KIND_BIND_TOPIC), Some(topic)) => match TopicId::read(&mut r) {
                 Some(id) => {
                     if self.bindings.bind(&topic, id) {
@@ -732,7 +756,7 @@ mod tests {
     #[test]
     fn topic_incarnations_survive_a_snapshot_and_one_from_before_them_reads() {
         let mut state = RetryState::default();
-        state.apply(&topic_record(KIND_BIND_TOPIC, "orders", Some(TopicId(7))));
+        state.apply(&bind_record("orders", TopicId(7)));
         let entry = RetryEntry::fresh(
             RetryKey {
                 topic: "orders".into(),
@@ -759,7 +783,7 @@ mod tests {
         assert_eq!(back.bindings, TopicBindings::default());
         assert_eq!(back.groups, state.groups);
         // Binding another incarnation drops the entries.
-        state.apply(&topic_record(KIND_BIND_TOPIC, "orders", Some(TopicId(8))));
+        state.apply(&bind_record("orders", TopicId(8)));
         assert!(state.groups.is_empty());
     }
 }

@@ -19,7 +19,10 @@ use bytes::Bytes;
 
 use super::assignor::TopicPartition;
 use crate::storage::{ByteReader, Record, StateLog, StateMachine, StorageError};
-use crate::topics::{LiveTopics, Reconcile, TopicBindings, TopicId};
+use crate::topics::{
+    LiveTopics, Reconcile, TopicBindings, TopicId, put_deleted_incarnation,
+    read_deleted_incarnation,
+};
 
 const KIND_COMMIT: u8 = 1;
 const KIND_DELETE_GROUP: u8 = 2;
@@ -78,10 +81,14 @@ fn bind_record(topic: &str, id: TopicId) -> Record {
     }
 }
 
-fn delete_topic_record(topic: &str, now_ms: i64) -> Record {
+/// Deletes every group's offsets of `topic` if they belong to incarnation
+/// `deleted` (`None`: unbound), not those of a newer one.
+fn delete_topic_record(topic: &str, deleted: Option<TopicId>, now_ms: i64) -> Record {
+    let mut value = vec![KIND_DELETE_TOPIC];
+    put_deleted_incarnation(&mut value, deleted);
     Record {
         key: Some(Bytes::copy_from_slice(topic.as_bytes())),
-        value: Bytes::from_static(&[KIND_DELETE_TOPIC]),
+        value: value.into(),
         headers: vec![],
         timestamp: now_ms,
     }
@@ -143,13 +150,19 @@ impl OffsetStore {
 
     /// Forgets every group's offsets of `topic` (it was deleted; a new topic
     /// of the same name starts with no offsets).
-    pub fn delete_topic(&self, topic: &str, now_ms: i64) -> Result<(), StorageError> {
+    pub fn delete_topic(
+        &self,
+        topic: &str,
+        deleted: TopicId,
+        now_ms: i64,
+    ) -> Result<(), StorageError> {
         let state = self.state.state();
         if !state.topics().contains(topic) && !state.bindings.topics().any(|t| t == topic) {
             return Ok(());
         }
         drop(state);
-        self.state.append(&[delete_topic_record(topic, now_ms)])
+        self.state
+            .append(&[delete_topic_record(topic, Some(deleted), now_ms)])
     }
 
     /// Drops, durably, the offsets of topics that do not exist and of
@@ -176,8 +189,8 @@ impl OffsetStore {
                         dropped.push(topic);
                     }
                 }
-                Reconcile::Delete { topic } => {
-                    records.push(delete_topic_record(&topic, now_ms));
+                Reconcile::Delete { topic, bound } => {
+                    records.push(delete_topic_record(&topic, bound, now_ms));
                     dropped.push(topic);
                 }
             }
@@ -248,7 +261,18 @@ impl StateMachine for Offsets {
             return;
         };
         match record.value.first() {
-            Some(&KIND_DELETE_TOPIC) => self.remove_topic(group),
+            Some(&KIND_DELETE_TOPIC) => {
+                let topic = group;
+                match read_deleted_incarnation(&mut ByteReader::new(&record.value[1..])) {
+                    Ok(None) => self.remove_topic(topic),
+                    Ok(Some(deleted)) => {
+                        if self.bindings.delete_applies(topic, deleted) {
+                            self.remove_topic(topic);
+                        }
+                    }
+                    Err(reason) => tracing::warn!(topic, reason, "malformed topic delete skipped"),
+                }
+            }
             Some(&KIND_BIND_TOPIC) => {
                 let topic = group;
                 let Some(id) = TopicId::read(&mut ByteReader::new(&record.value[1..])) else {
@@ -411,6 +435,9 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+        // Deleting an older incarnation leaves the live one's offsets.
+        store.delete_topic("t", new, 0).unwrap();
+        assert!(!store.fetch("h").is_empty());
         assert_eq!(store.reconcile(&|_| None, 0).unwrap(), ["t"]);
         assert!(store.fetch("h").is_empty());
     }

@@ -100,16 +100,20 @@ impl AdminService for Admin {
         let groups = Arc::clone(&self.groups);
         let retries = Arc::clone(&self.retries);
         blocking(move || {
-            topics.delete(&name).map_err(status::topic)?;
+            let deleted = topics.delete(&name).map_err(status::topic)?;
             // The groups' state of it goes too. Not atomic with the delete:
             // after a crash here the state is bound to the deleted topic's
             // incarnation, so a topic created later under this name never
-            // obeys it, and the next start drops it.
+            // obeys it, and the next start drops it. Only the deleted
+            // incarnation's state goes: a topic of the same name created in
+            // the meantime keeps what it has.
             groups
                 .offsets()
-                .delete_topic(&name, super::convert::now_ms())
+                .delete_topic(&name, deleted, super::convert::now_ms())
                 .map_err(status::storage)?;
-            retries.delete_topic(&name).map_err(status::storage)
+            retries
+                .delete_topic(&name, deleted)
+                .map_err(status::storage)
         })
         .await?;
         Ok(Response::new(v1::DeleteTopicResponse {}))

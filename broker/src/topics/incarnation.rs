@@ -99,6 +99,17 @@ impl TopicBindings {
         self.0.remove(topic);
     }
 
+    /// Whether deleting the state of `topic` that was bound to `deleted`
+    /// (`None`: unbound) still applies: not once the topic has been bound to
+    /// another incarnation (a topic of that name created, and its state
+    /// written, between the decision to delete and the delete record).
+    pub fn delete_applies(&self, topic: &str, deleted: Option<TopicId>) -> bool {
+        match self.0.get(topic) {
+            None => true,
+            Some(bound) => Some(*bound) == deleted,
+        }
+    }
+
     pub fn topics(&self) -> impl Iterator<Item = &String> {
         self.0.keys()
     }
@@ -133,6 +144,36 @@ impl TopicBindings {
     }
 }
 
+/// Writes which incarnation a delete record deletes the state of (see
+/// [`TopicBindings::delete_applies`]).
+pub fn put_deleted_incarnation(out: &mut Vec<u8>, deleted: Option<TopicId>) {
+    match deleted {
+        None => out.push(0),
+        Some(id) => {
+            out.push(1);
+            out.extend_from_slice(&id.to_le_bytes());
+        }
+    }
+}
+
+/// Reads what [`put_deleted_incarnation`] wrote: `Ok(None)` for a delete
+/// record without it (written before incarnations: it deletes whatever
+/// state there is).
+pub fn read_deleted_incarnation(
+    r: &mut ByteReader<'_>,
+) -> Result<Option<Option<TopicId>>, &'static str> {
+    if r.is_empty() {
+        return Ok(None);
+    }
+    match r.take(1) {
+        Some([0]) => Ok(Some(None)),
+        Some([1]) => TopicId::read(r)
+            .map(|id| Some(Some(id)))
+            .ok_or("truncated topic id"),
+        _ => Err("unknown delete condition"),
+    }
+}
+
 /// What a store must do about one topic to match the live topics.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reconcile {
@@ -143,8 +184,12 @@ pub enum Reconcile {
         id: TopicId,
         drops: bool,
     },
-    /// The topic does not exist: drop its state and binding.
-    Delete { topic: String },
+    /// The topic does not exist: drop its state (bound to `bound`) and
+    /// binding.
+    Delete {
+        topic: String,
+        bound: Option<TopicId>,
+    },
 }
 
 /// The changes that make state kept for `topics` (with `bindings`) match
@@ -167,8 +212,9 @@ pub fn reconcile(
                 id,
                 drops: bound.is_some(),
             }),
-            (None, _) => Some(Reconcile::Delete {
+            (None, bound) => Some(Reconcile::Delete {
                 topic: topic.clone(),
+                bound: bound.copied(),
             }),
         })
         .collect()
@@ -202,7 +248,8 @@ mod tests {
             plan,
             [
                 Reconcile::Delete {
-                    topic: "gone".into()
+                    topic: "gone".into(),
+                    bound: None
                 },
                 Reconcile::Bind {
                     topic: "legacy".into(),
@@ -215,6 +262,27 @@ mod tests {
                     drops: true
                 },
             ]
+        );
+    }
+
+    #[test]
+    fn a_delete_does_not_apply_to_a_newer_incarnation() {
+        let mut b = TopicBindings::default();
+        assert!(b.delete_applies("t", Some(TopicId(1))), "nothing bound");
+        let _ = b.bind("t", TopicId(1));
+        assert!(b.delete_applies("t", Some(TopicId(1))));
+        assert!(!b.delete_applies("t", None));
+        let _ = b.bind("t", TopicId(2));
+        assert!(!b.delete_applies("t", Some(TopicId(1))));
+        for deleted in [None, Some(TopicId(5))] {
+            let mut bytes = Vec::new();
+            put_deleted_incarnation(&mut bytes, deleted);
+            let read = read_deleted_incarnation(&mut ByteReader::new(&bytes));
+            assert_eq!(read, Ok(Some(deleted)));
+        }
+        assert_eq!(
+            read_deleted_incarnation(&mut ByteReader::new(&[])),
+            Ok(None)
         );
     }
 

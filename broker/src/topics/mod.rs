@@ -29,7 +29,10 @@
 mod config;
 mod incarnation;
 
-pub use incarnation::{LiveTopics, Reconcile, TopicBindings, TopicId, reconcile};
+pub use incarnation::{
+    LiveTopics, Reconcile, TopicBindings, TopicId, put_deleted_incarnation,
+    read_deleted_incarnation, reconcile,
+};
 
 pub use config::{
     DeadLetterConfig, DeadLetterPatch, TopicConfig, TopicConfigPatch, TopicDefaults,
@@ -368,9 +371,9 @@ impl TopicRegistry {
         Ok(config)
     }
 
-    /// Deletes a topic and its data. Readers still holding its records keep
-    /// them until they let go.
-    pub fn delete(&self, name: &str) -> Result<(), TopicError> {
+    /// Deletes a topic and its data; the id of the incarnation deleted.
+    /// Readers still holding its records keep them until they let go.
+    pub fn delete(&self, name: &str) -> Result<TopicId, TopicError> {
         let _changes = self.changes.lock();
         let topic = self
             .topics
@@ -391,7 +394,7 @@ impl TopicRegistry {
         remove_dir_if_present(&self.topic_dir(name))?;
         remove_dir_if_present(&self.producer_dir(name))?;
         tracing::info!(topic = name, "deleted topic");
-        Ok(())
+        Ok(topic.id)
     }
 
     pub fn get(&self, name: &str) -> Result<Arc<Topic>, TopicError> {
