@@ -291,3 +291,46 @@ async fn a_refused_batch_and_an_expired_producer_do_not_stall_or_reorder() {
         .collect();
     assert_eq!(values, vec!["1", "3", "4", "5"]);
 }
+
+/// Issues 12 (item 4) and 13 (item 5): the newer instance fences the older
+/// one on a partition the newer one has never written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_instance_fences_the_older_on_partitions_it_has_not_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(&broker_binary(), dir.path(), &[]);
+    let config = ClientConfig::new(broker.url());
+    Admin::new(&config)
+        .unwrap()
+        .create_topic("t", 2)
+        .await
+        .unwrap();
+    let named = || ProducerConfig {
+        producer_name: Some("billing".into()),
+        ..ProducerConfig::default()
+    };
+    let old = Producer::new(&config, named()).unwrap();
+    old.send("t", Record::new("old").with_partition(0))
+        .await
+        .unwrap();
+    let new = Producer::new(&config, named()).unwrap();
+    new.send("t", Record::new("new").with_partition(1))
+        .await
+        .unwrap();
+    let fenced = old
+        .send("t", Record::new("zombie").with_partition(0))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        fenced.code(),
+        Some(tonic::Code::FailedPrecondition),
+        "{fenced}"
+    );
+    assert!(fenced.to_string().contains("fenced"), "{fenced}");
+    let values: Vec<Bytes> = read_all(&config, "t")
+        .await
+        .into_iter()
+        .map(|r| r.value)
+        .collect();
+    assert_eq!(values.len(), 2, "{values:?}");
+    assert!(!values.contains(&Bytes::from("zombie")));
+}
