@@ -37,6 +37,22 @@ impl TopicId {
         TopicId((u128::from(half()) << 64) | u128::from(half()))
     }
 
+    /// The id of a topic created before ids existed: derived from its name
+    /// (FNV-1a, 128 bits), so it is the same at every start without
+    /// writing anything (a full disk must not keep the broker from opening).
+    /// A topic created later gets a random id, never this one.
+    pub fn from_before_ids(name: &str) -> TopicId {
+        const OFFSET_BASIS: u128 = 0x6c62_272e_07bb_0142_62b8_2175_6295_c58d;
+        const PRIME: u128 = 0x0000_0000_0100_0000_0000_0000_0000_013b;
+        let hash = b"sluice-topic-before-ids:"
+            .iter()
+            .chain(name.as_bytes())
+            .fold(OFFSET_BASIS, |hash, byte| {
+                (hash ^ u128::from(*byte)).wrapping_mul(PRIME)
+            });
+        TopicId(hash)
+    }
+
     pub fn to_le_bytes(self) -> [u8; 16] {
         self.0.to_le_bytes()
     }
@@ -290,6 +306,15 @@ mod tests {
     fn ids_are_new_each_time_and_round_trip_as_hex() {
         let (a, b) = (TopicId::random(), TopicId::random());
         assert_ne!(a, b);
+        // Stable across builds: the value is part of the data format.
+        assert_eq!(
+            TopicId::from_before_ids("orders").to_string(),
+            "9b6d78ead6460c6cb0c4c3e4065a545c"
+        );
+        assert_ne!(
+            TopicId::from_before_ids("orders"),
+            TopicId::from_before_ids("order")
+        );
         let json = serde_json::to_string(&a).unwrap();
         assert_eq!(json.len(), 34, "{json}");
         assert_eq!(serde_json::from_str::<TopicId>(&json).unwrap(), a);

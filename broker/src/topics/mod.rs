@@ -18,7 +18,8 @@
 //!
 //! Each topic has a [`TopicId`]: its incarnation, random, given at creation
 //! and kept in `topics.json` (a topic from a file written before ids existed
-//! gets one when the registry opens, written back at once). A topic deleted
+//! has one derived from its name, the same at every open, and written with
+//! the file's next change). A topic deleted
 //! and created again under the same name has a new id, so state kept
 //! elsewhere by name (group offsets, retry sets) can tell the old topic's
 //! from the new one's, even when a crash kept it from being deleted.
@@ -225,28 +226,18 @@ impl TopicRegistry {
         };
         remove_orphans(&registry.data_dir, &file.topics)?;
         let mut topics = BTreeMap::new();
-        let mut ids_assigned = false;
         for (name, stored) in file.topics {
             // A hand-edited file must not point outside the data directory.
             validate_topic_name(&name).map_err(|e| TopicError::Metadata {
                 path: meta_path.clone(),
                 reason: e.to_string(),
             })?;
-            let id = stored.id.unwrap_or_else(|| {
-                ids_assigned = true;
-                TopicId::random()
-            });
+            let id = stored.id.unwrap_or_else(|| TopicId::from_before_ids(&name));
             let topic = registry.open_topic(&name, stored.config, id)?;
             topics.insert(name, topic);
         }
         tracing::info!(data_dir = %registry.data_dir.display(), topics = topics.len(), "opened topics");
         *registry.topics.write() = topics;
-        if ids_assigned {
-            // Written before anything is stamped with them, so that the ids
-            // stay what state elsewhere will be stamped with.
-            registry.write_metadata(&registry.stored())?;
-            tracing::info!("gave topics from before topic ids their ids");
-        }
         Ok(registry)
     }
 
@@ -686,7 +677,18 @@ mod tests {
             registry.get("t").unwrap().id()
         };
         let registry = TopicRegistry::open(dir.path(), defaults()).unwrap();
-        assert_eq!(registry.get("t").unwrap().id(), id, "written back at once");
+        assert_eq!(
+            registry.get("t").unwrap().id(),
+            id,
+            "the same at every open"
+        );
+        registry.create("u", &partitions(1)).unwrap();
+        drop(registry);
+        let registry = TopicRegistry::open(dir.path(), defaults()).unwrap();
+        assert_eq!(registry.get("t").unwrap().id(), id, "and once written");
+        registry.delete("t").unwrap();
+        registry.create("t", &partitions(1)).unwrap();
+        assert_ne!(registry.get("t").unwrap().id(), id, "a new incarnation");
     }
 
     #[test]
