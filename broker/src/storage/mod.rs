@@ -44,6 +44,6 @@ pub use error::{Result, StorageError};
 pub use files::{ByteReader, sync_dir, write_atomically};
 pub use flusher::IntervalFlusher;
 pub use lock::{DataDirLock, LOCK_FILE};
-pub use log::{AppendInfo, PartitionLog, ReadChunk, RetentionReport};
+pub use log::{AppendInfo, LostRange, PartitionLog, ReadChunk, RetentionReport};
 pub use segment::TornTail;
 pub use state_log::{StateLog, StateMachine};

@@ -64,25 +64,43 @@ impl<S: StateMachine> StateLog<S> {
         let mut from = log.log_start_offset();
         let snapshot_path = dir.join(SNAPSHOT_FILE);
         match fs::read(&snapshot_path) {
-            Ok(bytes) => {
-                let (at, snapshot) =
-                    decode_snapshot::<S>(&bytes).map_err(|reason| StorageError::Corrupt {
-                        path: snapshot_path.clone(),
-                        position: 0,
-                        reason: reason.into(),
+            Ok(bytes) => match decode_snapshot::<S>(&bytes) {
+                Ok((at, snapshot)) => {
+                    state = snapshot;
+                    from = from.max(at);
+                }
+                Err(reason) => {
+                    // The changes it covered are gone with the segments it
+                    // replaced; what the log still holds is replayed. Kept
+                    // aside for an operator rather than overwritten.
+                    let aside = aside_path(&snapshot_path);
+                    tracing::error!(snapshot = %snapshot_path.display(), reason, moved_to = %aside.display(),
+                        "damaged state snapshot: starting from the change log alone");
+                    fs::rename(&snapshot_path, &aside).map_err(|e| {
+                        StorageError::io("move damaged snapshot aside", &snapshot_path, e)
                     })?;
-                state = snapshot;
-                from = from.max(at);
-            }
+                }
+            },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(StorageError::io("read state snapshot", &snapshot_path, e)),
         }
         while from < log.high_watermark() {
-            let records = log.read_records(from, 4 * 1024 * 1024)?;
+            let records = match log.read_records(from, 4 * 1024 * 1024) {
+                Ok(records) => records,
+                Err(StorageError::DataLoss { end, .. }) => {
+                    // Named when the log opened; the changes after it apply.
+                    tracing::error!(dir = %dir.display(), from, next = end,
+                        "state changes lost to damage are skipped");
+                    from = end;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let Some(last) = records.last() else { break };
+            from = last.offset + 1;
             for stored in &records {
                 state.apply(&stored.record);
             }
-            from = records.last().map_or(from, |r| r.offset + 1);
         }
         Ok(StateLog {
             log,
@@ -147,6 +165,13 @@ impl<S: StateMachine> StateLog<S> {
     pub fn close(&self) -> Result<()> {
         self.log.close()
     }
+}
+
+/// Where a damaged file is moved aside: `<name>.damaged`.
+fn aside_path(path: &std::path::Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(super::log::DAMAGED_SUFFIX);
+    PathBuf::from(name)
 }
 
 fn encode_snapshot(at: u64, payload: &[u8]) -> Vec<u8> {
