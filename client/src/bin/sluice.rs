@@ -260,6 +260,10 @@ struct ConsumeArgs {
     /// committed. Implies --follow.
     #[arg(long, conflicts_with = "partitions")]
     group: Option<String>,
+    /// Skip past records the broker lost to a damaged file (with a warning)
+    /// instead of stopping with a data-loss error.
+    #[arg(long)]
+    skip_data_loss: bool,
 }
 
 #[derive(Args)]
@@ -357,11 +361,34 @@ async fn topic(config: &ClientConfig, command: TopicCommand) -> anyhow::Result<(
             println!("{}", info.name);
             print_settings(&info.settings);
             println!("  partition\tearliest\tlatest\tbytes\tsegments");
-            for p in info.partitions {
+            for p in &info.partitions {
                 println!(
-                    "  {}\t{}\t{}\t{}\t{}",
-                    p.partition, p.earliest_offset, p.latest_offset, p.size_bytes, p.segments
+                    "  {}\t{}\t{}\t{}\t{}{}",
+                    p.partition,
+                    p.earliest_offset,
+                    p.latest_offset,
+                    p.size_bytes,
+                    p.segments,
+                    if p.lost_ranges.is_empty() {
+                        ""
+                    } else {
+                        "\tDAMAGED"
+                    }
                 );
+            }
+            for p in &info.partitions {
+                for r in &p.lost_ranges {
+                    println!(
+                        "  partition {} lost offsets {}..{} (next readable {}): {} at byte {}: {}",
+                        p.partition,
+                        r.start_offset,
+                        r.next_offset,
+                        r.next_offset,
+                        r.file,
+                        r.position,
+                        r.reason
+                    );
+                }
             }
         }
         TopicCommand::Alter { name, settings } => {
@@ -543,6 +570,7 @@ async fn consume_in_group(
         StartFrom::Latest => OffsetReset::Latest,
         _ => bail!("with --group, --from is earliest or latest (where the group has no offset)"),
     };
+    settings.skip_data_loss = args.skip_data_loss;
     let mut consumer = GroupConsumer::new(config, settings)?;
     let bar = progress(args.max, "records read");
     let mut out = tokio::io::BufWriter::new(tokio::io::stdout());
@@ -710,6 +738,7 @@ async fn consume(config: &ClientConfig, args: ConsumeArgs) -> anyhow::Result<()>
             .collect()
     };
     let mut consumer = Consumer::new(config)?;
+    consumer.set_skip_data_loss(args.skip_data_loss);
     consumer
         .assign(&args.topic, &args.partitions, args.from)
         .await?;
