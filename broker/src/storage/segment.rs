@@ -798,7 +798,7 @@ fn walk_batches(
     }
 }
 
-fn read_index_file(path: &Path) -> Result<Vec<IndexEntry>> {
+pub(crate) fn read_index_file(path: &Path) -> Result<Vec<IndexEntry>> {
     let bytes = match fs::read(path) {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),

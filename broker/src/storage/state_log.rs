@@ -73,7 +73,7 @@ impl<S: StateMachine> StateLog<S> {
                     // The changes it covered are gone with the segments it
                     // replaced; what the log still holds is replayed. Kept
                     // aside for an operator rather than overwritten.
-                    let aside = aside_path(&snapshot_path);
+                    let aside = super::check::aside_path(&snapshot_path);
                     tracing::error!(snapshot = %snapshot_path.display(), reason, moved_to = %aside.display(),
                         "damaged state snapshot: starting from the change log alone");
                     fs::rename(&snapshot_path, &aside).map_err(|e| {
@@ -167,13 +167,6 @@ impl<S: StateMachine> StateLog<S> {
     }
 }
 
-/// Where a damaged file is moved aside: `<name>.damaged`.
-fn aside_path(path: &std::path::Path) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(super::log::DAMAGED_SUFFIX);
-    PathBuf::from(name)
-}
-
 fn encode_snapshot(at: u64, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(payload.len() + 24);
     out.extend_from_slice(SNAPSHOT_MAGIC);
@@ -186,6 +179,13 @@ fn encode_snapshot(at: u64, payload: &[u8]) -> Vec<u8> {
 }
 
 fn decode_snapshot<S: StateMachine>(bytes: &[u8]) -> std::result::Result<(u64, S), &'static str> {
+    let (at, payload) = snapshot_frame(bytes)?;
+    Ok((at, S::decode_snapshot(payload)?))
+}
+
+/// The offset a snapshot covers and its payload, once its framing and
+/// checksum hold.
+fn snapshot_frame(bytes: &[u8]) -> std::result::Result<(u64, &[u8]), &'static str> {
     if bytes.len() < 4 + 8 + 8 + 4 {
         return Err("too short");
     }
@@ -205,5 +205,13 @@ fn decode_snapshot<S: StateMachine>(bytes: &[u8]) -> std::result::Result<(u64, S
     if !r.is_empty() {
         return Err("bytes after the payload");
     }
-    Ok((at, S::decode_snapshot(payload)?))
+    Ok((at, payload))
+}
+
+/// For the offline check: what is wrong with the snapshot of the state log
+/// in `dir`, if it has one and it is damaged (framing and checksum only).
+pub fn check_state_snapshot(dir: &std::path::Path) -> Option<(PathBuf, &'static str)> {
+    let path = dir.join(SNAPSHOT_FILE);
+    let bytes = fs::read(&path).ok()?;
+    snapshot_frame(&bytes).err().map(|reason| (path, reason))
 }
