@@ -546,6 +546,62 @@ mod tests {
     }
 
     #[test]
+    fn a_damaged_or_missing_topics_file_is_restored_from_its_previous_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = dir.path().join(TOPICS_FILE);
+        {
+            let registry = TopicRegistry::open(dir.path(), defaults()).unwrap();
+            registry.create("a", &partitions(2)).unwrap();
+            registry.create("b", &partitions(1)).unwrap();
+        }
+        let good = fs::read(&meta).unwrap();
+        assert_eq!(fs::read(previous_copy(&meta)).unwrap(), good);
+        for damage in [
+            Some(&b"{\"version\": 1, \"topi"[..]),
+            Some(&b"\0\0\0"[..]),
+            None,
+        ] {
+            match damage {
+                Some(bytes) => fs::write(&meta, bytes).unwrap(),
+                None => fs::remove_file(&meta).unwrap(),
+            }
+            let registry = TopicRegistry::open(dir.path(), defaults()).unwrap();
+            let names: Vec<String> = registry
+                .list()
+                .iter()
+                .map(|t| t.name().to_owned())
+                .collect();
+            assert_eq!(names, ["a", "b"], "after {damage:?}");
+            assert!(dir.path().join("topics/a/1").is_dir(), "no data removed");
+            assert_eq!(fs::read(&meta).unwrap(), good, "restored");
+        }
+    }
+
+    #[test]
+    fn with_both_topics_files_damaged_the_broker_refuses_and_names_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = dir.path().join(TOPICS_FILE);
+        {
+            let registry = TopicRegistry::open(dir.path(), defaults()).unwrap();
+            registry.create("a", &partitions(1)).unwrap();
+        }
+        fs::write(&meta, b"garbage").unwrap();
+        fs::write(previous_copy(&meta), b"more garbage").unwrap();
+        let Err(error) = TopicRegistry::open(dir.path(), defaults()) else {
+            panic!("opened with both topic files damaged");
+        };
+        let message = error.to_string();
+        for needle in [
+            meta.to_str().unwrap(),
+            previous_copy(&meta).to_str().unwrap(),
+            "sluice-broker check",
+        ] {
+            assert!(message.contains(needle), "{message} lacks {needle}");
+        }
+        assert!(dir.path().join("topics/a/0").is_dir(), "no data removed");
+    }
+
+    #[test]
     fn topics_and_their_settings_survive_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
