@@ -32,6 +32,12 @@ impl CheckReport {
 
 /// Walks `data_dir`; with `repair`, moves damaged ranges aside.
 pub fn check_data_dir(data_dir: &Path, repair: bool) -> Result<CheckReport, StorageError> {
+    if !data_dir.join("topics").is_dir() && !data_dir.join("meta").is_dir() {
+        return Err(StorageError::InvalidConfig(format!(
+            "{} is not a Sluice data directory (it has no topics/ or meta/)",
+            data_dir.display()
+        )));
+    }
     let _lock = DataDirLock::acquire(data_dir)?;
     let mut report = CheckReport::default();
     for problem in topics::check_topics_file(data_dir) {

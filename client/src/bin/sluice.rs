@@ -579,7 +579,13 @@ async fn consume_in_group(
     tokio::pin!(interrupted);
     while args.max.is_none_or(|max| count < max) {
         let record = tokio::select! {
-            record = consumer.next() => record?,
+            record = consumer.next() => match record {
+                Ok(record) => record,
+                Err(error) => {
+                    out.flush().await?;
+                    return Err(error.into());
+                }
+            },
             _ = &mut interrupted => break,
         };
         out.write_all(format_record(&record, args.format).as_bytes())
@@ -763,7 +769,14 @@ async fn consume(config: &ClientConfig, args: ConsumeArgs) -> anyhow::Result<()>
         let Some(record) = consumer.next().await else {
             break;
         };
-        let record = record?;
+        let record = match record {
+            Ok(record) => record,
+            Err(error) => {
+                // What was read before the error is still printed.
+                out.flush().await?;
+                return Err(error.into());
+            }
+        };
         let line = format_record(&record, args.format);
         out.write_all(line.as_bytes()).await?;
         out.write_all(b"\n").await?;
