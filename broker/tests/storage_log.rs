@@ -649,6 +649,37 @@ fn a_truncated_sealed_segment_and_a_zeroed_one_are_lost_ranges() {
 }
 
 #[test]
+fn an_index_that_points_past_damage_does_not_hide_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(4096, FlushPolicy::Os);
+    fill(dir.path(), &cfg, 100, 200);
+    let logs = segment_files(dir.path(), "log");
+    let indexes = segment_files(dir.path(), "idx");
+    assert!(
+        indexes[0].metadata().unwrap().len() >= 32,
+        "a sealed index with entries"
+    );
+    // One byte inside the first batch's records: the header still parses,
+    // so only a checksum over the batch finds it. The index stays intact.
+    let data = std::fs::read(&logs[0]).unwrap();
+    write_at(&logs[0], 60, &[data[60] ^ 0xff]);
+    let log = PartitionLog::open(dir.path(), cfg).unwrap();
+    let lost = log.lost_ranges();
+    assert_eq!(lost.len(), 1, "{lost:?}");
+    assert_eq!((lost[0].start_offset, lost[0].position), (0, 0));
+    assert_eq!(lost[0].end_offset, base_of(&logs[1]));
+    assert!(lost[0].reason.contains("checksum"), "{lost:?}");
+    // No read returns the damaged batch or the ones after it.
+    for offset in [0, 1, base_of(&logs[1]) - 1] {
+        assert!(matches!(
+            log.read(offset, 1 << 20),
+            Err(StorageError::DataLoss { .. })
+        ));
+    }
+    assert_range(&log, base_of(&logs[1]), 100, 200);
+}
+
+#[test]
 fn retention_deletes_a_damaged_segment_and_its_lost_range() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(4096, FlushPolicy::Os);
