@@ -1,6 +1,7 @@
-//! Opening a partition directory built from arbitrary bytes: the open must
-//! never panic, and every batch a read returns afterwards must pass its
-//! checksum. Damage may only show as lost ranges (DATA_LOSS) or errors.
+//! Opening a partition directory built from arbitrary bytes: the offline
+//! check must not panic or change a file, the open must never panic, and
+//! every batch a read returns afterwards must pass its checksum. Damage may
+//! only show as lost ranges (DATA_LOSS) or errors.
 //!
 //! Input: repeated `[kind u8][base u8][len u16 LE][len bytes]`, each a file
 //! of the directory: kind % 3 is 0 for `<base>.log`, 1 for `<base>.idx`,
@@ -12,8 +13,23 @@ use std::path::Path;
 use libfuzzer_sys::fuzz_target;
 use sluice_broker::storage::{
     BatchBuilder, BatchHeader, BatchIter, FlushPolicy, LogConfig, PartitionLog, ProducerInfo,
-    Record, StorageError,
+    Record, StorageError, check_log_dir,
 };
+
+/// Every file of `dir` with its bytes, in name order.
+fn snapshot(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .expect("list")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.is_file())
+        .map(|p| {
+            let bytes = std::fs::read(&p).expect("read");
+            (p, bytes)
+        })
+        .collect();
+    files.sort();
+    files
+}
 
 fn write_files(dir: &Path, mut data: &[u8]) {
     let mut stray = 0;
@@ -43,6 +59,9 @@ fuzz_target!(|data: &[u8]| {
     }
     .expect("temporary directory");
     write_files(dir.path(), data);
+    let before = snapshot(dir.path());
+    let _ = check_log_dir(dir.path(), false);
+    assert!(snapshot(dir.path()) == before, "a check without repair changed a file");
     let config = LogConfig {
         segment_bytes: 4096,
         segment_age: None,
