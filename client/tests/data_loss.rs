@@ -172,5 +172,6 @@ async fn consumers_stop_at_lost_records_unless_told_to_skip() {
     assert_eq!(out.lines().count() as u64, lost_from);
     let (ok, out, err) = sluice(&["consume", "t", "--skip-data-loss"]);
     assert!(ok, "{err}");
+    assert!(err.contains("skipping records lost to damage"), "{err}");
     assert_eq!(out.lines().count(), expected.len());
 }

@@ -309,6 +309,16 @@ fn parse_reset(text: &str) -> Result<ResetTo, String> {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
+    // Warnings of the client library (records skipped past a data loss,
+    // say) go to stderr; RUST_LOG changes the level.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_target(false)
+        .init();
     let cli = Cli::parse();
     let config = ClientConfig::new(cli.broker.clone());
     match cli.command {
