@@ -428,12 +428,35 @@ fn a_batch_with_a_bad_checksum_ends_the_log() {
     f.seek(SeekFrom::Start(at)).unwrap();
     f.read_exact(&mut byte).unwrap();
     write_at(segment, at, &[byte[0] ^ 0xff]);
+    let damaged = std::fs::read(segment).unwrap();
+    let log = PartitionLog::open(dir.path(), cfg.clone()).unwrap();
+    // Valid batches follow the bad one, so it is damage, not a torn write:
+    // nothing is zeroed, and the log goes on past every offset the file
+    // holds instead of giving offsets 3..6 out again.
+    assert!(log.torn_tail().is_none());
+    let lost = log.lost_ranges();
+    assert_eq!(lost.len(), 1, "{lost:?}");
+    assert_eq!(
+        (lost[0].position, lost[0].start_offset, lost[0].end_offset),
+        (positions[3], 3, 6)
+    );
+    assert!(lost[0].reason.contains("checksum"), "{}", lost[0].reason);
+    assert_eq!(log.high_watermark(), 6);
+    assert_range(&log, 0, 3, 100);
+    assert!(matches!(
+        log.read(4, 1024),
+        Err(StorageError::DataLoss { .. })
+    ));
+    assert_eq!(log.append(&batch_for(6, 1, 100)).unwrap().base_offset, 6);
+    log.close().unwrap();
+    drop(log);
+    assert_eq!(
+        std::fs::read(segment).unwrap()[..damaged.len()],
+        damaged[..]
+    );
     let log = PartitionLog::open(dir.path(), cfg).unwrap();
-    let torn = log.torn_tail().unwrap();
-    assert_eq!(torn.position, positions[3]);
-    assert!(torn.reason.contains("checksum"), "{}", torn.reason);
-    assert_eq!(log.high_watermark(), 3);
-    assert_holds(&log, 0, 3, 100);
+    assert_eq!(log.lost_ranges().len(), 1);
+    assert_range(&log, 6, 7, 100);
 }
 
 #[test]
@@ -453,9 +476,15 @@ fn a_zeroed_header_is_never_taken_for_a_batch() {
     // batch, but the log must end at the zeroes.
     write_at(segment, second, &[0u8; 56]);
     let log = PartitionLog::open(dir.path(), cfg).unwrap();
-    assert_eq!(log.high_watermark(), 1);
-    assert_holds(&log, 0, 1, 100);
-    assert_eq!(log.torn_tail().unwrap().position, second);
+    assert_range(&log, 0, 1, 100);
+    // The zeroed batch is never served; the valid one after it keeps its
+    // offset out of reuse.
+    let lost = log.lost_ranges();
+    assert_eq!(
+        (lost[0].position, lost[0].start_offset, lost[0].end_offset),
+        (second, 1, 3)
+    );
+    assert_eq!(log.high_watermark(), 3);
 }
 
 #[test]

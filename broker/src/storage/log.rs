@@ -213,6 +213,38 @@ impl PartitionLog {
                     Segment::open_sealed(&dir, base, config.index_interval_bytes)?;
                 damage = found;
                 segment
+            } else if let Some(resume) = segment::offsets_past_damage(&dir, base)? {
+                // Damage inside the last segment, with batches after it:
+                // keep the file as it is, serve what is before the damage,
+                // and append from past every offset it holds.
+                let (segment, found) =
+                    Segment::open_sealed(&dir, base, config.index_interval_bytes)?;
+                let (position, reason) = found.map_or_else(
+                    || (segment.written_end(), "unreadable batch".to_owned()),
+                    |d| (d.position, d.reason),
+                );
+                let range = LostRange {
+                    path: segment.log_path().to_owned(),
+                    position,
+                    start_offset: segment.next_offset(),
+                    end_offset: resume,
+                    reason: format!(
+                        "{reason} (inside the last segment; the batches after the damage \
+                         stay in the file but are not served)"
+                    ),
+                };
+                tracing::warn!(
+                    file = %range.path.display(),
+                    position,
+                    lost_from = range.start_offset,
+                    next_readable = resume,
+                    reason = %range.reason,
+                    "partition lost offsets {}..{resume}",
+                    range.start_offset
+                );
+                lost.push(range);
+                segments.push(Arc::new(segment));
+                Segment::create(&dir, resume, config.segment_bytes)?
             } else {
                 let (segment, torn) = Segment::recover_active(
                     &dir,

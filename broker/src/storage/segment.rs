@@ -682,6 +682,51 @@ pub(crate) struct Walk {
     pub stop_reason: Option<String>,
 }
 
+/// For the last segment of a log, before it is recovered: when the walk
+/// from its start stops at bytes it rejects and valid batches that go on
+/// with later offsets follow further into the file, the stop is damage, not
+/// a torn write (a crash only tears the end). Returns the offset after the
+/// last such batch, so the log can go on past every offset the file holds
+/// instead of zeroing those batches and giving their offsets out again.
+pub(crate) fn offsets_past_damage(dir: &Path, base_offset: u64) -> Result<Option<u64>> {
+    let path = log_path(dir, base_offset);
+    let file = File::open(&path).map_err(|e| StorageError::io("open segment", &path, e))?;
+    let len = file_len(&file, &path)?;
+    let map = map_read_only(&file, &path, len)?;
+    let data: &[u8] = &map;
+    let walk = walk_batches(data, base_offset, &mut Vec::new(), u32::MAX);
+    if walk.stop_reason.is_none() {
+        return Ok(None);
+    }
+    let magic = super::batch::MAGIC.to_le_bytes();
+    let mut expected = walk.next_offset;
+    let mut resume = None;
+    let mut pos = walk.end + 1;
+    while let Some(found) = data
+        .get(pos..)
+        .and_then(|rest| rest.windows(magic.len()).position(|w| w == magic))
+    {
+        let at = pos + found;
+        pos = at + 1;
+        let Ok(header) = BatchHeader::parse_checked(&data[at..]) else {
+            continue;
+        };
+        // Offsets inside one segment stay within u32 of its base (the
+        // index stores them relative).
+        let fits = header.base_offset >= expected
+            && header.base_offset - base_offset
+                < u64::from(u32::MAX) - u64::from(header.record_count);
+        if !fits {
+            continue;
+        }
+        let run = walk_batches(&data[at..], header.base_offset, &mut Vec::new(), u32::MAX);
+        expected = run.next_offset;
+        resume = Some(expected);
+        pos = at + run.end.max(1);
+    }
+    Ok(resume)
+}
+
 /// Where a sealed segment stops holding whole, valid batches before its
 /// end, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
