@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::{assert_holds, batch_for, config, fill, read_all, record_for, segment_files};
 use sluice_broker::storage::{
     BatchBuilder, BatchHeader, FlushPolicy, LogConfig, PartitionLog, ProducerInfo, Record,
-    StorageError,
+    StorageError, check_log_dir,
 };
 
 #[test]
@@ -706,6 +706,48 @@ fn an_index_that_points_past_damage_does_not_hide_it() {
         ));
     }
     assert_range(&log, base_of(&logs[1]), 100, 200);
+}
+
+#[test]
+fn check_agrees_with_open_and_repair_never_cuts_the_last_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(64 * 1024, FlushPolicy::EveryBatch);
+    let positions: Vec<u64> = {
+        let log = PartitionLog::open(dir.path(), cfg.clone()).unwrap();
+        (0..6)
+            .map(|i| {
+                let before = log.size_bytes();
+                log.append(&batch_for(i, 1, 100)).unwrap();
+                before
+            })
+            .collect()
+    };
+    let segment = segment_files(dir.path(), "log")[0].clone();
+    write_at(&segment, positions[2] + 70, b"\xff\xfe");
+    let before = std::fs::read(&segment).unwrap();
+    let damage = |repair| {
+        let findings = check_log_dir(dir.path(), repair).unwrap();
+        let damage: Vec<_> = findings.into_iter().filter(|f| f.is_damage).collect();
+        assert_eq!(damage.len(), 1, "{damage:?}");
+        damage.into_iter().next().unwrap()
+    };
+    let finding = damage(false);
+    assert_eq!(finding.path, segment);
+    assert!(
+        finding.problem.contains("offsets 2..6 are lost"),
+        "{finding:?}"
+    );
+    assert!(damage(true).repaired.is_some());
+    assert_eq!(
+        std::fs::read(&segment).unwrap(),
+        before,
+        "the last segment is left whole"
+    );
+    let aside = std::fs::read(format!("{}.damaged", segment.display())).unwrap();
+    assert_eq!(aside[..], before[positions[2] as usize..]);
+    let log = PartitionLog::open(dir.path(), cfg).unwrap();
+    let lost = log.lost_ranges();
+    assert_eq!((lost[0].start_offset, lost[0].end_offset), (2, 6));
 }
 
 #[test]

@@ -99,6 +99,33 @@ pub fn check_log_dir(dir: &Path, repair: bool) -> Result<Vec<Finding>> {
         expected = Some(scan.walk.next_offset);
         check_index(dir, base, &scan.index, repair, &mut findings)?;
         let Some(damage) = scan.damage else { continue };
+        if last && let Some(resume) = segment::offsets_past_damage(dir, base)? {
+            // Valid batches follow the damage: the broker keeps the file
+            // as it is and appends past them. Cutting it would hand their
+            // offsets out again, so repair only copies the damage aside.
+            let mut finding = Finding {
+                path: path.clone(),
+                problem: format!(
+                    "damaged at byte {} of the last segment ({}), with valid batches after \
+                     it: offsets {}..{resume} are lost; the broker serves the batches before \
+                     it and appends from offset {resume} on",
+                    damage.position, damage.reason, scan.walk.next_offset
+                ),
+                is_damage: true,
+                repaired: None,
+            };
+            if repair {
+                let aside = aside_path(&path);
+                write_aside(&aside, &data[damage.position as usize..])?;
+                finding.repaired = Some(format!(
+                    "copied bytes {}.. to {} (the segment is left whole)",
+                    damage.position,
+                    aside.display()
+                ));
+            }
+            findings.push(finding);
+            continue;
+        }
         if last {
             // The active segment: a torn tail is cut off on open. Only
             // non-zero bytes after the last batch are worth reporting.
