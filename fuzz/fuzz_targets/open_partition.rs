@@ -61,7 +61,10 @@ fuzz_target!(|data: &[u8]| {
     write_files(dir.path(), data);
     let before = snapshot(dir.path());
     let _ = check_log_dir(dir.path(), false);
-    assert!(snapshot(dir.path()) == before, "a check without repair changed a file");
+    assert!(
+        snapshot(dir.path()) == before,
+        "a check without repair changed a file"
+    );
     let config = LogConfig {
         segment_bytes: 4096,
         segment_age: None,
