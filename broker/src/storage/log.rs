@@ -19,6 +19,14 @@
 //! A failed sync leaves the log refusing writes until it is reopened: after
 //! a failed `msync` the kernel may have dropped the dirty pages, so retrying
 //! could acknowledge data that is not on disk.
+//!
+//! # Damage
+//!
+//! Opening never fails over a damaged segment: a damaged sealed segment
+//! serves its valid prefix, a missing segment leaves a gap, and each loss
+//! becomes a [`LostRange`] that reads inside get as
+//! [`StorageError::DataLoss`]. Offsets never move. Files that are not
+//! segments are named and left alone. See docs/STORAGE.md, *Damage*.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Write};
