@@ -20,7 +20,9 @@ pub const DEFAULT_DATA_DIR: &str = "sluice-data";
 #[command(
     name = "sluice-broker",
     version,
-    about = "Sluice: a persistent log broker"
+    about = "Sluice: a persistent log broker",
+    after_help = "To check a stopped broker's files for damage: \
+                  sluice-broker check --data-dir <DIR> [--repair]"
 )]
 pub struct Args {
     /// TOML file with any of the settings below (flags and environment win).

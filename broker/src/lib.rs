@@ -3,6 +3,7 @@
 //! Data flows one way: [`server`] → ([`producers`], [`groups`], [`dlq`]) →
 //! [`topics`] → [`storage`]. Each module's doc says what it owns.
 
+pub mod check;
 pub mod config;
 pub mod dlq;
 pub mod groups;

@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::{assert_holds, batch_for, config, fill, read_all, record_for, segment_files};
 use sluice_broker::storage::{
     BatchBuilder, BatchHeader, FlushPolicy, LogConfig, PartitionLog, ProducerInfo, Record,
-    StorageError,
+    StorageError, check_log_dir,
 };
 
 #[test]
@@ -428,12 +428,35 @@ fn a_batch_with_a_bad_checksum_ends_the_log() {
     f.seek(SeekFrom::Start(at)).unwrap();
     f.read_exact(&mut byte).unwrap();
     write_at(segment, at, &[byte[0] ^ 0xff]);
+    let damaged = std::fs::read(segment).unwrap();
+    let log = PartitionLog::open(dir.path(), cfg.clone()).unwrap();
+    // Valid batches follow the bad one, so it is damage, not a torn write:
+    // nothing is zeroed, and the log goes on past every offset the file
+    // holds instead of giving offsets 3..6 out again.
+    assert!(log.torn_tail().is_none());
+    let lost = log.lost_ranges();
+    assert_eq!(lost.len(), 1, "{lost:?}");
+    assert_eq!(
+        (lost[0].position, lost[0].start_offset, lost[0].end_offset),
+        (positions[3], 3, 6)
+    );
+    assert!(lost[0].reason.contains("checksum"), "{}", lost[0].reason);
+    assert_eq!(log.high_watermark(), 6);
+    assert_range(&log, 0, 3, 100);
+    assert!(matches!(
+        log.read(4, 1024),
+        Err(StorageError::DataLoss { .. })
+    ));
+    assert_eq!(log.append(&batch_for(6, 1, 100)).unwrap().base_offset, 6);
+    log.close().unwrap();
+    drop(log);
+    assert_eq!(
+        std::fs::read(segment).unwrap()[..damaged.len()],
+        damaged[..]
+    );
     let log = PartitionLog::open(dir.path(), cfg).unwrap();
-    let torn = log.torn_tail().unwrap();
-    assert_eq!(torn.position, positions[3]);
-    assert!(torn.reason.contains("checksum"), "{}", torn.reason);
-    assert_eq!(log.high_watermark(), 3);
-    assert_holds(&log, 0, 3, 100);
+    assert_eq!(log.lost_ranges().len(), 1);
+    assert_range(&log, 6, 7, 100);
 }
 
 #[test]
@@ -453,9 +476,15 @@ fn a_zeroed_header_is_never_taken_for_a_batch() {
     // batch, but the log must end at the zeroes.
     write_at(segment, second, &[0u8; 56]);
     let log = PartitionLog::open(dir.path(), cfg).unwrap();
-    assert_eq!(log.high_watermark(), 1);
-    assert_holds(&log, 0, 1, 100);
-    assert_eq!(log.torn_tail().unwrap().position, second);
+    assert_range(&log, 0, 1, 100);
+    // The zeroed batch is never served; the valid one after it keeps its
+    // offset out of reuse.
+    let lost = log.lost_ranges();
+    assert_eq!(
+        (lost[0].position, lost[0].start_offset, lost[0].end_offset),
+        (second, 1, 3)
+    );
+    assert_eq!(log.high_watermark(), 3);
 }
 
 #[test]
@@ -485,35 +514,277 @@ fn a_missing_or_corrupt_index_is_rebuilt() {
     assert_eq!(log.offset_for_timestamp(1_700_000_000_150), Some(150));
 }
 
+/// The base offset of a segment file, from its name.
+fn base_of(path: &std::path::Path) -> u64 {
+    path.file_stem().unwrap().to_str().unwrap().parse().unwrap()
+}
+
+/// Reads every readable record from `from` to the high watermark, skipping
+/// lost ranges; returns the records and the DataLoss errors met.
+fn read_skipping_losses(log: &PartitionLog, from: u64) -> (Vec<u64>, Vec<StorageError>) {
+    let mut offsets = Vec::new();
+    let mut losses = Vec::new();
+    let mut next = from;
+    while next < log.high_watermark() {
+        match log.read_records(next, 64 * 1024) {
+            Ok(records) => {
+                assert!(!records.is_empty(), "empty read at {next}");
+                next = records.last().unwrap().offset + 1;
+                offsets.extend(records.iter().map(|r| r.offset));
+            }
+            Err(StorageError::DataLoss { end, .. }) => {
+                losses.push(log.read(next, 1).unwrap_err());
+                next = end;
+            }
+            Err(e) => panic!("read at {next}: {e}"),
+        }
+    }
+    (offsets, losses)
+}
+
+/// Asserts the log holds exactly the offset-derived records `from..to`
+/// (a range that may end at a loss rather than at the high watermark).
+fn assert_range(log: &PartitionLog, from: u64, to: u64, value_len: usize) {
+    let mut next = from;
+    while next < to {
+        let records = log.read_records(next, 64 * 1024).expect("read");
+        assert!(!records.is_empty(), "empty read at {next}");
+        for r in records.iter().take_while(|r| r.offset < to) {
+            assert_eq!(r.offset, next);
+            assert_eq!(r.record, record_for(next, value_len), "record at {next}");
+            next += 1;
+        }
+    }
+}
+
 #[test]
-fn a_gap_between_segments_is_an_error_that_names_the_file() {
+fn a_missing_middle_segment_is_a_lost_range_not_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(4096, FlushPolicy::Os);
     fill(dir.path(), &cfg, 100, 200);
     let logs = segment_files(dir.path(), "log");
     assert!(logs.len() >= 4);
+    let (lost_from, next) = (base_of(&logs[1]), base_of(&logs[2]));
     std::fs::remove_file(&logs[1]).unwrap();
-    let err = PartitionLog::open(dir.path(), cfg).unwrap_err();
+    let log = PartitionLog::open(dir.path(), cfg.clone()).unwrap();
+    assert_eq!(log.high_watermark(), 100, "offsets stay what they were");
+    let lost = log.lost_ranges();
+    assert_eq!(lost.len(), 1, "{lost:?}");
+    assert_eq!(
+        (lost[0].start_offset, lost[0].end_offset),
+        (lost_from, next)
+    );
+    assert_eq!(lost[0].path, logs[0], "named by the segment before the gap");
+    assert!(
+        lost[0].reason.contains(logs[1].to_str().unwrap()),
+        "{lost:?}"
+    );
+    // Everything around the gap reads back exactly.
+    assert_range(&log, 0, lost_from, 200);
+    assert_range(&log, next, 100, 200);
+    let err = log.read(lost_from + 1, 1024).unwrap_err();
     let message = err.to_string();
-    assert!(matches!(err, StorageError::SegmentGap { .. }), "{message}");
-    assert!(message.contains(logs[2].to_str().unwrap()), "{message}");
+    assert!(
+        matches!(err, StorageError::DataLoss { start, end, .. } if start == lost_from && end == next),
+        "{message}"
+    );
+    assert!(
+        message.contains(&format!("next readable offset is {next}")),
+        "{message}"
+    );
+    // Appends go on at the old end; the gap survives a reopen.
+    log.append(&batch_for(100, 1, 200)).unwrap();
+    log.close().unwrap();
+    drop(log);
+    let log = PartitionLog::open(dir.path(), cfg).unwrap();
+    assert_eq!(log.high_watermark(), 101);
+    assert_eq!(log.lost_ranges().len(), 1);
 }
 
 #[test]
-fn damage_inside_a_sealed_segment_is_an_error_not_a_silent_loss() {
+fn damage_inside_a_sealed_segment_loses_only_the_rest_of_that_segment() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(4096, FlushPolicy::Os);
     fill(dir.path(), &cfg, 100, 200);
     let logs = segment_files(dir.path(), "log");
-    let len = logs[0].metadata().unwrap().len();
-    // Damage the last batch of the first sealed segment.
-    write_at(&logs[0], len - 10, b"XXXX");
-    let err = PartitionLog::open(dir.path(), cfg).unwrap_err();
-    let message = err.to_string();
-    assert!(matches!(err, StorageError::Corrupt { .. }), "{message}");
-    assert!(message.contains(logs[0].to_str().unwrap()), "{message}");
+    assert!(logs.len() >= 4);
+    let original = std::fs::read(&logs[1]).unwrap();
+    // 64 bytes of garbage in the middle of the second segment.
+    let middle = original.len() as u64 / 2;
+    write_at(&logs[1], middle, &[0x5a; 64]);
+    let (log, text) = open_capturing_logs(dir.path(), cfg);
+    let log = log.unwrap();
+    assert!(text.contains(logs[1].to_str().unwrap()), "{text}");
+    assert_eq!(log.high_watermark(), 100);
+    let lost = log.lost_ranges();
+    assert_eq!(lost.len(), 1, "{lost:?}");
+    let range = &lost[0];
+    assert_eq!(range.path, logs[1]);
+    assert!(range.position <= middle && range.position > 0, "{range:?}");
+    assert!(range.start_offset > base_of(&logs[1]));
+    assert_eq!(range.end_offset, base_of(&logs[2]));
+    // The batches before the damage and every later segment serve.
+    assert_range(&log, 0, range.start_offset, 200);
+    assert_range(&log, range.end_offset, 100, 200);
+    let (offsets, losses) = read_skipping_losses(&log, 0);
+    assert_eq!(losses.len(), 1);
+    assert_eq!(
+        offsets.len() as u64,
+        100 - (range.end_offset - range.start_offset)
+    );
+    // The file itself is left as it was: nothing after the damage is gone.
+    let mut damaged = original.clone();
+    damaged[middle as usize..middle as usize + 64].copy_from_slice(&[0x5a; 64]);
+    assert_eq!(std::fs::read(&logs[1]).unwrap(), damaged);
 }
 
+#[test]
+fn a_truncated_sealed_segment_and_a_zeroed_one_are_lost_ranges() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(4096, FlushPolicy::Os);
+    fill(dir.path(), &cfg, 150, 200);
+    let logs = segment_files(dir.path(), "log");
+    assert!(logs.len() >= 5);
+    // Cut the first segment mid-batch; zero the whole of the third.
+    let len = logs[0].metadata().unwrap().len();
+    OpenOptions::new()
+        .write(true)
+        .open(&logs[0])
+        .unwrap()
+        .set_len(len - 30)
+        .unwrap();
+    let third_len = logs[2].metadata().unwrap().len() as usize;
+    std::fs::write(&logs[2], vec![0u8; third_len]).unwrap();
+    let log = PartitionLog::open(dir.path(), cfg).unwrap();
+    let lost = log.lost_ranges();
+    assert_eq!(lost.len(), 2, "{lost:?}");
+    assert_eq!(lost[0].path, logs[0]);
+    assert_eq!(lost[0].end_offset, base_of(&logs[1]));
+    assert_eq!(
+        lost[0].start_offset,
+        base_of(&logs[1]) - 1,
+        "only the cut batch"
+    );
+    assert_eq!(lost[1].path, logs[2]);
+    assert_eq!(lost[1].position, 0);
+    assert_eq!(
+        (lost[1].start_offset, lost[1].end_offset),
+        (base_of(&logs[2]), base_of(&logs[3]))
+    );
+    // From the start, the first read fails only at the first loss.
+    assert_range(&log, 0, lost[0].start_offset, 200);
+    assert_range(&log, base_of(&logs[1]), base_of(&logs[2]), 200);
+    assert_range(&log, base_of(&logs[3]), 150, 200);
+}
+
+#[test]
+fn an_index_that_points_past_damage_does_not_hide_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(4096, FlushPolicy::Os);
+    fill(dir.path(), &cfg, 100, 200);
+    let logs = segment_files(dir.path(), "log");
+    let indexes = segment_files(dir.path(), "idx");
+    assert!(
+        indexes[0].metadata().unwrap().len() >= 32,
+        "a sealed index with entries"
+    );
+    // One byte inside the first batch's records: the header still parses,
+    // so only a checksum over the batch finds it. The index stays intact.
+    let data = std::fs::read(&logs[0]).unwrap();
+    write_at(&logs[0], 60, &[data[60] ^ 0xff]);
+    let log = PartitionLog::open(dir.path(), cfg).unwrap();
+    let lost = log.lost_ranges();
+    assert_eq!(lost.len(), 1, "{lost:?}");
+    assert_eq!((lost[0].start_offset, lost[0].position), (0, 0));
+    assert_eq!(lost[0].end_offset, base_of(&logs[1]));
+    assert!(lost[0].reason.contains("checksum"), "{lost:?}");
+    // No read returns the damaged batch or the ones after it.
+    for offset in [0, 1, base_of(&logs[1]) - 1] {
+        assert!(matches!(
+            log.read(offset, 1 << 20),
+            Err(StorageError::DataLoss { .. })
+        ));
+    }
+    assert_range(&log, base_of(&logs[1]), 100, 200);
+}
+
+#[test]
+fn check_agrees_with_open_and_repair_never_cuts_the_last_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(64 * 1024, FlushPolicy::EveryBatch);
+    let positions: Vec<u64> = {
+        let log = PartitionLog::open(dir.path(), cfg.clone()).unwrap();
+        (0..6)
+            .map(|i| {
+                let before = log.size_bytes();
+                log.append(&batch_for(i, 1, 100)).unwrap();
+                before
+            })
+            .collect()
+    };
+    let segment = segment_files(dir.path(), "log")[0].clone();
+    write_at(&segment, positions[2] + 70, b"\xff\xfe");
+    let before = std::fs::read(&segment).unwrap();
+    let damage = |repair| {
+        let findings = check_log_dir(dir.path(), repair).unwrap();
+        let damage: Vec<_> = findings.into_iter().filter(|f| f.is_damage).collect();
+        assert_eq!(damage.len(), 1, "{damage:?}");
+        damage.into_iter().next().unwrap()
+    };
+    let finding = damage(false);
+    assert_eq!(finding.path, segment);
+    assert!(
+        finding.problem.contains("offsets 2..6 are lost"),
+        "{finding:?}"
+    );
+    assert!(damage(true).repaired.is_some());
+    assert_eq!(
+        std::fs::read(&segment).unwrap(),
+        before,
+        "the last segment is left whole"
+    );
+    let aside = std::fs::read(format!("{}.damaged", segment.display())).unwrap();
+    assert_eq!(aside[..], before[positions[2] as usize..]);
+    let log = PartitionLog::open(dir.path(), cfg).unwrap();
+    let lost = log.lost_ranges();
+    assert_eq!((lost[0].start_offset, lost[0].end_offset), (2, 6));
+}
+
+#[test]
+fn retention_deletes_a_damaged_segment_and_its_lost_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(4096, FlushPolicy::Os);
+    fill(dir.path(), &cfg, 100, 200);
+    let logs = segment_files(dir.path(), "log");
+    write_at(&logs[0], 100, b"garbage!");
+    let log = PartitionLog::open(dir.path(), cfg).unwrap();
+    assert_eq!(log.lost_ranges().len(), 1);
+    let report = log.delete_segments_before(base_of(&logs[1])).unwrap();
+    assert_eq!(report.deleted_segments, vec![logs[0].clone()]);
+    assert!(!logs[0].exists());
+    assert!(log.lost_ranges().is_empty());
+    assert_range(&log, base_of(&logs[1]), 100, 200);
+}
+
+#[test]
+fn a_stray_file_is_ignored_named_and_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(4096, FlushPolicy::Os);
+    fill(dir.path(), &cfg, 50, 200);
+    let stray = dir.path().join("notes.txt");
+    let odd = dir.path().join("123.log");
+    std::fs::write(&stray, b"hello").unwrap();
+    std::fs::write(&odd, b"not a segment").unwrap();
+    std::fs::create_dir(dir.path().join("subdir")).unwrap();
+    let (log, text) = open_capturing_logs(dir.path(), cfg);
+    let log = log.unwrap();
+    for name in ["notes.txt", "123.log", "subdir"] {
+        assert!(text.contains(name), "{name} not named in: {text}");
+    }
+    assert!(stray.exists() && odd.exists());
+    assert!(log.lost_ranges().is_empty());
+    assert_range(&log, 0, 50, 200);
+}
 #[test]
 fn a_crash_between_seal_and_new_segment_recovers() {
     // Sealing truncates the file; a crash before the next segment exists

@@ -85,6 +85,24 @@ pub struct PartitionInfo {
     pub size_bytes: u64,
     /// Segment files.
     pub segments: u32,
+    /// Offsets lost to damaged or missing files (empty when whole).
+    pub lost_ranges: Vec<LostRange>,
+}
+
+/// Offsets of a partition lost to a damaged or missing segment file; reads
+/// inside get [`crate::Error::DataLoss`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LostRange {
+    /// The damaged file; for a missing segment, the segment before the gap.
+    pub file: String,
+    /// Byte position in `file` where the valid data ends.
+    pub position: u64,
+    /// First lost offset.
+    pub start_offset: u64,
+    /// The next readable offset.
+    pub next_offset: u64,
+    /// What is wrong.
+    pub reason: String,
 }
 
 /// A topic, its settings and (when described) its partitions.
@@ -357,6 +375,17 @@ impl Admin {
                     latest_offset: p.latest_offset,
                     size_bytes: p.size_bytes,
                     segments: p.segments,
+                    lost_ranges: p
+                        .lost_ranges
+                        .into_iter()
+                        .map(|r| LostRange {
+                            file: r.file,
+                            position: r.position,
+                            start_offset: r.start_offset,
+                            next_offset: r.next_offset,
+                            reason: r.reason,
+                        })
+                        .collect(),
                 })
                 .collect(),
         })

@@ -9,6 +9,11 @@
 //!
 //! Group membership and committed offsets come with consumer groups; until
 //! then the application chooses where each partition starts.
+//!
+//! A read inside offsets the broker lost to a damaged file hands over
+//! [`Error::DataLoss`] and stops that partition; seek to its `next_offset`
+//! to go on, or set [`Consumer::set_skip_data_loss`] to skip such ranges
+//! with a warning.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -63,6 +68,7 @@ pub struct Consumer {
     generations: u64,
     sender: mpsc::Sender<Delivery>,
     receiver: mpsc::Receiver<Delivery>,
+    skip_data_loss: bool,
 }
 
 impl Consumer {
@@ -78,7 +84,16 @@ impl Consumer {
             generations: 0,
             sender,
             receiver,
+            skip_data_loss: false,
         })
+    }
+
+    /// Whether a partition reader skips past offsets the broker lost to
+    /// damage ([`Error::DataLoss`]) with a warning, instead of handing the
+    /// error over and stopping that partition (the default). Applies to
+    /// partitions assigned from now on.
+    pub fn set_skip_data_loss(&mut self, skip: bool) {
+        self.skip_data_loss = skip;
     }
 
     /// Starts reading `partitions` of `topic` (all of them if empty) from
@@ -139,6 +154,7 @@ impl Consumer {
             generation: self.generations,
             next: offset,
             sender: self.sender.clone(),
+            skip_data_loss: self.skip_data_loss,
         };
         self.assignments.insert(
             key,
@@ -200,6 +216,7 @@ struct PartitionReader {
     generation: u64,
     next: u64,
     sender: mpsc::Sender<Delivery>,
+    skip_data_loss: bool,
 }
 
 impl PartitionReader {
@@ -208,6 +225,14 @@ impl PartitionReader {
         loop {
             match self.read().await {
                 Ok(()) => return, // the consumer went away
+                Err(Error::DataLoss {
+                    message,
+                    next_offset,
+                }) if self.skip_data_loss && next_offset > self.next => {
+                    tracing::warn!(topic = %self.key.0, partition = self.key.1, from = self.next,
+                        to = next_offset, %message, "skipping records lost to damage");
+                    self.next = next_offset;
+                }
                 Err(error) if error.is_retryable() => {
                     tracing::debug!(topic = %self.key.0, partition = self.key.1, %error, "subscription broke; resubscribing");
                     tokio::time::sleep(backoff).await;

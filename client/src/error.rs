@@ -13,6 +13,17 @@ pub enum Error {
     /// same way.
     #[error("{}: {}", code_name(.0.code()), .0.message())]
     Rejected(tonic::Status),
+    /// A read fell inside offsets the broker lost to a damaged or missing
+    /// file (gRPC DATA_LOSS). `message` names the file, the byte position
+    /// and the range lost; reading can go on at `next_offset`. Consumers
+    /// stop here unless told to skip (`skip_data_loss`).
+    #[error("data loss: {message}")]
+    DataLoss {
+        /// The broker's description of the loss.
+        message: String,
+        /// The first offset after the lost range that can be read.
+        next_offset: u64,
+    },
     /// The broker could not be reached or is shutting down; retry later.
     #[error("broker unavailable: {0}")]
     Unavailable(String),
@@ -55,6 +66,7 @@ impl Error {
     pub fn code(&self) -> Option<Code> {
         match self {
             Error::Rejected(status) => Some(status.code()),
+            Error::DataLoss { .. } => Some(Code::DataLoss),
             _ => None,
         }
     }
@@ -68,6 +80,7 @@ fn code_name(code: Code) -> &'static str {
         Code::OutOfRange => "out of range",
         Code::FailedPrecondition => "failed precondition",
         Code::ResourceExhausted => "resource exhausted",
+        Code::DataLoss => "data loss",
         _ => "refused",
     }
 }
@@ -82,9 +95,29 @@ impl From<tonic::Status> for Error {
             | Code::Cancelled
             | Code::DeadlineExceeded
             | Code::Aborted => Error::Unavailable(status.message().to_owned()),
+            Code::DataLoss => match next_offset(&status) {
+                Some(next_offset) => Error::DataLoss {
+                    message: status.message().to_owned(),
+                    next_offset,
+                },
+                None => Error::Rejected(status),
+            },
             _ => Error::Rejected(status),
         }
     }
+}
+
+/// Metadata key of a DATA_LOSS status: where reading can go on.
+pub(crate) const NEXT_OFFSET: &str = "sluice-next-offset";
+
+fn next_offset(status: &tonic::Status) -> Option<u64> {
+    status
+        .metadata()
+        .get(NEXT_OFFSET)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
 }
 
 /// The client's result type.

@@ -85,6 +85,10 @@ pub struct GroupConfig {
     /// How often to ask the broker for nacked records due for redelivery.
     /// 500 ms by default.
     pub retry_poll_interval: Duration,
+    /// Skip, with a warning, offsets the broker lost to a damaged file
+    /// instead of stopping: by default [`GroupConsumer::next`] returns
+    /// [`Error::DataLoss`] and that partition stops. False by default.
+    pub skip_data_loss: bool,
 }
 
 impl GroupConfig {
@@ -101,6 +105,7 @@ impl GroupConfig {
             commit: CommitMode::Auto(Duration::from_secs(5)),
             auto_offset_reset: OffsetReset::Earliest,
             retry_poll_interval: Duration::from_millis(500),
+            skip_data_loss: false,
         }
     }
 }
@@ -212,8 +217,10 @@ impl GroupConsumer {
                 CommitMode::Auto(every) => every,
                 CommitMode::Manual => Duration::ZERO,
             };
+        let mut consumer = Consumer::new(client_config)?;
+        consumer.set_skip_data_loss(config.skip_data_loss);
         Ok(GroupConsumer {
-            consumer: Consumer::new(client_config)?,
+            consumer,
             admin: Admin::new(client_config)?,
             client,
             dead_letters,

@@ -242,7 +242,18 @@ fn recover(log: &PartitionLog, dir: &Path) -> Result<PartitionProducers, Produce
     }
     let mut replayed = 0u64;
     while from < log.high_watermark() {
-        let chunk = log.read(from, REPLAY_CHUNK)?;
+        let chunk = match log.read(from, REPLAY_CHUNK) {
+            Ok(chunk) => chunk,
+            // Batches lost to damage cannot be replayed; their producers'
+            // sequences resume from the next batch the log still has.
+            Err(StorageError::DataLoss { end, .. }) => {
+                tracing::warn!(dir = %dir.display(), from, next = end,
+                    "producer state skips offsets lost to damage");
+                from = end;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         if chunk.data.is_empty() {
             break;
         }

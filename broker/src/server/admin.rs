@@ -64,6 +64,17 @@ fn describe(topic: &Topic) -> v1::DescribeTopicResponse {
                     latest_offset: log.high_watermark(),
                     size_bytes: log.size_bytes(),
                     segments: log.segment_count() as u32,
+                    lost_ranges: log
+                        .lost_ranges()
+                        .into_iter()
+                        .map(|r| v1::LostRange {
+                            file: r.path.display().to_string(),
+                            position: r.position,
+                            start_offset: r.start_offset,
+                            next_offset: r.end_offset,
+                            reason: r.reason,
+                        })
+                        .collect(),
                 }
             })
             .collect(),

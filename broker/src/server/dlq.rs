@@ -237,8 +237,18 @@ pub fn finish_pending_dead_letters(
 ) -> Result<usize, Status> {
     let pending = retries.pending_dead_letters();
     for letter in &pending {
-        let (dlq_topic, offset) = dead_letter(topics, retries, letter, true)?;
-        tracing::info!(group = %letter.group, dlq = %dlq_topic, appended = offset.is_some(), "finished a dead letter interrupted by a restart");
+        match dead_letter(topics, retries, letter, true) {
+            Ok((dlq_topic, offset)) => {
+                tracing::info!(group = %letter.group, dlq = %dlq_topic, appended = offset.is_some(), "finished a dead letter interrupted by a restart");
+            }
+            // One damaged file must not keep the broker down: the letter
+            // stays pending, and the loss was named when its log opened.
+            Err(status) if status.code() == tonic::Code::DataLoss => {
+                tracing::error!(group = %letter.group, error = %status.message(),
+                    "a pending dead letter cannot be finished: its record is lost to damage");
+            }
+            Err(status) => return Err(status),
+        }
     }
     Ok(pending.len())
 }

@@ -23,11 +23,24 @@ pub(crate) fn storage(error: StorageError) -> Status {
         | StorageError::Corrupt { .. }
         | StorageError::SegmentGap { .. }
         | StorageError::Batch(_) => Code::Internal,
+        StorageError::DataLoss { .. } => Code::DataLoss,
     };
     if code == Code::Internal {
         tracing::error!(%error, "storage error");
     }
-    Status::new(code, error.to_string())
+    let status = Status::new(code, error.to_string());
+    match error {
+        // The loss was named in the log when the partition was opened;
+        // the client learns where reading can go on without parsing.
+        StorageError::DataLoss { end, .. } => {
+            let mut status = with_reason(status, "data-loss");
+            status
+                .metadata_mut()
+                .insert(NEXT_OFFSET, tonic::metadata::MetadataValue::from(end));
+            status
+        }
+        _ => status,
+    }
 }
 
 pub(crate) fn topic(error: TopicError) -> Status {
@@ -57,6 +70,10 @@ pub(crate) fn producer_append(error: ProducerAppendError) -> Status {
 /// Metadata key naming what a FAILED_PRECONDITION from an idempotent
 /// produce means, so clients need not parse messages.
 pub(crate) const ERROR_REASON: &str = "sluice-error";
+
+/// Metadata key of a DATA_LOSS status: the next offset the partition can
+/// read, past the lost range.
+pub(crate) const NEXT_OFFSET: &str = "sluice-next-offset";
 
 pub(crate) fn sequence(error: SequenceError) -> Status {
     let reason = match error {

@@ -40,6 +40,19 @@ pub enum StorageError {
         expected: u64,
         found: u64,
     },
+    #[error(
+        "offsets {start}..{end} are lost: {path} is damaged at byte {position} ({reason}); \
+         the next readable offset is {end}"
+    )]
+    DataLoss {
+        path: PathBuf,
+        position: u64,
+        /// First lost offset.
+        start: u64,
+        /// The next readable offset: the end of the lost range.
+        end: u64,
+        reason: String,
+    },
     #[error("invalid log configuration: {0}")]
     InvalidConfig(String),
     #[error(

@@ -19,6 +19,14 @@
 //! A failed sync leaves the log refusing writes until it is reopened: after
 //! a failed `msync` the kernel may have dropped the dirty pages, so retrying
 //! could acknowledge data that is not on disk.
+//!
+//! # Damage
+//!
+//! Opening never fails over a damaged segment: a damaged sealed segment
+//! serves its valid prefix, a missing segment leaves a gap, and each loss
+//! becomes a [`LostRange`] that reads inside get as
+//! [`StorageError::DataLoss`]. Offsets never move. Files that are not
+//! segments are named and left alone. See docs/STORAGE.md, *Damage*.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Write};
@@ -35,7 +43,7 @@ use super::batch::{EncodedBatch, StoredRecord, decode_records};
 use super::config::{FlushPolicy, LogConfig};
 use super::error::{Result, StorageError};
 use super::files::sync_dir;
-use super::segment::{self, IndexEntry, Segment, TornTail};
+use super::segment::{self, IndexEntry, Segment, SegmentDamage, TornTail};
 
 /// Where an appended batch landed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +61,39 @@ pub struct ReadChunk {
     pub data: Bytes,
     pub high_watermark: u64,
     pub log_start_offset: u64,
+}
+
+/// Offsets a partition log lost to damage found when it was opened: a
+/// damaged sealed segment (the offsets after its last valid batch) or a
+/// missing segment. Reads inside the range fail with
+/// [`StorageError::DataLoss`]; everything around it is served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LostRange {
+    /// The damaged file; for a missing segment, the segment before the gap.
+    pub path: PathBuf,
+    /// Byte position in `path` where the valid data ends.
+    pub position: u64,
+    /// First lost offset.
+    pub start_offset: u64,
+    /// The next readable offset (exclusive end of the range).
+    pub end_offset: u64,
+    pub reason: String,
+}
+
+impl LostRange {
+    pub fn contains(&self, offset: u64) -> bool {
+        (self.start_offset..self.end_offset).contains(&offset)
+    }
+
+    pub fn to_error(&self) -> StorageError {
+        StorageError::DataLoss {
+            path: self.path.clone(),
+            position: self.position,
+            start: self.start_offset,
+            end: self.end_offset,
+            reason: self.reason.clone(),
+        }
+    }
 }
 
 /// What a retention pass deleted.
@@ -95,6 +136,9 @@ pub struct PartitionLog {
     pending_seals: Mutex<Vec<std::thread::JoinHandle<()>>>,
     closed: AtomicBool,
     torn_tail: Option<TornTail>,
+    /// Offsets lost to damage, in offset order; retention drops the ones
+    /// it passes.
+    lost: RwLock<Vec<LostRange>>,
 }
 
 impl std::fmt::Debug for PartitionLog {
@@ -120,21 +164,95 @@ impl PartitionLog {
         let bases = list_segments(&dir)?;
         let mut segments: Vec<Arc<Segment>> = Vec::with_capacity(bases.len().max(1));
         let mut torn_tail = None;
+        let mut lost = Vec::new();
         if bases.is_empty() {
             segments.push(Arc::new(Segment::create(&dir, 0, config.segment_bytes)?));
         }
+        // The damage of the segment just opened: it explains a gap before
+        // the next one.
+        let mut damage: Option<SegmentDamage> = None;
         for (i, &base) in bases.iter().enumerate() {
-            if let Some(previous) = segments.last()
-                && previous.next_offset() != base
-            {
-                return Err(StorageError::SegmentGap {
-                    path: segment::log_path(&dir, base),
-                    expected: previous.next_offset(),
-                    found: base,
-                });
+            if let Some(previous) = segments.last() {
+                let expected = previous.next_offset();
+                if expected > base {
+                    return Err(StorageError::SegmentGap {
+                        path: segment::log_path(&dir, base),
+                        expected,
+                        found: base,
+                    });
+                }
+                let range = match damage.take() {
+                    Some(damage) => Some(LostRange {
+                        path: previous.log_path().to_owned(),
+                        position: damage.position,
+                        start_offset: expected,
+                        end_offset: base,
+                        reason: damage.reason,
+                    }),
+                    None if expected < base => Some(LostRange {
+                        path: previous.log_path().to_owned(),
+                        position: previous.written_end(),
+                        start_offset: expected,
+                        end_offset: base,
+                        reason: format!(
+                            "no segment holds these offsets: the segment file after it, \
+                             {}, is missing",
+                            segment::log_path(&dir, expected).display()
+                        ),
+                    }),
+                    None => None,
+                };
+                if let Some(range) = range {
+                    tracing::warn!(
+                        file = %range.path.display(),
+                        position = range.position,
+                        lost_from = range.start_offset,
+                        next_readable = range.end_offset,
+                        reason = %range.reason,
+                        "partition lost offsets {}..{}",
+                        range.start_offset,
+                        range.end_offset
+                    );
+                    lost.push(range);
+                }
             }
             let segment = if i + 1 < bases.len() {
-                Segment::open_sealed(&dir, base, config.index_interval_bytes)?
+                let (segment, found) =
+                    Segment::open_sealed(&dir, base, config.index_interval_bytes)?;
+                damage = found;
+                segment
+            } else if let Some(resume) = segment::offsets_past_damage(&dir, base)? {
+                // Damage inside the last segment, with batches after it:
+                // keep the file as it is, serve what is before the damage,
+                // and append from past every offset it holds.
+                let (segment, found) =
+                    Segment::open_sealed(&dir, base, config.index_interval_bytes)?;
+                let (position, reason) = found.map_or_else(
+                    || (segment.written_end(), "unreadable batch".to_owned()),
+                    |d| (d.position, d.reason),
+                );
+                let range = LostRange {
+                    path: segment.log_path().to_owned(),
+                    position,
+                    start_offset: segment.next_offset(),
+                    end_offset: resume,
+                    reason: format!(
+                        "{reason} (inside the last segment; the batches after the damage \
+                         stay in the file but are not served)"
+                    ),
+                };
+                tracing::warn!(
+                    file = %range.path.display(),
+                    position,
+                    lost_from = range.start_offset,
+                    next_readable = resume,
+                    reason = %range.reason,
+                    "partition lost offsets {}..{resume}",
+                    range.start_offset
+                );
+                lost.push(range);
+                segments.push(Arc::new(segment));
+                Segment::create(&dir, resume, config.segment_bytes)?
             } else {
                 let (segment, torn) = Segment::recover_active(
                     &dir,
@@ -183,6 +301,7 @@ impl PartitionLog {
             pending_seals: Mutex::new(Vec::new()),
             closed: AtomicBool::new(false),
             torn_tail,
+            lost: RwLock::new(lost),
         })
     }
 
@@ -206,6 +325,12 @@ impl PartitionLog {
     /// anything.
     pub fn torn_tail(&self) -> Option<&TornTail> {
         self.torn_tail.as_ref()
+    }
+
+    /// Offsets lost to damage found when the log was opened, still above
+    /// the log's start.
+    pub fn lost_ranges(&self) -> Vec<LostRange> {
+        self.lost.read().clone()
     }
 
     /// The first offset still in the log.
@@ -534,6 +659,9 @@ impl PartitionLog {
                 end: high_watermark,
             });
         }
+        if let Some(range) = self.lost.read().iter().find(|r| r.contains(from)) {
+            return Err(range.to_error());
+        }
         for segment in &segments {
             if let Some(start) = segment.position_of_offset(from) {
                 let end = segment.batch_aligned_end(start, max_bytes);
@@ -612,8 +740,9 @@ impl PartitionLog {
                 count += 1;
             }
             let removed: Vec<_> = segments.drain(..count).collect();
-            self.log_start_offset
-                .store(segments[0].base_offset(), Ordering::Release);
+            let start = segments[0].base_offset();
+            self.log_start_offset.store(start, Ordering::Release);
+            self.lost.write().retain(|r| r.end_offset > start);
             removed
         };
         let mut report = RetentionReport {
@@ -728,7 +857,8 @@ fn open_index_for_append(path: &Path) -> Result<BufWriter<File>> {
 }
 
 /// Base offsets of the segments in `dir`, in order. Leftover temporary files
-/// and index files without a log are removed.
+/// and index files without a log are removed; any other file is left alone
+/// and named in a warning (see [`classify_entry`]).
 fn list_segments(dir: &Path) -> Result<Vec<u64>> {
     let entries = fs::read_dir(dir).map_err(|e| StorageError::io("list log directory", dir, e))?;
     let mut logs = Vec::new();
@@ -736,26 +866,18 @@ fn list_segments(dir: &Path) -> Result<Vec<u64>> {
     for entry in entries {
         let entry = entry.map_err(|e| StorageError::io("list log directory", dir, e))?;
         let path = entry.path();
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if name.ends_with(".tmp") {
-            fs::remove_file(&path)
-                .map_err(|e| StorageError::io("remove temporary file", &path, e))?;
-            continue;
-        }
-        let Some((stem, ext)) = name.split_once('.') else {
-            continue;
-        };
-        let Ok(base) = stem.parse::<u64>() else {
-            continue;
-        };
-        if stem.len() != 20 {
-            continue;
-        }
-        match ext {
-            segment::LOG_SUFFIX => logs.push(base),
-            segment::INDEX_SUFFIX => indexes.push(base),
-            _ => {}
+        let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+        match classify_entry(&entry.file_name().to_string_lossy(), is_file) {
+            DirEntryKind::Log(base) => logs.push(base),
+            DirEntryKind::Index(base) => indexes.push(base),
+            DirEntryKind::Temporary => fs::remove_file(&path)
+                .map_err(|e| StorageError::io("remove temporary file", &path, e))?,
+            DirEntryKind::MovedAside => {
+                tracing::info!(file = %path.display(), "ignoring a damaged range moved aside by `sluice-broker check --repair`");
+            }
+            DirEntryKind::Stray => {
+                tracing::warn!(file = %path.display(), "ignoring a stray file in a partition directory: it is not a segment or an index");
+            }
         }
     }
     logs.sort_unstable();
@@ -768,3 +890,43 @@ fn list_segments(dir: &Path) -> Result<Vec<u64>> {
     }
     Ok(logs)
 }
+
+/// What a name in a partition directory is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DirEntryKind {
+    Log(u64),
+    Index(u64),
+    /// A `*.tmp` left by an interrupted atomic write.
+    Temporary,
+    /// A `*.damaged` file written by `sluice-broker check --repair`.
+    MovedAside,
+    /// Anything else: not ours, never read, never deleted.
+    Stray,
+}
+
+pub(crate) fn classify_entry(name: &str, is_file: bool) -> DirEntryKind {
+    if !is_file {
+        return DirEntryKind::Stray;
+    }
+    if name.ends_with(".tmp") {
+        return DirEntryKind::Temporary;
+    }
+    if name.ends_with(DAMAGED_SUFFIX) {
+        return DirEntryKind::MovedAside;
+    }
+    let Some((stem, ext)) = name.split_once('.') else {
+        return DirEntryKind::Stray;
+    };
+    let base = match stem.parse::<u64>() {
+        Ok(base) if stem.len() == 20 && stem.bytes().all(|b| b.is_ascii_digit()) => base,
+        _ => return DirEntryKind::Stray,
+    };
+    match ext {
+        segment::LOG_SUFFIX => DirEntryKind::Log(base),
+        segment::INDEX_SUFFIX => DirEntryKind::Index(base),
+        _ => DirEntryKind::Stray,
+    }
+}
+
+/// Suffix of the files `sluice-broker check --repair` moves damaged bytes to.
+pub const DAMAGED_SUFFIX: &str = ".damaged";

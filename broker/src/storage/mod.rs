@@ -10,6 +10,8 @@
 //!   index, sealing, and recovery of a single segment.
 //! - [`PartitionLog`]: the chain of segments of one partition: appends,
 //!   group commit, reads, timestamps, retention, opening and recovery.
+//! - [`check_log_dir`]: the offline check (and repair) of a partition
+//!   directory behind `sluice-broker check`.
 //! - [`IntervalFlusher`]: syncs logs with an `interval(ms)` flush policy.
 //! - [`DataDirLock`]: keeps a second process out of a data directory.
 //! - [`write_atomically`], [`sync_dir`]: crash-safe replacement of small state files.
@@ -25,6 +27,7 @@
 //! ```
 
 pub mod batch;
+mod check;
 mod config;
 mod error;
 mod files;
@@ -39,11 +42,12 @@ pub use batch::{
     BatchBuilder, BatchError, BatchHeader, BatchIter, EncodedBatch, Header, ProducerInfo, Record,
     RecordBatch, StoredRecord, decode_records,
 };
+pub use check::{Finding, aside_path, check_log_dir};
 pub use config::{DEFAULT_SEGMENT_BYTES, FlushPolicy, LogConfig};
 pub use error::{Result, StorageError};
 pub use files::{ByteReader, sync_dir, write_atomically};
 pub use flusher::IntervalFlusher;
 pub use lock::{DataDirLock, LOCK_FILE};
-pub use log::{AppendInfo, PartitionLog, ReadChunk, RetentionReport};
+pub use log::{AppendInfo, DAMAGED_SUFFIX, LostRange, PartitionLog, ReadChunk, RetentionReport};
 pub use segment::TornTail;
-pub use state_log::{StateLog, StateMachine};
+pub use state_log::{StateLog, StateMachine, check_state_snapshot};

@@ -492,22 +492,23 @@ impl Segment {
             .map(|r| r.offset)
     }
 
-    /// Opens a sealed segment. Its index is trusted only as far as its
-    /// entries point at batch headers with the offsets they claim; the
-    /// batches after the last trusted entry are verified (checksums
-    /// included) and must end exactly at the end of the file. A missing or
-    /// damaged index is rebuilt from the log.
+    /// Opens a sealed segment. Every batch is verified from the start
+    /// (magic, length, checksum, offset chain) and the index is rebuilt from
+    /// that walk: a stored index is never trusted, because an entry that
+    /// points past damage would let the damaged batches through unchecked.
     ///
     /// A segment whose seal a crash interrupted (the log had moved on to the
     /// next segment, but this file still has its preallocated zero tail) is
-    /// sealed now. Any other damage is an error naming the file: a sealed
-    /// segment has a successor, so cutting it short would silently drop the
-    /// records between the damage and that successor.
+    /// sealed now. Any other damage (a bad batch, zeroes with data after
+    /// them, an empty file) is returned as [`SegmentDamage`]: the segment
+    /// serves the whole batches before it, and the file is left as it is, so
+    /// nothing after the damage is destroyed (`sluice-broker check --repair`
+    /// moves it aside).
     pub(crate) fn open_sealed(
         dir: &Path,
         base_offset: u64,
         index_interval: u32,
-    ) -> Result<Segment> {
+    ) -> Result<(Segment, Option<SegmentDamage>)> {
         let log_path = log_path(dir, base_offset);
         let index_path = index_path(dir, base_offset);
         let file = OpenOptions::new()
@@ -515,31 +516,12 @@ impl Segment {
             .write(true)
             .open(&log_path)
             .map_err(|e| StorageError::io("open segment", &log_path, e))?;
-        let corrupt = |position: u64, reason: String| StorageError::Corrupt {
-            path: log_path.clone(),
-            position,
-            reason: format!(
-                "{reason}; a sealed segment must hold whole batches up to its end \
-                 (move the file aside to start without it)"
-            ),
-        };
         let mut len = file_len(&file, &log_path)?;
-        if len == 0 {
-            return Err(corrupt(0, "the segment is empty".into()));
-        }
         let mut map = map_read_only(&file, &log_path, len)?;
-        let stored_index = read_index_file(&index_path)?;
-        let trusted = trusted_index_prefix(&map, base_offset, &stored_index);
-        let mut index: Vec<IndexEntry> = stored_index[..trusted].to_vec();
-        let walk = walk_batches(&map, base_offset, &mut index, index_interval);
-        let end = walk.end as u64;
-        if end < len {
-            if let Some(reason) = walk.stop_reason {
-                return Err(corrupt(end, reason));
-            }
-            if end == 0 {
-                return Err(corrupt(0, "the segment holds no batch".into()));
-            }
+        let scan = scan_sealed(&map, base_offset, index_interval);
+        let mut damage = scan.damage;
+        let end = scan.walk.end as u64;
+        if damage.is_none() && end < len {
             tracing::info!(segment = %log_path.display(), end, "finishing an interrupted seal");
             drop(map);
             file.set_len(end)
@@ -548,25 +530,41 @@ impl Segment {
             len = end;
             map = map_read_only(&file, &log_path, len)?;
         }
-        if index != stored_index {
-            write_index_file(&index_path, &index)?;
+        if let Some(damage) = damage.as_mut() {
+            tracing::warn!(
+                segment = %log_path.display(),
+                position = damage.position,
+                file_bytes = len,
+                reason = %damage.reason,
+                "damaged sealed segment: serving the batches before the damage"
+            );
+            // Only the valid prefix is mapped: readers never see the rest.
+            drop(map);
+            map = map_read_only(&file, &log_path, end)?;
+            len = end;
         }
-        Ok(Segment {
-            base_offset,
-            log_path,
-            index_path,
-            map: Mapping::Sealed(map),
-            file,
-            capacity: len,
-            sealed: AtomicBool::new(true),
-            written_end: AtomicU64::new(len),
-            visible_end: AtomicU64::new(len),
-            synced_end: AtomicU64::new(len),
-            next_offset: AtomicU64::new(walk.next_offset),
-            max_timestamp: AtomicI64::new(walk.max_timestamp),
-            index: RwLock::new(index),
-            created_at: Instant::now(),
-        })
+        if read_index_file(&index_path)? != scan.index {
+            write_index_file(&index_path, &scan.index)?;
+        }
+        Ok((
+            Segment {
+                base_offset,
+                log_path,
+                index_path,
+                map: Mapping::Sealed(map),
+                file,
+                capacity: len,
+                sealed: AtomicBool::new(true),
+                written_end: AtomicU64::new(len),
+                visible_end: AtomicU64::new(len),
+                synced_end: AtomicU64::new(len),
+                next_offset: AtomicU64::new(scan.walk.next_offset),
+                max_timestamp: AtomicI64::new(scan.walk.max_timestamp),
+                index: RwLock::new(scan.index),
+                created_at: Instant::now(),
+            },
+            damage,
+        ))
     }
 
     /// Opens the last segment of a log for writing and recovers it: walks
@@ -674,14 +672,113 @@ impl AsRef<[u8]> for SegmentBytes {
     }
 }
 
-struct Walk {
+pub(crate) struct Walk {
     /// Byte position after the last good batch.
-    end: usize,
-    next_offset: u64,
-    max_timestamp: i64,
+    pub end: usize,
+    pub next_offset: u64,
+    pub max_timestamp: i64,
     /// Why the walk stopped before the end of the data, if it found bytes it
     /// could not accept (as opposed to clean zeroes or the end).
-    stop_reason: Option<String>,
+    pub stop_reason: Option<String>,
+}
+
+/// For the last segment of a log, before it is recovered: when the walk
+/// from its start stops at bytes it rejects and valid batches that go on
+/// with later offsets follow further into the file, the stop is damage, not
+/// a torn write (a crash only tears the end). Returns the offset after the
+/// last such batch, so the log can go on past every offset the file holds
+/// instead of zeroing those batches and giving their offsets out again.
+pub(crate) fn offsets_past_damage(dir: &Path, base_offset: u64) -> Result<Option<u64>> {
+    let path = log_path(dir, base_offset);
+    let file = File::open(&path).map_err(|e| StorageError::io("open segment", &path, e))?;
+    let len = file_len(&file, &path)?;
+    let map = map_read_only(&file, &path, len)?;
+    let data: &[u8] = &map;
+    let walk = walk_batches(data, base_offset, &mut Vec::new(), u32::MAX);
+    if walk.stop_reason.is_none() {
+        return Ok(None);
+    }
+    let magic = super::batch::MAGIC.to_le_bytes();
+    let mut expected = walk.next_offset;
+    let mut resume = None;
+    let mut pos = walk.end + 1;
+    while let Some(found) = data
+        .get(pos..)
+        .and_then(|rest| rest.windows(magic.len()).position(|w| w == magic))
+    {
+        let at = pos + found;
+        pos = at + 1;
+        let Ok(header) = BatchHeader::parse_checked(&data[at..]) else {
+            continue;
+        };
+        // Offsets inside one segment stay within u32 of its base (the
+        // index stores them relative).
+        let fits = header.base_offset >= expected
+            && header.base_offset - base_offset
+                < u64::from(u32::MAX) - u64::from(header.record_count);
+        if !fits {
+            continue;
+        }
+        let run = walk_batches(&data[at..], header.base_offset, &mut Vec::new(), u32::MAX);
+        expected = run.next_offset;
+        resume = Some(expected);
+        pos = at + run.end.max(1);
+    }
+    Ok(resume)
+}
+
+/// Where a sealed segment stops holding whole, valid batches before its
+/// end, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SegmentDamage {
+    /// Byte position of the first byte that is not part of a valid batch.
+    pub position: u64,
+    /// Bytes of the file from `position` on.
+    pub damaged_bytes: u64,
+    pub reason: String,
+}
+
+/// A verified walk over the bytes of a sealed segment.
+pub(crate) struct SealedScan {
+    pub walk: Walk,
+    /// The index rebuilt from the walk.
+    pub index: Vec<IndexEntry>,
+    /// `None` when the data is whole batches followed only by zeroes (an
+    /// interrupted seal) or nothing.
+    pub damage: Option<SegmentDamage>,
+}
+
+/// Verifies every batch of a sealed segment's bytes and says where they
+/// stop being valid. Used by the open path and by the offline check, so
+/// both judge a file the same way.
+pub(crate) fn scan_sealed(data: &[u8], base_offset: u64, index_interval: u32) -> SealedScan {
+    let mut index = Vec::new();
+    let walk = walk_batches(data, base_offset, &mut index, index_interval);
+    let len = data.len() as u64;
+    let end = walk.end as u64;
+    let damage = if data.is_empty() {
+        Some("the segment is empty".to_owned())
+    } else if let Some(reason) = &walk.stop_reason {
+        Some(reason.clone())
+    } else if end < len && data[walk.end..].iter().any(|&b| b != 0) {
+        // Zeroes end an interrupted seal's data; zeroes with data after
+        // them are damage.
+        Some("zeroed bytes in the middle of a sealed segment".to_owned())
+    } else if end == 0 {
+        Some("the segment holds no batch".to_owned())
+    } else {
+        None
+    }
+    .map(|reason| SegmentDamage {
+        position: end,
+        damaged_bytes: len - end,
+        reason,
+    });
+    SealedScan {
+        walk,
+        index,
+        damage,
+    }
 }
 
 /// Walks batches from the last trusted index entry (or the start), verifying
@@ -746,32 +843,7 @@ fn walk_batches(
     }
 }
 
-/// How many leading entries of a stored index are believable: increasing,
-/// inside the data, and each pointing at a batch header with the offset the
-/// entry claims. Only the headers are checked here; the walk that follows
-/// verifies checksums from the last trusted entry on.
-fn trusted_index_prefix(data: &[u8], base_offset: u64, entries: &[IndexEntry]) -> usize {
-    let mut previous: Option<IndexEntry> = None;
-    for (i, entry) in entries.iter().enumerate() {
-        let ordered = previous.is_none_or(|p| {
-            entry.relative_offset > p.relative_offset
-                && entry.position > p.position
-                && entry.max_timestamp >= p.max_timestamp
-        });
-        let first_at_zero = previous.is_some() || entry.position == 0;
-        let points_at_batch = data
-            .get(entry.position as usize..)
-            .and_then(|rest| BatchHeader::parse(rest).ok())
-            .is_some_and(|h| h.base_offset == base_offset + u64::from(entry.relative_offset));
-        if !(ordered && first_at_zero && points_at_batch) {
-            return i;
-        }
-        previous = Some(*entry);
-    }
-    entries.len()
-}
-
-fn read_index_file(path: &Path) -> Result<Vec<IndexEntry>> {
+pub(crate) fn read_index_file(path: &Path) -> Result<Vec<IndexEntry>> {
     let bytes = match fs::read(path) {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),

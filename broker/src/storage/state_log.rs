@@ -64,25 +64,43 @@ impl<S: StateMachine> StateLog<S> {
         let mut from = log.log_start_offset();
         let snapshot_path = dir.join(SNAPSHOT_FILE);
         match fs::read(&snapshot_path) {
-            Ok(bytes) => {
-                let (at, snapshot) =
-                    decode_snapshot::<S>(&bytes).map_err(|reason| StorageError::Corrupt {
-                        path: snapshot_path.clone(),
-                        position: 0,
-                        reason: reason.into(),
+            Ok(bytes) => match decode_snapshot::<S>(&bytes) {
+                Ok((at, snapshot)) => {
+                    state = snapshot;
+                    from = from.max(at);
+                }
+                Err(reason) => {
+                    // The changes it covered are gone with the segments it
+                    // replaced; what the log still holds is replayed. Kept
+                    // aside for an operator rather than overwritten.
+                    let aside = super::check::aside_path(&snapshot_path);
+                    tracing::error!(snapshot = %snapshot_path.display(), reason, moved_to = %aside.display(),
+                        "damaged state snapshot: starting from the change log alone");
+                    fs::rename(&snapshot_path, &aside).map_err(|e| {
+                        StorageError::io("move damaged snapshot aside", &snapshot_path, e)
                     })?;
-                state = snapshot;
-                from = from.max(at);
-            }
+                }
+            },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(StorageError::io("read state snapshot", &snapshot_path, e)),
         }
         while from < log.high_watermark() {
-            let records = log.read_records(from, 4 * 1024 * 1024)?;
+            let records = match log.read_records(from, 4 * 1024 * 1024) {
+                Ok(records) => records,
+                Err(StorageError::DataLoss { end, .. }) => {
+                    // Named when the log opened; the changes after it apply.
+                    tracing::error!(dir = %dir.display(), from, next = end,
+                        "state changes lost to damage are skipped");
+                    from = end;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let Some(last) = records.last() else { break };
+            from = last.offset + 1;
             for stored in &records {
                 state.apply(&stored.record);
             }
-            from = records.last().map_or(from, |r| r.offset + 1);
         }
         Ok(StateLog {
             log,
@@ -161,6 +179,13 @@ fn encode_snapshot(at: u64, payload: &[u8]) -> Vec<u8> {
 }
 
 fn decode_snapshot<S: StateMachine>(bytes: &[u8]) -> std::result::Result<(u64, S), &'static str> {
+    let (at, payload) = snapshot_frame(bytes)?;
+    Ok((at, S::decode_snapshot(payload)?))
+}
+
+/// The offset a snapshot covers and its payload, once its framing and
+/// checksum hold.
+fn snapshot_frame(bytes: &[u8]) -> std::result::Result<(u64, &[u8]), &'static str> {
     if bytes.len() < 4 + 8 + 8 + 4 {
         return Err("too short");
     }
@@ -180,5 +205,119 @@ fn decode_snapshot<S: StateMachine>(bytes: &[u8]) -> std::result::Result<(u64, S
     if !r.is_empty() {
         return Err("bytes after the payload");
     }
-    Ok((at, S::decode_snapshot(payload)?))
+    Ok((at, payload))
+}
+
+/// For the offline check: what is wrong with the snapshot of the state log
+/// in `dir`, if it has one and it is damaged (framing and checksum only).
+pub fn check_state_snapshot(dir: &std::path::Path) -> Option<(PathBuf, &'static str)> {
+    let path = dir.join(SNAPSHOT_FILE);
+    let bytes = fs::read(&path).ok()?;
+    snapshot_frame(&bytes).err().map(|reason| (path, reason))
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+
+    /// Every value appended, in order.
+    #[derive(Default)]
+    struct Values(Vec<Bytes>);
+
+    impl StateMachine for Values {
+        fn apply(&mut self, record: &Record) {
+            self.0.push(record.value.clone());
+        }
+        fn encode_snapshot(&self) -> Vec<u8> {
+            let mut out = Vec::new();
+            for value in &self.0 {
+                out.push(value.len() as u8);
+                out.extend_from_slice(value);
+            }
+            out
+        }
+        fn decode_snapshot(mut bytes: &[u8]) -> std::result::Result<Self, &'static str> {
+            let mut values = Vec::new();
+            while let Some((&len, rest)) = bytes.split_first() {
+                let (value, rest) = rest.split_at_checked(len as usize).ok_or("truncated")?;
+                values.push(Bytes::copy_from_slice(value));
+                bytes = rest;
+            }
+            Ok(Values(values))
+        }
+    }
+
+    fn value(i: u32) -> Record {
+        Record {
+            value: Bytes::from(format!("v{i}")),
+            ..Record::default()
+        }
+    }
+
+    fn values(state: &StateLog<Values>) -> Vec<String> {
+        state
+            .state()
+            .0
+            .iter()
+            .map(|v| String::from_utf8(v.to_vec()).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_damaged_snapshot_is_moved_aside_and_the_log_replayed() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let state = StateLog::<Values>::open(dir.path()).unwrap();
+            state.append(&[value(0), value(1)]).unwrap();
+            state.compact().unwrap();
+            state.append(&[value(2)]).unwrap();
+            state.close().unwrap();
+        }
+        let snapshot = dir.path().join(SNAPSHOT_FILE);
+        let mut bytes = fs::read(&snapshot).unwrap();
+        bytes[6] ^= 0xff;
+        fs::write(&snapshot, &bytes).unwrap();
+        assert!(check_state_snapshot(dir.path()).is_some());
+        let state = StateLog::<Values>::open(dir.path()).unwrap();
+        // What only the snapshot held is gone; what the log holds is back.
+        assert_eq!(values(&state), ["v2"]);
+        assert!(!snapshot.exists());
+        assert!(dir.path().join("state.snapshot.damaged").exists());
+        state.append(&[value(3)]).unwrap();
+        assert_eq!(values(&state), ["v2", "v3"]);
+    }
+
+    #[test]
+    fn a_torn_tail_of_the_change_log_is_cut_and_the_rest_applies() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let state = StateLog::<Values>::open(dir.path()).unwrap();
+            for i in 0..5 {
+                state.append(&[value(i)]).unwrap();
+            }
+            state.close().unwrap();
+        }
+        let segment = dir.path().join("log/00000000000000000000.log");
+        let data = fs::read(&segment).unwrap();
+        let mut end = 0;
+        while let Ok(h) = super::super::BatchHeader::parse(&data[end..]) {
+            end += h.total_len();
+        }
+        // Damage the last change record.
+        let mut file = fs::OpenOptions::new().write(true).open(&segment).unwrap();
+        std::io::Write::write_all(
+            &mut std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(end as u64 - 3))
+                .map(|_| &mut file)
+                .unwrap(),
+            b"XYZ",
+        )
+        .unwrap();
+        drop(file);
+        let state = StateLog::<Values>::open(dir.path()).unwrap();
+        assert_eq!(values(&state), ["v0", "v1", "v2", "v3"]);
+        state.append(&[value(9)]).unwrap();
+        assert_eq!(values(&state), ["v0", "v1", "v2", "v3", "v9"]);
+    }
 }

@@ -6,6 +6,8 @@
 //! ```text
 //! <data-dir>/LOCK                                     (storage::DataDirLock)
 //! <data-dir>/meta/topics.json                         topic settings, written atomically
+//! <data-dir>/meta/topics.json.prev                    the same, written just before: read when
+//!                                                     topics.json is missing or damaged
 //! <data-dir>/topics/<topic>/<partition>/              each partition's log (storage)
 //! <data-dir>/internal/producers/<topic>/<partition>/  its producer state (producers)
 //! ```
@@ -162,6 +164,87 @@ impl Topic {
     }
 }
 
+/// Where topic settings live, under the data directory.
+pub const TOPICS_FILE: &str = "meta/topics.json";
+
+/// The copy of `topics.json` kept for when it is damaged.
+pub fn previous_copy(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".prev");
+    PathBuf::from(name)
+}
+
+/// Reads `topics.json`, falling back to its previous copy when it is
+/// missing or damaged (and restoring it from that copy). With neither
+/// readable the broker must not start: guessing would either lose topics
+/// or, worse, delete their data as leftovers.
+fn read_topics_file(path: &Path) -> Result<TopicsFile, TopicError> {
+    let prev = previous_copy(path);
+    let main = parse_topics_file(path);
+    let damage = match main {
+        Ok(Some(file)) => return Ok(file),
+        Ok(None) if !prev.exists() => return Ok(TopicsFile::default()),
+        Ok(None) => "the file is missing".to_owned(),
+        Err(reason) => reason,
+    };
+    match parse_topics_file(&prev) {
+        Ok(Some(file)) => {
+            tracing::error!(file = %path.display(), reason = %damage, copy = %prev.display(),
+                "topic metadata is damaged; starting from its previous copy");
+            if path.exists() {
+                let aside = PathBuf::from(format!("{}.damaged", path.display()));
+                fs::rename(path, &aside)
+                    .map_err(|e| StorageError::io("move damaged topic metadata aside", path, e))?;
+            }
+            let bytes =
+                fs::read(&prev).map_err(|e| StorageError::io("read topic metadata", &prev, e))?;
+            write_atomically(path, &bytes)?;
+            Ok(file)
+        }
+        Ok(None) => Err(TopicError::Metadata {
+            path: path.to_owned(),
+            reason: format!(
+                "{damage}, and there is no previous copy {}; restore the file from a backup \
+                 (run `sluice-broker check --data-dir <dir>` to see every damaged file)",
+                prev.display()
+            ),
+        }),
+        Err(prev_damage) => Err(TopicError::Metadata {
+            path: path.to_owned(),
+            reason: format!(
+                "{damage}, and its previous copy {} is damaged too ({prev_damage}); restore \
+                 one of them from a backup (run `sluice-broker check --data-dir <dir>` to see \
+                 every damaged file)",
+                prev.display()
+            ),
+        }),
+    }
+}
+
+/// `Ok(None)` when the file does not exist; `Err` says what is wrong.
+fn parse_topics_file(path: &Path) -> Result<Option<TopicsFile>, String> {
+    match fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| format!("unreadable JSON: {e}")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("cannot be read: {e}")),
+    }
+}
+
+/// Checks `topics.json` (and its previous copy) without changing anything:
+/// the damage found, one line per file.
+pub fn check_topics_file(data_dir: &Path) -> Vec<String> {
+    let path = data_dir.join(TOPICS_FILE);
+    let mut damage = Vec::new();
+    for file in [path.clone(), previous_copy(&path)] {
+        if let Err(reason) = parse_topics_file(&file) {
+            damage.push(format!("{}: {reason}", file.display()));
+        }
+    }
+    damage
+}
+
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct TopicsFile {
     version: u32,
@@ -205,15 +288,8 @@ impl TopicRegistry {
             fs::create_dir_all(&path)
                 .map_err(|e| StorageError::io("create directory", &path, e))?;
         }
-        let meta_path = data_dir.join("meta/topics.json");
-        let file: TopicsFile = match fs::read(&meta_path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| TopicError::Metadata {
-                path: meta_path.clone(),
-                reason: e.to_string(),
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => TopicsFile::default(),
-            Err(e) => return Err(StorageError::io("read topic metadata", &meta_path, e).into()),
-        };
+        let meta_path = data_dir.join(TOPICS_FILE);
+        let file = read_topics_file(&meta_path)?;
         let producer_ids = ProducerIds::open(data_dir.join("internal/producer-ids"))?;
         let registry = TopicRegistry {
             producer_ids,
@@ -290,16 +366,23 @@ impl TopicRegistry {
         }))
     }
 
+    /// Writes the settings of every topic to `topics.json`, and the same
+    /// bytes first to `topics.json.prev`: a second copy to start from if
+    /// the first is ever damaged. Both writes are atomic, so a crash
+    /// between them leaves the old `topics.json` (the change was not
+    /// acknowledged) and a `.prev` that is at most one change ahead.
     fn write_metadata(&self, topics: &BTreeMap<String, StoredTopic>) -> Result<(), TopicError> {
+        let path = self.data_dir.join(TOPICS_FILE);
         let file = TopicsFile {
             version: 1,
             topics: topics.clone(),
         };
         let bytes = serde_json::to_vec_pretty(&file).map_err(|e| TopicError::Metadata {
-            path: self.data_dir.join("meta/topics.json"),
+            path: path.clone(),
             reason: e.to_string(),
         })?;
-        write_atomically(&self.data_dir.join("meta/topics.json"), &bytes)?;
+        write_atomically(&previous_copy(&path), &bytes)?;
+        write_atomically(&path, &bytes)?;
         Ok(())
     }
 
@@ -517,6 +600,62 @@ mod tests {
             partitions: Some(n),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_damaged_or_missing_topics_file_is_restored_from_its_previous_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = dir.path().join(TOPICS_FILE);
+        {
+            let registry = TopicRegistry::open(dir.path(), defaults()).unwrap();
+            registry.create("a", &partitions(2)).unwrap();
+            registry.create("b", &partitions(1)).unwrap();
+        }
+        let good = fs::read(&meta).unwrap();
+        assert_eq!(fs::read(previous_copy(&meta)).unwrap(), good);
+        for damage in [
+            Some(&b"{\"version\": 1, \"topi"[..]),
+            Some(&b"\0\0\0"[..]),
+            None,
+        ] {
+            match damage {
+                Some(bytes) => fs::write(&meta, bytes).unwrap(),
+                None => fs::remove_file(&meta).unwrap(),
+            }
+            let registry = TopicRegistry::open(dir.path(), defaults()).unwrap();
+            let names: Vec<String> = registry
+                .list()
+                .iter()
+                .map(|t| t.name().to_owned())
+                .collect();
+            assert_eq!(names, ["a", "b"], "after {damage:?}");
+            assert!(dir.path().join("topics/a/1").is_dir(), "no data removed");
+            assert_eq!(fs::read(&meta).unwrap(), good, "restored");
+        }
+    }
+
+    #[test]
+    fn with_both_topics_files_damaged_the_broker_refuses_and_names_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = dir.path().join(TOPICS_FILE);
+        {
+            let registry = TopicRegistry::open(dir.path(), defaults()).unwrap();
+            registry.create("a", &partitions(1)).unwrap();
+        }
+        fs::write(&meta, b"garbage").unwrap();
+        fs::write(previous_copy(&meta), b"more garbage").unwrap();
+        let Err(error) = TopicRegistry::open(dir.path(), defaults()) else {
+            panic!("opened with both topic files damaged");
+        };
+        let message = error.to_string();
+        for needle in [
+            meta.to_str().unwrap(),
+            previous_copy(&meta).to_str().unwrap(),
+            "sluice-broker check",
+        ] {
+            assert!(message.contains(needle), "{message} lacks {needle}");
+        }
+        assert!(dir.path().join("topics/a/0").is_dir(), "no data removed");
     }
 
     #[test]

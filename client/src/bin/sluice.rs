@@ -260,6 +260,10 @@ struct ConsumeArgs {
     /// committed. Implies --follow.
     #[arg(long, conflicts_with = "partitions")]
     group: Option<String>,
+    /// Skip past records the broker lost to a damaged file (with a warning)
+    /// instead of stopping with a data-loss error.
+    #[arg(long)]
+    skip_data_loss: bool,
 }
 
 #[derive(Args)]
@@ -305,6 +309,16 @@ fn parse_reset(text: &str) -> Result<ResetTo, String> {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
+    // Warnings of the client library (records skipped past a data loss,
+    // say) go to stderr; RUST_LOG changes the level.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_target(false)
+        .init();
     let cli = Cli::parse();
     let config = ClientConfig::new(cli.broker.clone());
     match cli.command {
@@ -357,11 +371,34 @@ async fn topic(config: &ClientConfig, command: TopicCommand) -> anyhow::Result<(
             println!("{}", info.name);
             print_settings(&info.settings);
             println!("  partition\tearliest\tlatest\tbytes\tsegments");
-            for p in info.partitions {
+            for p in &info.partitions {
                 println!(
-                    "  {}\t{}\t{}\t{}\t{}",
-                    p.partition, p.earliest_offset, p.latest_offset, p.size_bytes, p.segments
+                    "  {}\t{}\t{}\t{}\t{}{}",
+                    p.partition,
+                    p.earliest_offset,
+                    p.latest_offset,
+                    p.size_bytes,
+                    p.segments,
+                    if p.lost_ranges.is_empty() {
+                        ""
+                    } else {
+                        "\tDAMAGED"
+                    }
                 );
+            }
+            for p in &info.partitions {
+                for r in &p.lost_ranges {
+                    println!(
+                        "  partition {} lost offsets {}..{} (next readable {}): {} at byte {}: {}",
+                        p.partition,
+                        r.start_offset,
+                        r.next_offset,
+                        r.next_offset,
+                        r.file,
+                        r.position,
+                        r.reason
+                    );
+                }
             }
         }
         TopicCommand::Alter { name, settings } => {
@@ -543,6 +580,7 @@ async fn consume_in_group(
         StartFrom::Latest => OffsetReset::Latest,
         _ => bail!("with --group, --from is earliest or latest (where the group has no offset)"),
     };
+    settings.skip_data_loss = args.skip_data_loss;
     let mut consumer = GroupConsumer::new(config, settings)?;
     let bar = progress(args.max, "records read");
     let mut out = tokio::io::BufWriter::new(tokio::io::stdout());
@@ -551,7 +589,13 @@ async fn consume_in_group(
     tokio::pin!(interrupted);
     while args.max.is_none_or(|max| count < max) {
         let record = tokio::select! {
-            record = consumer.next() => record?,
+            record = consumer.next() => match record {
+                Ok(record) => record,
+                Err(error) => {
+                    out.flush().await?;
+                    return Err(error.into());
+                }
+            },
             _ = &mut interrupted => break,
         };
         out.write_all(format_record(&record, args.format).as_bytes())
@@ -710,6 +754,7 @@ async fn consume(config: &ClientConfig, args: ConsumeArgs) -> anyhow::Result<()>
             .collect()
     };
     let mut consumer = Consumer::new(config)?;
+    consumer.set_skip_data_loss(args.skip_data_loss);
     consumer
         .assign(&args.topic, &args.partitions, args.from)
         .await?;
@@ -734,7 +779,14 @@ async fn consume(config: &ClientConfig, args: ConsumeArgs) -> anyhow::Result<()>
         let Some(record) = consumer.next().await else {
             break;
         };
-        let record = record?;
+        let record = match record {
+            Ok(record) => record,
+            Err(error) => {
+                // What was read before the error is still printed.
+                out.flush().await?;
+                return Err(error.into());
+            }
+        };
         let line = format_record(&record, args.format);
         out.write_all(line.as_bytes()).await?;
         out.write_all(b"\n").await?;
