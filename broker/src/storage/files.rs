@@ -27,7 +27,12 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
         file.sync_all()?;
         fs::rename(tmp, path)
     };
-    write().map_err(|e| StorageError::io("write", path, e))?;
+    if let Err(e) = write() {
+        // A half-written temporary file must not hold on to the space a
+        // full disk is short of.
+        let _ = fs::remove_file(tmp);
+        return Err(StorageError::io("write", path, e));
+    }
     match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => sync_dir(dir),
         _ => Ok(()),

@@ -40,7 +40,7 @@ pub use batch::{
     RecordBatch, StoredRecord, decode_records,
 };
 pub use config::{DEFAULT_SEGMENT_BYTES, FlushPolicy, LogConfig};
-pub use error::{Result, StorageError};
+pub use error::{Result, StorageError, raise_open_file_limit};
 pub use files::{ByteReader, sync_dir, write_atomically};
 pub use flusher::IntervalFlusher;
 pub use lock::{DataDirLock, LOCK_FILE};
