@@ -10,7 +10,7 @@
 mod common;
 
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -71,54 +71,6 @@ fn an_idle_partition_costs_at_most_one_preallocation_step() {
     common::assert_holds(&log, 0, 3001, 1000);
 }
 
-/// A small tmpfs, unmounted when dropped.
-pub struct SmallDisk {
-    dir: tempfile::TempDir,
-}
-
-impl SmallDisk {
-    /// Mounts a tmpfs of `size` (e.g. "1m"), or `None` (with a note) when
-    /// this process may not mount.
-    pub fn mount(size: &str) -> Option<SmallDisk> {
-        if !rustix::process::geteuid().is_root() {
-            eprintln!("note: not root, so no tmpfs can be mounted: skipping the full-disk test");
-            return None;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .status()
-            .unwrap();
-        if !status.success() {
-            eprintln!("note: mounting a tmpfs failed ({status}): skipping the full-disk test");
-            return None;
-        }
-        Some(SmallDisk { dir })
-    }
-
-    pub fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// Fills the file system with a filler file until it is full.
-    pub fn fill(&self) -> PathBuf {
-        use std::io::Write;
-        let path = self.path().join("filler");
-        let mut file = std::fs::File::create(&path).unwrap();
-        let chunk = vec![0xAAu8; 4096];
-        while file.write_all(&chunk).is_ok() {}
-        let _ = file.sync_all();
-        path
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.dir.path()).status();
-    }
-}
-
 fn big_batch(first: u64, bytes: usize) -> sluice_broker::storage::EncodedBatch {
     common::batch_for(first, 1, bytes)
 }
@@ -129,7 +81,7 @@ fn big_batch(first: u64, bytes: usize) -> sluice_broker::storage::EncodedBatch {
 /// with an offset gap.
 #[test]
 fn a_roll_that_fails_on_a_full_disk_leaves_a_log_that_opens() {
-    let Some(disk) = SmallDisk::mount("2m") else {
+    let Some(disk) = common::SmallDisk::mount("2m") else {
         return;
     };
     let dir = disk.path().join("log");
@@ -189,7 +141,7 @@ fn a_roll_that_fails_on_a_full_disk_leaves_a_log_that_opens() {
 /// after space is freed lands right after the last acknowledged one.
 #[test]
 fn a_full_disk_refuses_appends_until_space_is_freed() {
-    let Some(disk) = SmallDisk::mount("3m") else {
+    let Some(disk) = common::SmallDisk::mount("3m") else {
         return;
     };
     let dir = disk.path().join("log");

@@ -41,7 +41,9 @@ pub use batch::{
 };
 pub use config::{DEFAULT_SEGMENT_BYTES, FlushPolicy, LogConfig};
 pub use error::{Result, StorageError, raise_open_file_limit};
-pub use files::{ByteReader, sync_dir, write_atomically};
+pub use files::{
+    ByteReader, DEFAULT_MIN_FREE_BYTES, SpaceReserve, free_space, sync_dir, write_atomically,
+};
 pub use flusher::IntervalFlusher;
 pub use lock::{DataDirLock, LOCK_FILE};
 pub use log::{AppendInfo, PartitionLog, ReadChunk, RetentionReport};

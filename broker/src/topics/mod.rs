@@ -37,7 +37,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::producers::{IdempotentLog, ProducerIds, ProducerStateError};
-use crate::storage::{DataDirLock, IntervalFlusher, PartitionLog, StorageError, write_atomically};
+use crate::storage::{
+    DataDirLock, IntervalFlusher, PartitionLog, SpaceReserve, StorageError, write_atomically,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TopicError {
@@ -159,6 +161,8 @@ pub struct TopicRegistry {
     changes: Mutex<()>,
     flusher: IntervalFlusher,
     producer_ids: ProducerIds,
+    /// Free space client writes leave to the broker's own state.
+    space_reserve: RwLock<SpaceReserve>,
 }
 
 impl TopicRegistry {
@@ -185,7 +189,9 @@ impl TopicRegistry {
             Err(e) => return Err(StorageError::io("read topic metadata", &meta_path, e).into()),
         };
         let producer_ids = ProducerIds::open(data_dir.join("internal/producer-ids"))?;
+        let space_reserve = RwLock::new(SpaceReserve::new(&data_dir, None)?);
         let registry = TopicRegistry {
+            space_reserve,
             producer_ids,
             data_dir,
             _lock: lock,
@@ -212,6 +218,21 @@ impl TopicRegistry {
 
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
+    }
+
+    /// Sets the free space kept back from client writes (`None`: the
+    /// default, 64 MiB or 5% of a smaller file system; `Some(0)`: none).
+    pub fn set_min_free_bytes(&self, bytes: Option<u64>) -> Result<u64, TopicError> {
+        let reserve = SpaceReserve::new(&self.data_dir, bytes)?;
+        let bytes = reserve.bytes();
+        *self.space_reserve.write() = reserve;
+        Ok(bytes)
+    }
+
+    /// Refuses a client write when the data directory's free space is below
+    /// the reserve, so that the broker's own state always has room.
+    pub fn check_free_space(&self) -> Result<(), TopicError> {
+        Ok(self.space_reserve.read().check()?)
     }
 
     pub fn defaults(&self) -> &TopicDefaults {
@@ -325,8 +346,29 @@ impl TopicRegistry {
             .ok_or_else(|| TopicError::NotFound(name.to_owned()))?;
         let mut configs = self.configs();
         configs.remove(name);
-        self.write_metadata(&configs)?;
+        match self.write_metadata(&configs) {
+            Ok(()) => {}
+            // On a full disk the new settings file has no room: delete the
+            // topic's files first to make some. A crash in between leaves
+            // the topic listed with empty partitions (the delete was not
+            // acknowledged, and can be repeated).
+            Err(TopicError::Storage(e)) if e.is_out_of_space() => {
+                tracing::warn!(topic = name, error = %e,
+                    "no room for the topic settings: deleting the topic's files first");
+                self.remove_topic_files(name, &topic)?;
+                self.write_metadata(&configs)?;
+            }
+            Err(e) => return Err(e),
+        }
         self.topics.write().remove(name);
+        self.remove_topic_files(name, &topic)?;
+        tracing::info!(topic = name, "deleted topic");
+        Ok(())
+    }
+
+    /// Closes a deleted (or being deleted) topic's logs and removes its
+    /// files; readers still holding its records keep them.
+    fn remove_topic_files(&self, name: &str, topic: &Topic) -> Result<(), TopicError> {
         topic.deleted.send_replace(true);
         for partition in topic.partitions() {
             if let Err(e) = partition.log().close() {
@@ -335,7 +377,6 @@ impl TopicRegistry {
         }
         remove_dir_if_present(&self.topic_dir(name))?;
         remove_dir_if_present(&self.producer_dir(name))?;
-        tracing::info!(topic = name, "deleted topic");
         Ok(())
     }
 
