@@ -23,9 +23,10 @@
 //!
 //! An active segment is mapped once, at its full `segment_bytes`, but its
 //! file only has real blocks a step ahead of the writer: the writer grows
-//! it with `fallocate` in [`PREALLOCATION_STEP`] chunks as appends approach
-//! the end of what is allocated. An idle partition costs no data blocks at
-//! all, and one holding a few records costs one step. The map is an address
+//! it with `fallocate` as appends reach the end of what is allocated, in
+//! steps that double from [`FIRST_PREALLOCATION_STEP`] (64 KiB) to
+//! [`PREALLOCATION_STEP`] (1 MiB). An empty partition costs no data blocks
+//! at all, one holding a few records 64 KiB. The map is an address
 //! space reservation that never moves: growing the file makes more of it
 //! backed, so readers' slices stay valid (see [`Segment::readable`]).
 //! Allocation happens before the batch is written, so a full disk fails the
@@ -58,10 +59,13 @@ use super::files::{sync_dir, write_atomically};
 pub(crate) const LOG_SUFFIX: &str = "log";
 pub(crate) const INDEX_SUFFIX: &str = "idx";
 pub(crate) const INDEX_ENTRY_LEN: usize = 16;
-/// How far ahead of the writer an active segment's file is allocated.
-/// Bounded so an idle partition costs at most this much disk; big enough
-/// that the `fallocate` is rare next to the writes it covers.
+/// The most an active segment's file is allocated ahead of its writer.
+/// Bounded so a partition never holds more than this in unused blocks; big
+/// enough that the `fallocate` is rare next to the writes it covers.
 pub const PREALLOCATION_STEP: u64 = 1024 * 1024;
+/// The first step: steps double from here up to [`PREALLOCATION_STEP`], so
+/// a partition holding a few records costs 64 KiB, not a whole step.
+pub const FIRST_PREALLOCATION_STEP: u64 = 64 * 1024;
 
 /// One sparse index entry: the batch holding `base + relative_offset` starts
 /// at `position`. `max_timestamp` is the largest record timestamp of this
@@ -258,10 +262,6 @@ impl Segment {
         &self.log_path
     }
 
-    pub(crate) fn index_path(&self) -> &Path {
-        &self.index_path
-    }
-
     pub(crate) fn next_offset(&self) -> u64 {
         self.next_offset.load(Ordering::Acquire)
     }
@@ -387,8 +387,9 @@ impl Segment {
     }
 
     /// Makes sure the file has real blocks up to at least `end`, growing it
-    /// to the next step boundary (never past `capacity`). Only the writer
-    /// calls this. A full disk is [`StorageError::DiskFull`] and changes
+    /// by a step (as big as what is allocated already, from 64 KiB to 1 MiB)
+    /// or to `end` if that is further, never past `capacity`. Only the
+    /// writer calls this. A full disk is [`StorageError::DiskFull`] and changes
     /// nothing readers can see: the map is untouched and `written_end` does
     /// not move.
     fn allocate_to(&self, end: u64) -> Result<()> {
@@ -396,9 +397,11 @@ impl Segment {
         if end <= allocated {
             return Ok(());
         }
+        let step = allocated.clamp(FIRST_PREALLOCATION_STEP, PREALLOCATION_STEP);
         let target = end
-            .div_ceil(PREALLOCATION_STEP)
-            .saturating_mul(PREALLOCATION_STEP)
+            .max(allocated + step)
+            .div_ceil(FIRST_PREALLOCATION_STEP)
+            .saturating_mul(FIRST_PREALLOCATION_STEP)
             .min(self.capacity)
             .max(end);
         preallocate(&self.file, &self.log_path, allocated, target - allocated)?;
@@ -740,9 +743,14 @@ impl Segment {
         // zeroing) durable before anything is appended after it.
         file.sync_data()
             .map_err(|e| StorageError::io("sync segment", &log_path, e))?;
-        // The active segment's index is rebuilt from the log on every open,
-        // so on a full disk it is left for the next seal or close to write.
-        if let Err(e) = write_index_file(&index_path, &index) {
+        // The active segment's index is rebuilt from the log on every open
+        // and written whole by its seal or the log's close, so it is only
+        // rewritten here when a torn tail was cut off (its entries may point
+        // past the cut): two fsyncs per partition fewer at start-up. On a
+        // full disk it is left for the seal or close to write.
+        if torn.is_some()
+            && let Err(e) = write_index_file(&index_path, &index)
+        {
             tracing::warn!(path = %index_path.display(), error = %e,
                 "writing the active segment's index failed; it is rebuilt on the next open");
         }
