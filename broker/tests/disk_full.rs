@@ -11,7 +11,7 @@ mod grpc_common;
 use std::time::{Duration, Instant};
 
 use grpc_common::*;
-use sluice_proto::v1;
+use sluice_proto::v1::{self, group_service_client::GroupServiceClient};
 use tonic::Code;
 
 const RECORD_BYTES: usize = 4000;
@@ -36,6 +36,25 @@ async fn produce16(
         .producer()
         .await
         .produce(produce_request(topic, Some(0), records))
+        .await
+        .map(|_| ())
+}
+
+/// Commits offset `offset` of full/0 for group "g" (no members, so a
+/// committer outside the group may).
+async fn commit(broker: &sluice_testkit::Broker, offset: u64) -> Result<(), tonic::Status> {
+    GroupServiceClient::new(broker.channel().await)
+        .commit_offsets(v1::CommitOffsetsRequest {
+            group_id: "g".into(),
+            member_id: String::new(),
+            member_epoch: 0,
+            offsets: vec![v1::OffsetCommit {
+                topic: "full".into(),
+                partition: 0,
+                offset,
+                metadata: String::new(),
+            }],
+        })
         .await
         .map(|_| ())
 }
@@ -101,6 +120,9 @@ async fn a_full_disk_refuses_writes_survives_a_kill_and_resumes() {
     assert_eq!(described.partitions.len(), 1);
     let s = status_of(produce16(&broker, "full", "full", acknowledged).await);
     assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    // A commit needs space too (the offsets log has none allocated yet).
+    let s = status_of(commit(&broker, 16).await);
+    expect_status(&s, Code::ResourceExhausted, "no space left");
 
     // Deleting a topic works on the full disk and frees its space...
     broker
@@ -124,6 +146,7 @@ async fn a_full_disk_refuses_writes_survives_a_kill_and_resumes() {
         }
     }
     acknowledged += 16;
+    commit(&broker, 16).await.expect("commits resume too");
     let records = fetch_all(&broker, "full", 0).await;
     assert_eq!(records.len(), acknowledged);
     drop(filler);

@@ -141,3 +141,34 @@ pub fn raise_open_file_limit() -> u64 {
 }
 
 pub type Result<T, E = StorageError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_errors_that_pass_get_variants_that_say_so() {
+        let full = StorageError::io(
+            "write",
+            "/d/x",
+            io::Error::from_raw_os_error(rustix::io::Errno::NOSPC.raw_os_error()),
+        );
+        assert!(full.is_out_of_space(), "{full}");
+        assert!(full.to_string().contains("no space left"), "{full}");
+        let limit = raise_open_file_limit();
+        let out = StorageError::io(
+            "open segment",
+            "/d/y",
+            io::Error::from_raw_os_error(rustix::io::Errno::MFILE.raw_os_error()),
+        );
+        let message = out.to_string();
+        assert!(
+            matches!(out, StorageError::OutOfDescriptors { .. }),
+            "{message}"
+        );
+        assert!(message.contains("RLIMIT_NOFILE"), "{message}");
+        assert!(message.contains(&limit.to_string()), "{message}");
+        let other = StorageError::io("read", "/d/z", io::ErrorKind::NotFound.into());
+        assert!(matches!(other, StorageError::Io { .. }));
+    }
+}
