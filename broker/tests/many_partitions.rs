@@ -9,7 +9,7 @@
 
 mod grpc_common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use grpc_common::*;
@@ -79,7 +79,11 @@ fn value(topic: &str, partition: u32) -> String {
 async fn many_partitions(topics: usize, partitions: u32) {
     let total = topics as u64 * u64::from(partitions);
     let dir = tempfile::tempdir().unwrap();
-    let mut broker = start_broker(dir.path(), &[]);
+    // The binary can be overridden for long runs on a shared target
+    // directory, where another build may replace it mid-run.
+    let binary = std::env::var_os("SLUICE_TEST_BROKER_BIN")
+        .map_or_else(|| env!("CARGO_BIN_EXE_sluice-broker").into(), PathBuf::from);
+    let mut broker = Broker::start(&binary, dir.path(), &[]);
     let started = Instant::now();
     for t in 0..topics {
         create_topic(&broker, &format!("many-{t}"), partitions).await;
