@@ -19,7 +19,7 @@
 //! On-disk layout of one partition directory:
 //!
 //! ```text
-//! 00000000000000000000.log   batches from offset 0, preallocated while active
+//! 00000000000000000000.log   batches from offset 0, allocated in steps while active
 //! 00000000000000000000.idx   16-byte entries: relative offset, position, max timestamp
 //! 00000000000000081920.log   the next segment, named by its base offset
 //! ```
