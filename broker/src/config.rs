@@ -78,6 +78,9 @@ pub struct Settings {
     /// Keep the offsets of a group this long after it became empty (or the broker started) and after its last commit, in ms [default: 604800000].
     #[arg(long, env = "SLUICE_GROUP_OFFSET_RETENTION_MS")]
     pub group_offset_retention_ms: Option<u64>,
+    /// Refuse produce requests (RESOURCE_EXHAUSTED) while the data directory's file system has less free space than this, so the broker's own state and recovery keep room; 0 = no reserve [default: 67108864, at most 5% of the file system].
+    #[arg(long, env = "SLUICE_MIN_FREE_BYTES")]
+    pub min_free_bytes: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +106,9 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub topics: TopicDefaults,
     pub server: ServerSettings,
+    /// Free space kept back from client writes; `None` is the default
+    /// (64 MiB, at most 5% of the file system).
+    pub min_free_bytes: Option<u64>,
 }
 
 impl Config {
@@ -190,6 +196,7 @@ impl Config {
             data_dir: pick!(data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
             topics,
             server,
+            min_free_bytes: pick!(min_free_bytes),
         })
     }
 }
@@ -206,6 +213,7 @@ mod tests {
             flush = "os"
             retention_ms = 0
             segment_bytes = 8388608
+            min_free_bytes = 1048576
             "#,
         )
         .unwrap();
@@ -218,6 +226,7 @@ mod tests {
         assert_eq!(config.topics.flush, FlushPolicy::Os);
         assert_eq!(config.topics.retention_ms, None);
         assert_eq!(config.topics.segment_bytes, 8388608);
+        assert_eq!(config.min_free_bytes, Some(1048576));
         assert_eq!(config.data_dir, PathBuf::from("sluice-data"));
     }
 

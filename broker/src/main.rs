@@ -25,6 +25,9 @@ fn main() -> anyhow::Result<()> {
         return check(CheckArgs::parse_from(std::env::args_os().skip(1)));
     }
     let config = Config::load(Args::parse())?;
+    // Every partition keeps a descriptor open.
+    let open_files = sluice_broker::storage::raise_open_file_limit();
+    tracing::info!(open_files, "open-file limit");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("sluice-worker")
@@ -80,6 +83,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let topics = tokio::task::spawn_blocking(move || TopicRegistry::open(data_dir, defaults))
         .await?
         .with_context(|| format!("opening data directory {}", config.data_dir.display()))?;
+    let min_free_bytes = topics
+        .set_min_free_bytes(config.min_free_bytes)
+        .context("reading the data directory's free space")?;
+    tracing::info!(min_free_bytes, "free-space reserve for client writes");
     let topics = Arc::new(topics);
     let offsets_dir = config.data_dir.join("internal/offsets");
     let offsets = tokio::task::spawn_blocking(move || OffsetStore::open(&offsets_dir))

@@ -53,6 +53,7 @@ struct Written {
 /// record anywhere rejects the whole request.
 fn prepare(topics: &TopicRegistry, request: v1::ProduceRequest) -> Result<Prepared, Status> {
     let topic = topics.get(&request.topic).map_err(status::topic)?;
+    topics.check_free_space().map_err(status::topic)?;
     if request.records.is_empty() {
         return Err(Status::invalid_argument(
             "a produce request needs at least one record",

@@ -15,6 +15,11 @@ pub(crate) fn storage(error: StorageError) -> Status {
         // A deleted topic's logs are closed under requests still in flight.
         StorageError::Closed(_) => Code::Unavailable,
         StorageError::Failed { .. } => Code::Unavailable,
+        // A full disk, the free-space reserve and the descriptor limit are
+        // conditions that pass: the client may retry later.
+        StorageError::DiskFull { .. }
+        | StorageError::BelowFreeSpaceReserve { .. }
+        | StorageError::OutOfDescriptors { .. } => Code::ResourceExhausted,
         StorageError::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull => {
             Code::ResourceExhausted
         }

@@ -69,8 +69,9 @@ impl FromStr for FlushPolicy {
 /// Settings of one partition log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogConfig {
-    /// Size a segment file is preallocated to; a batch that does not fit in
-    /// what is left rolls the log to a new segment. At most 4 GiB, since
+    /// Most bytes of batches a segment takes (its file is allocated in steps
+    /// as it fills); a batch that does not fit in what is left rolls the log
+    /// to a new segment. At most 4 GiB, since
     /// index positions are 32-bit.
     pub segment_bytes: u64,
     /// Roll a non-empty active segment once it is this old, so that time

@@ -55,7 +55,15 @@ impl DataDirLock {
             file.seek(SeekFrom::Start(0))?;
             writeln!(file, "{}", std::process::id())
         };
-        record_pid(&mut file).map_err(|e| StorageError::io("write lock file", &path, e))?;
+        // The pid only helps a second process name the holder; the flock is
+        // the lock. A full disk must not keep the broker from starting.
+        match record_pid(&mut file).map_err(|e| StorageError::io("write lock file", &path, e)) {
+            Ok(()) => {}
+            Err(e) if e.is_out_of_space() => {
+                tracing::warn!(error = %e, "cannot record the pid in the lock file");
+            }
+            Err(e) => return Err(e),
+        }
         Ok(DataDirLock { _file: file, path })
     }
 

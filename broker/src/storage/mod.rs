@@ -21,7 +21,7 @@
 //! On-disk layout of one partition directory:
 //!
 //! ```text
-//! 00000000000000000000.log   batches from offset 0, preallocated while active
+//! 00000000000000000000.log   batches from offset 0, allocated in steps while active
 //! 00000000000000000000.idx   16-byte entries: relative offset, position, max timestamp
 //! 00000000000000081920.log   the next segment, named by its base offset
 //! ```
@@ -44,8 +44,10 @@ pub use batch::{
 };
 pub use check::{Finding, aside_path, check_log_dir};
 pub use config::{DEFAULT_SEGMENT_BYTES, FlushPolicy, LogConfig};
-pub use error::{Result, StorageError};
-pub use files::{ByteReader, sync_dir, write_atomically};
+pub use error::{Result, StorageError, raise_open_file_limit};
+pub use files::{
+    ByteReader, DEFAULT_MIN_FREE_BYTES, SpaceReserve, free_space, sync_dir, write_atomically,
+};
 pub use flusher::IntervalFlusher;
 pub use lock::{DataDirLock, LOCK_FILE};
 pub use log::{AppendInfo, DAMAGED_SUFFIX, LostRange, PartitionLog, ReadChunk, RetentionReport};

@@ -19,6 +19,20 @@
 //! shared, so a reader's `&[u8]` never aliases a write. `visible_end` trails
 //! `written_end` when the flush policy makes readers wait for durability.
 //!
+//! # Preallocation in steps
+//!
+//! An active segment is mapped once, at its full `segment_bytes`, but its
+//! file only has real blocks a step ahead of the writer: the writer grows
+//! it with `fallocate` as appends reach the end of what is allocated, in
+//! steps that double from [`FIRST_PREALLOCATION_STEP`] (64 KiB) to
+//! [`PREALLOCATION_STEP`] (1 MiB). An empty partition costs no data blocks
+//! at all, one holding a few records 64 KiB. The map is an address
+//! space reservation that never moves: growing the file makes more of it
+//! backed, so readers' slices stay valid (see [`Segment::readable`]).
+//! Allocation happens before the batch is written, so a full disk fails the
+//! append with [`StorageError::DiskFull`] before a byte reaches the file,
+//! and opening a segment needs no new space.
+//!
 //! Why `pwritev` and not stores through a writable map: the file is
 //! preallocated, so its extents are "unwritten", and every first store to a
 //! 4 KiB page of the map took a page fault that zero-filled the page and
@@ -45,6 +59,13 @@ use super::files::{sync_dir, write_atomically};
 pub(crate) const LOG_SUFFIX: &str = "log";
 pub(crate) const INDEX_SUFFIX: &str = "idx";
 pub(crate) const INDEX_ENTRY_LEN: usize = 16;
+/// The most an active segment's file is allocated ahead of its writer.
+/// Bounded so a partition never holds more than this in unused blocks; big
+/// enough that the `fallocate` is rare next to the writes it covers.
+pub const PREALLOCATION_STEP: u64 = 1024 * 1024;
+/// The first step: steps double from here up to [`PREALLOCATION_STEP`], so
+/// a partition holding a few records costs 64 KiB, not a whole step.
+pub const FIRST_PREALLOCATION_STEP: u64 = 64 * 1024;
 
 /// One sparse index entry: the batch holding `base + relative_offset` starts
 /// at `position`. `max_timestamp` is the largest record timestamp of this
@@ -84,8 +105,9 @@ pub(crate) fn index_path(dir: &Path, base_offset: u64) -> PathBuf {
 }
 
 enum Mapping {
-    /// Written since this process opened it: the whole preallocated file,
-    /// mapped read-only and never dereferenced past `visible_end`.
+    /// Active (or sealed since this process opened it): a read-only map of
+    /// the whole `capacity`, reserved once over a file that is allocated in
+    /// steps and may be shorter; never dereferenced past `visible_end`.
     Live(MmapRaw),
     /// Sealed before this process opened it: exactly the file's length.
     Sealed(Mmap),
@@ -109,8 +131,12 @@ pub(crate) struct Segment {
     index_path: PathBuf,
     map: Mapping,
     file: File,
-    /// Bytes the map covers (and the file was preallocated to, when active).
+    /// Bytes the map covers: the segment size it was created with. Batches
+    /// go in until the next one would not fit in it.
     capacity: u64,
+    /// Bytes of the file with real blocks (its length): at least
+    /// `written_end`; only the writer moves it.
+    allocated: AtomicU64,
     /// No more batches go here; set when the log rolls past it.
     sealed: AtomicBool,
     written_end: AtomicU64,
@@ -137,24 +163,49 @@ impl std::fmt::Debug for Segment {
 }
 
 impl Segment {
-    /// Creates an empty active segment at `base_offset`, preallocated to
-    /// `capacity` bytes, and makes its directory entry durable.
+    /// Creates an empty active segment at `base_offset` that takes up to
+    /// `capacity` bytes, and makes its directory entry durable. No blocks
+    /// are allocated yet: appends allocate them in steps.
+    ///
+    /// A creation that fails removes what it created, so a full disk never
+    /// leaves a stray file at the log's next offset (the next open would
+    /// take it for the log's last segment).
     pub(crate) fn create(dir: &Path, base_offset: u64, capacity: u64) -> Result<Segment> {
         let log_path = log_path(dir, base_offset);
         let index_path = index_path(dir, base_offset);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            // Only a creation that failed half-way can have left a file at
-            // the log's next offset: nothing in it is part of the log.
-            .truncate(true)
-            .open(&log_path)
-            .map_err(|e| StorageError::io("create segment", &log_path, e))?;
-        preallocate(&file, &log_path, 0, capacity)?;
-        File::create(&index_path).map_err(|e| StorageError::io("create index", &index_path, e))?;
-        sync_dir(dir)?;
-        let map = map_live(&file, &log_path, capacity)?;
+        let created = (|| {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                // Only a creation that failed half-way can have left a file
+                // at the log's next offset: nothing in it is part of the log.
+                .truncate(true)
+                .open(&log_path)
+                .map_err(|e| StorageError::io("create segment", &log_path, e))?;
+            File::create(&index_path)
+                .map_err(|e| StorageError::io("create index", &index_path, e))?;
+            sync_dir(dir)?;
+            let map = map_live(&file, &log_path, capacity)?;
+            Ok((file, map))
+        })();
+        let (file, map) = match created {
+            Ok(created) => created,
+            Err(e) => {
+                for path in [&log_path, &index_path] {
+                    match fs::remove_file(path) {
+                        Ok(()) => {}
+                        Err(r) if r.kind() == io::ErrorKind::NotFound => {}
+                        Err(r) => tracing::warn!(path = %path.display(), error = %r,
+                            "removing a segment file whose creation failed"),
+                    }
+                }
+                // Best effort: an entry that stays is an empty segment,
+                // which open removes.
+                let _ = sync_dir(dir);
+                return Err(e);
+            }
+        };
         Ok(Segment::new_active(
             base_offset,
             log_path,
@@ -162,6 +213,7 @@ impl Segment {
             file,
             map,
             capacity,
+            0,
             0,
             base_offset,
             i64::MIN,
@@ -177,6 +229,7 @@ impl Segment {
         file: File,
         map: MmapRaw,
         capacity: u64,
+        allocated: u64,
         end: u64,
         next_offset: u64,
         max_timestamp: i64,
@@ -189,6 +242,7 @@ impl Segment {
             map: Mapping::Live(map),
             file,
             capacity,
+            allocated: AtomicU64::new(allocated),
             sealed: AtomicBool::new(false),
             written_end: AtomicU64::new(end),
             visible_end: AtomicU64::new(end),
@@ -206,10 +260,6 @@ impl Segment {
 
     pub(crate) fn log_path(&self) -> &Path {
         &self.log_path
-    }
-
-    pub(crate) fn index_path(&self) -> &Path {
-        &self.index_path
     }
 
     pub(crate) fn next_offset(&self) -> u64 {
@@ -249,14 +299,21 @@ impl Segment {
     pub(crate) fn readable(&self) -> &[u8] {
         let end = self.visible_end() as usize;
         match &self.map {
-            // SAFETY: the map is `capacity` bytes long and `visible_end <=
-            // written_end <= capacity`. Bytes below `visible_end` were fully
-            // written (pwritev returned) before it was published
-            // (Release/Acquire), and the single writer only writes at or past
-            // `written_end`, so nothing mutates this range while the returned
-            // slice lives. The file is never shrunk below `written_end`, so
-            // no page of the range can fault, and the map lives as long as
-            // `self`.
+            // SAFETY: the map reserves `capacity` bytes of address space
+            // once, when the segment is created or opened, and is never
+            // moved, remapped or unmapped while `self` lives, so a slice
+            // handed out earlier stays valid however the file grows. The
+            // file behind it may be shorter than the map (it is allocated in
+            // steps), and touching a page wholly past its end would SIGBUS;
+            // but `visible_end <= written_end <= allocated`, where
+            // `allocated` is the file's length after a `fallocate` that
+            // returned before any byte up to it was written, and the file is
+            // only ever shrunk (by `seal`) to `written_end`. So every byte of
+            // the slice is backed by the file. Bytes below `visible_end` were
+            // fully written (pwritev returned) before it was published
+            // (Release/Acquire), and the single writer only writes at or
+            // past `written_end`, so nothing mutates this range while the
+            // returned slice lives.
             Mapping::Live(raw) => unsafe { std::slice::from_raw_parts(raw.as_ptr(), end) },
             Mapping::Sealed(map) => &map[..end],
         }
@@ -297,6 +354,7 @@ impl Segment {
             position + len <= self.capacity,
             "batch overruns the segment"
         );
+        self.allocate_to(position + len)?;
         let offset_bytes = base_offset.to_le_bytes();
         let mut parts = [
             IoSlice::new(&batch[..BASE_OFFSET_RANGE.start]),
@@ -328,6 +386,29 @@ impl Segment {
         Ok(position)
     }
 
+    /// Makes sure the file has real blocks up to at least `end`, growing it
+    /// by a step (as big as what is allocated already, from 64 KiB to 1 MiB)
+    /// or to `end` if that is further, never past `capacity`. Only the
+    /// writer calls this. A full disk is [`StorageError::DiskFull`] and changes
+    /// nothing readers can see: the map is untouched and `written_end` does
+    /// not move.
+    fn allocate_to(&self, end: u64) -> Result<()> {
+        let allocated = self.allocated.load(Ordering::Acquire);
+        if end <= allocated {
+            return Ok(());
+        }
+        let step = allocated.clamp(FIRST_PREALLOCATION_STEP, PREALLOCATION_STEP);
+        let target = end
+            .max(allocated + step)
+            .div_ceil(FIRST_PREALLOCATION_STEP)
+            .saturating_mul(FIRST_PREALLOCATION_STEP)
+            .min(self.capacity)
+            .max(end);
+        preallocate(&self.file, &self.log_path, allocated, target - allocated)?;
+        self.allocated.store(target, Ordering::Release);
+        Ok(())
+    }
+
     /// Lets readers see everything below `end` (never moves backwards).
     pub(crate) fn publish_visible(&self, end: u64) {
         debug_assert!(end <= self.written_end());
@@ -339,8 +420,8 @@ impl Segment {
         if end <= self.synced_end.load(Ordering::Acquire) {
             return Ok(());
         }
-        // fdatasync, not msync: the bytes came in through pwritev, and the
-        // file's size never changes while it is active.
+        // fdatasync, not msync: the bytes came in through pwritev. It also
+        // makes a size the last step's fallocate changed durable.
         self.file
             .sync_data()
             .map_err(|e| StorageError::io("sync segment", &self.log_path, e))?;
@@ -362,18 +443,25 @@ impl Segment {
         self.sealed.store(true, Ordering::Release);
     }
 
-    /// Seals a segment the writer has left: truncates the file to the bytes
-    /// written, syncs it, and writes its whole index. Readers
-    /// keep reading through the same map: they never read past
-    /// `written_end`, which is where the file now ends. A segment whose
-    /// files retention already deleted is left alone.
+    /// Seals a segment the writer has left: syncs the bytes written,
+    /// truncates the file to them, syncs the new length, and writes its
+    /// whole index. Readers keep reading through the same map: they never
+    /// read past `written_end`, which is where the file now ends. A segment
+    /// whose files retention already deleted is left alone.
+    ///
+    /// The data is synced *before* the truncation so that a file cut to its
+    /// data end always holds durable data: on open such a file is trusted
+    /// as sealed without a sync, and a kill between the truncation and a
+    /// later sync must not let unsynced batches be served as if durable. A
+    /// kill before the truncation leaves the zero tail that open recognises
+    /// as an interrupted seal (and syncs).
     pub(crate) fn seal(&self) -> Result<()> {
         debug_assert!(self.is_sealed());
         let end = self.written_end();
-        // One fsync after the truncation makes both the data and the new
-        // length durable.
         let sync_and_truncate = || -> io::Result<()> {
+            self.file.sync_data()?;
             self.file.set_len(end)?;
+            failpoint("seal-after-truncate");
             self.file.sync_all()
         };
         match sync_and_truncate() {
@@ -385,12 +473,19 @@ impl Segment {
             }
             Err(e) => return Err(StorageError::io("seal segment", &self.log_path, e)),
         }
+        self.allocated.store(end, Ordering::Release);
         self.synced_end.fetch_max(end, Ordering::AcqRel);
         self.publish_visible(end);
-        match write_index_file(&self.index_path, &self.index_snapshot()) {
-            Err(_) if !self.log_path.exists() => Ok(()),
-            result => result,
+        // The index is rebuilt from the log when it is missing or short, so
+        // failing to write it (a full disk, say) costs start-up time, not
+        // data, and must not fail the log.
+        if let Err(e) = write_index_file(&self.index_path, &self.index_snapshot())
+            && self.log_path.exists()
+        {
+            tracing::warn!(path = %self.index_path.display(), error = %e,
+                "writing a sealed segment's index failed; it is rebuilt on the next open");
         }
+        Ok(())
     }
 
     /// Deletes both files. Maps held by readers stay valid: an unlinked file
@@ -448,9 +543,10 @@ impl Segment {
     }
 
     /// Position just past the last whole batch that starts before
-    /// `start + max_bytes`, always including at least the first batch, so a
-    /// batch bigger than `max_bytes` is still delivered.
-    pub(crate) fn batch_aligned_end(&self, start: u64, max_bytes: usize) -> u64 {
+    /// `start + max_bytes` and ends at or before offset `end_offset`, always
+    /// including at least the first batch, so a batch bigger than
+    /// `max_bytes` is still delivered.
+    pub(crate) fn batch_aligned_end(&self, start: u64, max_bytes: usize, end_offset: u64) -> u64 {
         let data = self.readable();
         let mut pos = start as usize;
         let limit = (start as usize).saturating_add(max_bytes);
@@ -458,6 +554,9 @@ impl Segment {
             let Ok(header) = BatchHeader::parse(&data[pos..]) else {
                 break;
             };
+            if header.next_offset() > end_offset {
+                break;
+            }
             let end = pos + header.total_len();
             if end > limit && pos > start as usize {
                 break;
@@ -543,8 +642,11 @@ impl Segment {
             map = map_read_only(&file, &log_path, end)?;
             len = end;
         }
-        if read_index_file(&index_path)? != scan.index {
-            write_index_file(&index_path, &scan.index)?;
+        if read_index_file(&index_path)? != scan.index
+            && let Err(e) = write_index_file(&index_path, &scan.index)
+        {
+            // Rebuilt again next time; opening must work on a full disk.
+            tracing::warn!(path = %index_path.display(), error = %e, "writing a rebuilt index failed");
         }
         Ok((
             Segment {
@@ -554,6 +656,7 @@ impl Segment {
                 map: Mapping::Sealed(map),
                 file,
                 capacity: len,
+                allocated: AtomicU64::new(len),
                 sealed: AtomicBool::new(true),
                 written_end: AtomicU64::new(len),
                 visible_end: AtomicU64::new(len),
@@ -586,12 +689,11 @@ impl Segment {
             .open(&log_path)
             .map_err(|e| StorageError::io("open segment", &log_path, e))?;
         let len = file_len(&file, &log_path)?;
-        // A segment sealed just before a crash (truncated, no successor yet)
-        // or cut short during creation is grown back to full size.
+        // Nothing is allocated here: opening must work on a full disk. The
+        // file keeps its length (the steps allocated before the crash, or
+        // the data end of a segment sealed just before it), and appends
+        // allocate further steps.
         let capacity = capacity.max(len);
-        if len < capacity {
-            preallocate(&file, &log_path, len, capacity - len)?;
-        }
         let raw = map_live(&file, &log_path, capacity)?;
         // The whole active segment is verified, not just what follows the
         // last index entry: index entries can reach the disk before the log
@@ -599,9 +701,9 @@ impl Segment {
         let mut index = Vec::new();
         let (walk, last_nonzero) = {
             // SAFETY: the segment is not shared yet and nothing writes the
-            // file while this view lives, so it aliases no write; the file is
-            // `capacity` bytes long, so no page of the map can fault.
-            let data = unsafe { std::slice::from_raw_parts(raw.as_ptr(), capacity as usize) };
+            // file while this view lives, so it aliases no write; the view
+            // stops at the file's length, so no page of it can fault.
+            let data = unsafe { std::slice::from_raw_parts(raw.as_ptr(), len as usize) };
             let walk = walk_batches(data, base_offset, &mut index, index_interval);
             // Only a walk that stopped at bytes it rejected (not at clean
             // zeroes) pays for a scan of the rest of the file.
@@ -639,7 +741,17 @@ impl Segment {
         // zeroing) durable before anything is appended after it.
         file.sync_data()
             .map_err(|e| StorageError::io("sync segment", &log_path, e))?;
-        write_index_file(&index_path, &index)?;
+        // The active segment's index is rebuilt from the log on every open
+        // and written whole by its seal or the log's close, so it is only
+        // rewritten here when a torn tail was cut off (its entries may point
+        // past the cut): two fsyncs per partition fewer at start-up. On a
+        // full disk it is left for the seal or close to write.
+        if torn.is_some()
+            && let Err(e) = write_index_file(&index_path, &index)
+        {
+            tracing::warn!(path = %index_path.display(), error = %e,
+                "writing the active segment's index failed; it is rebuilt on the next open");
+        }
         Ok((
             Segment::new_active(
                 base_offset,
@@ -648,6 +760,7 @@ impl Segment {
                 file,
                 raw,
                 capacity,
+                len,
                 end,
                 walk.next_offset,
                 walk.max_timestamp,
@@ -865,8 +978,9 @@ pub(crate) fn write_index_file(path: &Path, entries: &[IndexEntry]) -> Result<()
     write_atomically(path, &bytes)
 }
 
-/// Allocates real blocks for `offset..offset + len`: a sparse file written
-/// through a map turns a full disk into SIGBUS instead of an error.
+/// Allocates real blocks for `offset..offset + len`, growing the file: a
+/// sparse file written through a map turns a full disk into SIGBUS instead
+/// of an error, and a write into allocated blocks cannot run out of space.
 fn preallocate(file: &File, path: &Path, offset: u64, len: u64) -> Result<()> {
     use rustix::fs::{FallocateFlags, fallocate};
     match fallocate(file, FallocateFlags::empty(), offset, len) {
@@ -878,6 +992,19 @@ fn preallocate(file: &File, path: &Path, offset: u64, len: u64) -> Result<()> {
         }
         Err(e) => Err(StorageError::io("preallocate segment", path, e.into())),
     }
+}
+
+/// A crash point for fault-injection tests, compiled into debug builds
+/// only: when `SLUICE_FAILPOINT` names `name`, the process aborts here, as a
+/// SIGKILL at that instant would leave it.
+fn failpoint(name: &str) {
+    #[cfg(debug_assertions)]
+    if std::env::var("SLUICE_FAILPOINT").is_ok_and(|v| v == name) {
+        eprintln!("failpoint {name}: aborting");
+        std::process::abort();
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = name;
 }
 
 fn file_len(file: &File, path: &Path) -> Result<u64> {
@@ -900,8 +1027,10 @@ fn zero_range(file: &File, path: &Path, offset: u64, len: u64) -> Result<()> {
     Ok(())
 }
 
-/// Maps the whole preallocated file read-only. A raw map, because the range
-/// past `written_end` changes under it and must never be borrowed as `&[u8]`.
+/// Maps `len` bytes of the file read-only, however long the file is now: a
+/// reservation the file grows into. A raw map, because the range past
+/// `written_end` changes under it (or is past the end of the file) and must
+/// never be borrowed as `&[u8]`.
 fn map_live(file: &File, path: &Path, len: u64) -> Result<MmapRaw> {
     MmapOptions::new()
         .len(len as usize)
