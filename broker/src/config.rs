@@ -76,6 +76,9 @@ pub struct Settings {
     /// Keep the offsets of a group with no members this long after its last commit, in ms [default: 604800000].
     #[arg(long, env = "SLUICE_GROUP_OFFSET_RETENTION_MS")]
     pub group_offset_retention_ms: Option<u64>,
+    /// A retry handed to a consumer and neither acked nor nacked this long counts as a failed delivery, in ms [default: 30000].
+    #[arg(long, env = "SLUICE_REDELIVERY_TIMEOUT_MS")]
+    pub redelivery_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -161,6 +164,8 @@ impl Config {
                 server_defaults.group_offset_retention,
                 Duration::from_millis,
             ),
+            redelivery_timeout: pick!(redelivery_timeout_ms)
+                .map_or(server_defaults.redelivery_timeout, Duration::from_millis),
         };
         // Every record a topic accepts must fit in a message back to a
         // consumer, with room for the rest of the message.
@@ -178,6 +183,11 @@ impl Config {
         topics
             .config(&Default::default())
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if server.redelivery_timeout.is_zero() {
+            return Err(ConfigError::Invalid(
+                "redelivery timeout must be above 0".into(),
+            ));
+        }
         if server.maintenance_interval.is_zero() {
             return Err(ConfigError::Invalid(
                 "maintenance interval must be above 0".into(),

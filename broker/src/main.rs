@@ -51,9 +51,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
         let dir = config.data_dir.join("internal/retries");
         tokio::task::spawn_blocking(move || -> anyhow::Result<RetrySets> {
             let retries = RetrySets::open(&dir).context("opening the retry sets")?;
-            server::finish_pending_dead_letters(&topics, &retries).map_err(|status| {
-                anyhow::anyhow!("finishing dead letters: {}", status.message())
-            })?;
+            // Never fails: a dead letter that cannot be written stays in
+            // the retry set, undeliverable, and is logged.
+            server::finish_pending_dead_letters(&topics, &retries);
             Ok(retries)
         })
         .await??

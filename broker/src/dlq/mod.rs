@@ -12,7 +12,15 @@
 //!   repeats a pending retry. A record nacked for the last time becomes a
 //!   *pending dead letter* until the caller has appended it to the DLQ topic,
 //!   so a crash in between is finished on restart instead of lost, and the
-//!   headers let the caller see whether the append already happened.
+//!   headers let the caller see whether the append already happened. Only
+//!   the call that makes an entry pending is told to append it, and every
+//!   read-modify-write of an entry holds one lock, so concurrent nacks of
+//!   one record neither lose counts nor dead-letter it twice. A dead letter
+//!   that cannot be written stays in the set, *undeliverable*, with the
+//!   reason. The last [`REMEMBERED_DEAD_LETTERS`] finished dead letters are
+//!   remembered, so a repeated nack is answered with where it went.
+//!   A retry handed out and neither acked nor nacked within the redelivery
+//!   timeout counts as a failed delivery ([`RetrySets::expire_handed_out`]).
 //! - [`dead_letter_headers`] and friends: the headers a dead letter carries
 //!   and how a redrive marks a record.
 //!
@@ -22,7 +30,8 @@
 mod retry;
 
 pub use retry::{
-    DeadLetter, NackOutcome, RecordLocation, RetryEntry, RetryKey, RetryPolicy, RetrySets,
+    DeadLetter, FinishedDeadLetter, NackOutcome, REDELIVERY_TIMEOUT_CLASS, REMEMBERED_DEAD_LETTERS,
+    RecordLocation, RetryEntry, RetryKey, RetryPolicy, RetrySets,
 };
 
 use crate::storage::Header;

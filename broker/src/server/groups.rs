@@ -180,7 +180,11 @@ fn describe_with_lag(
                     .map(|p| p.log().high_watermark() - p.log().log_start_offset())
                     .sum()
             });
+            let (undeliverable, undeliverable_reason) =
+                retries.undeliverable_for_topic(&description.group_id, &topic);
             Some(v1::DeadLetterStatus {
+                undeliverable,
+                undeliverable_reason: undeliverable_reason.unwrap_or_default(),
                 retry_set_size: retries.len_for_topic(&description.group_id, &topic) as u64,
                 dlq_topic,
                 dlq_depth,
@@ -265,6 +269,8 @@ impl GroupService for Groups {
         }
         for topic in &request.topics {
             self.topics.get(topic).map_err(status::topic)?;
+            // A nack of this member may dead-letter: the name must work.
+            super::dlq::dlq_topic_for(&self.topics, &self.retries, topic, &request.group_id)?;
         }
         let session_timeout = match request.session_timeout_ms {
             0 => DEFAULT_SESSION_TIMEOUT,
