@@ -170,10 +170,19 @@ fn describe_with_lag(
     let dead_letters = source_topics
         .into_iter()
         .filter_map(|topic| {
-            let settings =
-                super::dlq::effective_settings(topics, retries, &topic, &description.group_id)
-                    .ok()?;
-            let dlq_topic = settings.dlq_topic(&topic, &description.group_id);
+            let retry_set_size = retries.len_for_topic(&description.group_id, &topic) as u64;
+            // A deleted topic's entries are still shown (undeliverable
+            // ones among them), with no DLQ.
+            let dlq_topic = match super::dlq::effective_settings(
+                topics,
+                retries,
+                &topic,
+                &description.group_id,
+            ) {
+                Ok(settings) => settings.dlq_topic(&topic, &description.group_id),
+                Err(_) if retry_set_size > 0 => String::new(),
+                Err(_) => return None,
+            };
             let dlq_depth = topics.get(&dlq_topic).map_or(0, |t| {
                 t.partitions()
                     .iter()
@@ -185,7 +194,7 @@ fn describe_with_lag(
             Some(v1::DeadLetterStatus {
                 undeliverable,
                 undeliverable_reason: undeliverable_reason.unwrap_or_default(),
-                retry_set_size: retries.len_for_topic(&description.group_id, &topic) as u64,
+                retry_set_size,
                 dlq_topic,
                 dlq_depth,
                 topic,
