@@ -404,3 +404,134 @@ async fn a_retry_never_answered_counts_as_a_delivery_and_is_dead_lettered() {
         0
     );
 }
+
+/// Records in all partitions of `topic`.
+async fn topic_size(broker: &Broker, topic: &str) -> u64 {
+    broker
+        .admin()
+        .await
+        .describe_topic(v1::DescribeTopicRequest { name: topic.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .partitions
+        .iter()
+        .map(|p| p.latest_offset - p.earliest_offset)
+        .sum()
+}
+
+/// Issue 13, defect 7 (crash test): a redrive to a topic SIGKILLed in the
+/// middle of a chunk (its progress not saved), then run again after the
+/// restart with the default range, leaves every dead letter in the target
+/// exactly once.
+#[tokio::test]
+async fn a_redrive_to_a_topic_killed_mid_chunk_and_run_again_appends_each_record_once() {
+    const LETTERS: u64 = 2000;
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = start_broker(dir.path(), &[]);
+    for (name, partitions) in [("src", 1), ("src.g.dlq", 1), ("target", 3)] {
+        create_topic_with(
+            &broker,
+            name,
+            v1::TopicConfig {
+                partitions: Some(partitions),
+                ..Default::default()
+            },
+        )
+        .await;
+    }
+    // Dead letters written straight into the DLQ (it is an ordinary topic).
+    let mut producer = broker.producer().await;
+    for first in (0..LETTERS).step_by(500) {
+        let letters = (first..first + 500)
+            .map(|i| {
+                let mut r = record(Some(&format!("k{i}")), &format!("v{i}"));
+                for (key, value) in [
+                    ("sluice.dlq.source-topic", "src".to_string()),
+                    ("sluice.dlq.source-partition", "0".to_string()),
+                    ("sluice.dlq.source-offset", i.to_string()),
+                    ("sluice.dlq.group", "g".to_string()),
+                ] {
+                    r.headers.push(v1::Header {
+                        key: key.into(),
+                        value: value.into_bytes().into(),
+                    });
+                }
+                r
+            })
+            .collect();
+        producer
+            .produce(produce_request("src.g.dlq", Some(0), letters))
+            .await
+            .unwrap();
+    }
+    let redrive = v1::RedriveRequest {
+        dlq_topic: "src.g.dlq".into(),
+        partition: 0,
+        target: v1::RedriveTarget::Topic as i32,
+        target_topic: "target".into(),
+        // A chunk is a tenth of a second's worth: all of them in one, so a
+        // kill while the target is partly written lands mid-chunk.
+        max_records_per_second: 100_000,
+        ..Default::default()
+    };
+    let mut client = DeadLetterServiceClient::new(broker.channel().await);
+    let running = {
+        let redrive = redrive.clone();
+        tokio::spawn(async move { client.redrive(redrive).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let written = loop {
+        let written = topic_size(&broker, "target").await;
+        if written >= 50 {
+            break written;
+        }
+        assert!(Instant::now() < deadline, "the redrive did not start");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    broker.kill();
+    let _ = running.await;
+    assert!(
+        written < LETTERS,
+        "the kill came after the whole chunk ({written} written); make it larger"
+    );
+
+    let broker = broker.start_again();
+    let before = topic_size(&broker, "target").await;
+    assert!(
+        before > 0 && before < LETTERS,
+        "{before} written before the kill"
+    );
+    let again = DeadLetterServiceClient::new(broker.channel().await)
+        .redrive(redrive)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        again.from_offset, 0,
+        "the progress of the cut chunk was not saved"
+    );
+    let mut seen = BTreeSet::new();
+    for partition in 0..3 {
+        for record in fetch_all(&broker, "target", partition).await {
+            let from = header(&record, "sluice.dlq.redriven-from")
+                .unwrap()
+                .to_owned();
+            assert!(seen.insert(from.clone()), "{from} appended twice");
+        }
+    }
+    assert_eq!(seen.len() as u64, LETTERS, "every dead letter once");
+    // And the redrive's progress is saved: nothing left to do.
+    let done = DeadLetterServiceClient::new(broker.channel().await)
+        .redrive(v1::RedriveRequest {
+            dlq_topic: "src.g.dlq".into(),
+            target: v1::RedriveTarget::Topic as i32,
+            target_topic: "target".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(done.records.is_empty());
+    assert_eq!(topic_size(&broker, "target").await, LETTERS);
+}

@@ -31,7 +31,7 @@ mod retry;
 
 pub use retry::{
     DeadLetter, FinishedDeadLetter, NackOutcome, REDELIVERY_TIMEOUT_CLASS, REMEMBERED_DEAD_LETTERS,
-    RecordLocation, RetryEntry, RetryKey, RetryPolicy, RetrySets,
+    RecordLocation, RedriveInFlight, RetryEntry, RetryKey, RetryPolicy, RetrySets,
 };
 
 use crate::storage::Header;
@@ -106,6 +106,21 @@ pub fn dead_letter_source(headers: &[Header]) -> Option<RetryKey> {
         partition: get(HEADER_SOURCE_PARTITION)?.parse().ok()?,
         offset: get(HEADER_SOURCE_OFFSET)?.parse().ok()?,
     })
+}
+
+/// The header value marking a record redriven from `offset` of
+/// `dlq_topic`/`partition`.
+pub fn redriven_from(dlq_topic: &str, partition: u32, offset: u64) -> String {
+    format!("{dlq_topic}/{partition}/{offset}")
+}
+
+/// The DLQ offset a record was redriven from, if it says it came from
+/// `dlq_topic`/`partition`.
+pub fn redriven_offset(headers: &[Header], dlq_topic: &str, partition: u32) -> Option<u64> {
+    header_text(headers, HEADER_REDRIVEN_FROM)?
+        .strip_prefix(&format!("{dlq_topic}/{partition}/"))?
+        .parse()
+        .ok()
 }
 
 /// The group that dead-lettered a record, if it says.

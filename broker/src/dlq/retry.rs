@@ -13,6 +13,7 @@ const KIND_UPSERT: u8 = 1;
 const KIND_REMOVE: u8 = 2;
 const KIND_REDRIVE_PROGRESS: u8 = 3;
 const KIND_DEAD_LETTERED: u8 = 4;
+const KIND_REDRIVE_IN_FLIGHT: u8 = 5;
 
 /// How many finished dead letters the retry sets remember (per broker), so
 /// that a late or repeated nack of a record already dead-lettered is
@@ -139,6 +140,18 @@ pub enum NackOutcome {
     },
 }
 
+/// A redrive that appends to topics (`--to-source`, `--to-topic`) and
+/// has not saved its progress yet: where a crash may have left records
+/// appended that the progress does not cover.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RedriveInFlight {
+    /// The first DLQ offset it may have appended.
+    pub from: u64,
+    /// (target topic, partition) → the target's end offset before the
+    /// redrive appended to it: the records it appended are past that.
+    pub targets: BTreeMap<(String, u32), u64>,
+}
+
 /// Where a finished dead letter went.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FinishedDeadLetter {
@@ -162,6 +175,9 @@ struct RetryState {
     /// first, and where each went.
     finished: VecDeque<(String, RetryKey)>,
     finished_at: HashMap<(String, RetryKey), FinishedDeadLetter>,
+    /// (dlq topic, partition) → a redrive to topics that has not saved its
+    /// progress yet.
+    redrive_in_flight: BTreeMap<(String, u32), RedriveInFlight>,
 }
 
 impl RetryState {
@@ -576,16 +592,67 @@ impl RetrySets {
         partition: u32,
         next_offset: u64,
     ) -> Result<(), StorageError> {
-        let mut value = vec![KIND_REDRIVE_PROGRESS];
-        put_str(&mut value, dlq_topic);
-        value.extend_from_slice(&partition.to_le_bytes());
-        value.extend_from_slice(&next_offset.to_le_bytes());
-        self.state.append(&[Record {
-            key: None,
-            value: value.into(),
-            headers: vec![],
-            timestamp: 0,
-        }])
+        self.state
+            .append(&[redrive_progress(dlq_topic, partition, next_offset)])
+    }
+
+    /// The redrive of `dlq_topic`/`partition` to topics that a crash may
+    /// have interrupted, if any.
+    pub fn redrive_in_flight(&self, dlq_topic: &str, partition: u32) -> Option<RedriveInFlight> {
+        self.state
+            .state()
+            .redrive_in_flight
+            .get(&(dlq_topic.to_owned(), partition))
+            .cloned()
+    }
+
+    /// Before a redrive appends DLQ records from `from` on to `targets`
+    /// ((topic, partition) → its end offset now): records it durably, so
+    /// that after a crash [`RetrySets::redrive_in_flight`] says where to
+    /// look for what was appended. Merged with one still recorded: the
+    /// earlier start and end offsets are kept.
+    pub fn begin_redrive_appends(
+        &self,
+        dlq_topic: &str,
+        partition: u32,
+        from: u64,
+        targets: BTreeMap<(String, u32), u64>,
+    ) -> Result<(), StorageError> {
+        let _changing = self.changing.lock();
+        let mut in_flight =
+            self.redrive_in_flight(dlq_topic, partition)
+                .unwrap_or(RedriveInFlight {
+                    from,
+                    targets: BTreeMap::new(),
+                });
+        in_flight.from = in_flight.from.min(from);
+        for (target, end) in targets {
+            let kept = in_flight.targets.entry(target).or_insert(end);
+            *kept = (*kept).min(end);
+        }
+        self.state.append(&[redrive_in_flight_record(
+            dlq_topic,
+            partition,
+            Some(&in_flight),
+        )])
+    }
+
+    /// The appends of a redrive chunk are done: saves its progress and, if
+    /// `done_with_in_flight` (nothing appended before a crash lies past
+    /// `next_offset`), forgets the in-flight record, in one durable write.
+    pub fn finish_redrive_appends(
+        &self,
+        dlq_topic: &str,
+        partition: u32,
+        next_offset: u64,
+        done_with_in_flight: bool,
+    ) -> Result<(), StorageError> {
+        let _changing = self.changing.lock();
+        let mut records = vec![redrive_progress(dlq_topic, partition, next_offset)];
+        if done_with_in_flight {
+            records.push(redrive_in_flight_record(dlq_topic, partition, None));
+        }
+        self.state.append(&records)
     }
 
     /// Entries in `group`'s retry set (pending dead letters included).
@@ -639,6 +706,62 @@ pub const REDELIVERY_TIMEOUT_CLASS: &str = "sluice.redelivery-timeout";
 
 fn duration_ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn redrive_progress(dlq_topic: &str, partition: u32, next_offset: u64) -> Record {
+    let mut value = vec![KIND_REDRIVE_PROGRESS];
+    put_str(&mut value, dlq_topic);
+    value.extend_from_slice(&partition.to_le_bytes());
+    value.extend_from_slice(&next_offset.to_le_bytes());
+    Record {
+        key: None,
+        value: value.into(),
+        headers: vec![],
+        timestamp: 0,
+    }
+}
+
+/// Sets (`Some`) or clears (`None`) the redrive in flight of a DLQ
+/// partition.
+fn redrive_in_flight_record(
+    dlq_topic: &str,
+    partition: u32,
+    in_flight: Option<&RedriveInFlight>,
+) -> Record {
+    let mut value = vec![KIND_REDRIVE_IN_FLIGHT];
+    put_str(&mut value, dlq_topic);
+    value.extend_from_slice(&partition.to_le_bytes());
+    value.push(u8::from(in_flight.is_some()));
+    if let Some(in_flight) = in_flight {
+        put_in_flight(&mut value, in_flight);
+    }
+    Record {
+        key: None,
+        value: value.into(),
+        headers: vec![],
+        timestamp: 0,
+    }
+}
+
+fn put_in_flight(out: &mut Vec<u8>, in_flight: &RedriveInFlight) {
+    out.extend_from_slice(&in_flight.from.to_le_bytes());
+    out.extend_from_slice(&(in_flight.targets.len() as u32).to_le_bytes());
+    for ((topic, partition), end) in &in_flight.targets {
+        put_str(out, topic);
+        out.extend_from_slice(&partition.to_le_bytes());
+        out.extend_from_slice(&end.to_le_bytes());
+    }
+}
+
+fn get_in_flight(r: &mut ByteReader<'_>) -> Option<RedriveInFlight> {
+    let from = r.u64()?;
+    let mut targets = BTreeMap::new();
+    for _ in 0..r.u32()? {
+        let topic = get_str(r)?;
+        let partition = r.u32()?;
+        targets.insert((topic, partition), r.u64()?);
+    }
+    Some(RedriveInFlight { from, targets })
 }
 
 fn upsert(group: &str, entry: &RetryEntry) -> Record {
@@ -801,6 +924,26 @@ impl StateMachine for RetryState {
                 }
                 _ => tracing::warn!("malformed redrive progress skipped"),
             },
+            (Some(&KIND_REDRIVE_IN_FLIGHT), _) => {
+                let read = |r: &mut ByteReader<'_>| {
+                    let topic = get_str(r)?;
+                    let partition = r.u32()?;
+                    let in_flight = match r.take(1)?[0] {
+                        0 => None,
+                        _ => Some(get_in_flight(r)?),
+                    };
+                    Some(((topic, partition), in_flight))
+                };
+                match read(&mut r) {
+                    Some((at, Some(in_flight))) => {
+                        self.redrive_in_flight.insert(at, in_flight);
+                    }
+                    Some((at, None)) => {
+                        self.redrive_in_flight.remove(&at);
+                    }
+                    None => tracing::warn!("malformed redrive record skipped"),
+                }
+            }
             _ => tracing::warn!("unknown retry record skipped"),
         }
     }
@@ -830,6 +973,12 @@ impl StateMachine for RetryState {
                 put_finished(&mut out, &id.0, &id.1, at);
             }
         }
+        out.extend_from_slice(&(self.redrive_in_flight.len() as u32).to_le_bytes());
+        for ((topic, partition), in_flight) in &self.redrive_in_flight {
+            put_str(&mut out, topic);
+            out.extend_from_slice(&partition.to_le_bytes());
+            put_in_flight(&mut out, in_flight);
+        }
         out
     }
 
@@ -858,6 +1007,16 @@ impl StateMachine for RetryState {
                 let key = get_key(&mut r).ok_or(truncated)?;
                 let at = get_finished_tail(&mut r).ok_or(truncated)?;
                 state.remember_finished(group, key, at);
+            }
+        }
+        if !r.is_empty() {
+            for _ in 0..r.u32().ok_or(truncated)? {
+                let topic = get_str(&mut r).ok_or(truncated)?;
+                let partition = r.u32().ok_or(truncated)?;
+                let in_flight = get_in_flight(&mut r).ok_or(truncated)?;
+                state
+                    .redrive_in_flight
+                    .insert((topic, partition), in_flight);
             }
         }
         if !r.is_empty() {

@@ -308,6 +308,41 @@ fn already_in_dlq(
     Ok(None)
 }
 
+/// The DLQ offsets of `dlq_topic`/`partition` that a redrive in flight
+/// appended to its targets (found by their `redriven-from` header past
+/// where each target ended before).
+fn appended_by_redrive(
+    topics: &TopicRegistry,
+    dlq_topic: &str,
+    partition: u32,
+    in_flight: &dlq::RedriveInFlight,
+) -> Result<BTreeSet<u64>, Status> {
+    let mut found = BTreeSet::new();
+    for ((topic, target_partition), start) in &in_flight.targets {
+        // A target deleted since holds nothing to repeat.
+        let Ok(target) = topics.get(topic) else {
+            continue;
+        };
+        let Ok(target_partition) = target.partition(*target_partition) else {
+            continue;
+        };
+        let log = target_partition.log().clone();
+        let end = log.high_watermark();
+        let mut next = (*start).max(log.log_start_offset());
+        while next < end {
+            let records = log.read_records(next, 1 << 20).map_err(status::storage)?;
+            let Some(last) = records.last() else { break };
+            next = last.offset + 1;
+            found.extend(
+                records
+                    .iter()
+                    .filter_map(|r| dlq::redriven_offset(&r.record.headers, dlq_topic, partition)),
+            );
+        }
+    }
+    Ok(found)
+}
+
 /// Finishes the dead letters a crash left between "failed for the last
 /// time" and "appended to the DLQ", and tries the undeliverable ones
 /// again: each is appended once (or found already appended). One that
@@ -712,6 +747,31 @@ impl DeadLetterService for DeadLetters {
         // them, so a large redrive does not flood the group.
         let chunk = (rate / 10).max(1) as usize;
         let progress_floor = progress.unwrap_or(0);
+        let appends_to_topics = !request.dry_run
+            && matches!(
+                target,
+                v1::RedriveTarget::SourceTopic | v1::RedriveTarget::Topic
+            );
+        // What an earlier redrive to topics appended before a crash cut it
+        // short (after its last saved progress): not appended again.
+        let already_appended = match self
+            .retries
+            .redrive_in_flight(&request.dlq_topic, request.partition)
+        {
+            Some(in_flight) if appends_to_topics => {
+                let topics = Arc::clone(&self.topics);
+                let (dlq_topic, partition) = (request.dlq_topic.clone(), request.partition);
+                let found = blocking(move || {
+                    appended_by_redrive(&topics, &dlq_topic, partition, &in_flight)
+                })
+                .await?;
+                if !found.is_empty() {
+                    tracing::info!(dlq = %request.dlq_topic, records = found.len(), "an interrupted redrive appended these already; skipping them");
+                }
+                Arc::new(found)
+            }
+            _ => Arc::new(BTreeSet::new()),
+        };
         let mut redriven = Vec::new();
         let mut next = from;
         while next < to {
@@ -720,6 +780,7 @@ impl DeadLetterService for DeadLetters {
             let retries = Arc::clone(&self.retries);
             let request = request.clone();
             let log = log.clone();
+            let already_appended = Arc::clone(&already_appended);
             let (refs, after) = blocking(move || {
                 let mut records = log.read_records(next, 1 << 20).map_err(status::storage)?;
                 records.retain(|r| r.offset >= next && r.offset < to);
@@ -730,6 +791,8 @@ impl DeadLetterService for DeadLetters {
                 // per record.
                 let mut by_group: BTreeMap<String, Vec<(RetryKey, RecordLocation)>> =
                     BTreeMap::new();
+                // (DLQ offset, target topic, partition, record).
+                let mut to_append: Vec<(u64, String, u32, Record)> = Vec::new();
                 for stored in records {
                     let Some(source) = dlq::dead_letter_source(&stored.record.headers) else {
                         tracing::warn!(
@@ -746,10 +809,8 @@ impl DeadLetterService for DeadLetters {
                     if request.dry_run {
                         continue;
                     }
-                    let redriven_from = format!(
-                        "{}/{}/{}",
-                        request.dlq_topic, request.partition, stored.offset
-                    );
+                    let redriven_from =
+                        dlq::redriven_from(&request.dlq_topic, request.partition, stored.offset);
                     match target {
                         v1::RedriveTarget::Unspecified | v1::RedriveTarget::Group => {
                             let group = dlq::dead_letter_group(&stored.record.headers)
@@ -781,7 +842,7 @@ impl DeadLetterService for DeadLetters {
                             } else {
                                 (source.topic.clone(), source.partition)
                             };
-                            append(&topics, &topic, partition, record)?;
+                            to_append.push((stored.offset, topic, partition, record));
                         }
                     }
                 }
@@ -790,7 +851,41 @@ impl DeadLetterService for DeadLetters {
                         .redrive(&group, records, now_ms())
                         .map_err(status::storage)?;
                 }
-                if !request.dry_run {
+                if appends_to_topics {
+                    // Recorded first, with where the targets end now, so
+                    // that a crash mid-chunk is found and not repeated.
+                    let mut targets = BTreeMap::new();
+                    for (_, topic, partition, _) in &to_append {
+                        if let std::collections::btree_map::Entry::Vacant(slot) =
+                            targets.entry((topic.clone(), *partition))
+                        {
+                            let end = topics
+                                .get(topic)
+                                .map_err(status::topic)?
+                                .partition(*partition)
+                                .map_err(status::topic)?
+                                .log()
+                                .high_watermark();
+                            slot.insert(end);
+                        }
+                    }
+                    retries
+                        .begin_redrive_appends(&request.dlq_topic, request.partition, next, targets)
+                        .map_err(status::storage)?;
+                    for (offset, topic, partition, record) in to_append {
+                        if !already_appended.contains(&offset) {
+                            append(&topics, &topic, partition, record)?;
+                        }
+                    }
+                    retries
+                        .finish_redrive_appends(
+                            &request.dlq_topic,
+                            request.partition,
+                            after.max(progress_floor),
+                            already_appended.range(after..).next().is_none(),
+                        )
+                        .map_err(status::storage)?;
+                } else if !request.dry_run {
                     retries
                         .set_redrive_progress(
                             &request.dlq_topic,
