@@ -21,6 +21,8 @@
 //!   remembered, so a repeated nack is answered with where it went.
 //!   A retry handed out and neither acked nor nacked within the redelivery
 //!   timeout counts as a failed delivery ([`RetrySets::expire_handed_out`]).
+//!   Redrive progress per DLQ partition, and a redrive to topics in flight
+//!   ([`RedriveInFlight`]), so a crash mid-chunk is not appended twice.
 //! - [`dead_letter_headers`] and friends: the headers a dead letter carries
 //!   and how a redrive marks a record.
 //!

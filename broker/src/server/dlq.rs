@@ -14,6 +14,11 @@
 //! error) never stops the broker: it stays in the retry set marked
 //! undeliverable with the reason, is logged and shown by `DescribeGroup`,
 //! and is tried again at startup and every maintenance interval.
+//!
+//! A redrive to topics records, before each chunk's appends, that it is in
+//! flight and where its targets end ([`RetrySets::begin_redrive_appends`]);
+//! the next redrive after a crash skips what the cut chunk appended, found
+//! by the `redriven-from` header.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
