@@ -28,7 +28,9 @@ use sluice_proto::v1::{self, dead_letter_service_server::DeadLetterService};
 use tonic::{Request, Response, Status};
 
 use super::convert::{consumed, now_ms};
-use super::groups::{check_group_id, check_member_id};
+use super::shared::{
+    check_dlq_name, check_group_id, check_member_id, dlq_topic_for, effective_settings,
+};
 use super::{blocking, status};
 use crate::dlq::{
     self, DeadLetter, NackOutcome, RecordLocation, RetryKey, RetryPolicy, RetrySets,
@@ -36,10 +38,7 @@ use crate::dlq::{
 };
 use crate::groups::{GroupCoordinator, TopicPartition};
 use crate::storage::{BatchBuilder, Header, ProducerInfo, Record, StoredRecord};
-use crate::topics::{
-    DeadLetterConfig, DeadLetterPatch, TopicConfigPatch, TopicError, TopicRegistry,
-    name_rule_violation,
-};
+use crate::topics::{DeadLetterPatch, TopicConfigPatch, TopicError, TopicRegistry};
 
 /// How long a redelivered record stays with the member it was handed to
 /// before the delivery counts as failed and it is handed out again (or
@@ -102,61 +101,6 @@ fn append(
         .append(&batch, now_ms())
         .map_err(status::producer_append)?;
     Ok(appended.info.base_offset)
-}
-
-/// `topic`'s retry and dead-letter settings as `group` has them: the
-/// topic's, changed by what the group set.
-pub(crate) fn effective_settings(
-    topics: &TopicRegistry,
-    retries: &RetrySets,
-    topic: &str,
-    group: &str,
-) -> Result<DeadLetterConfig, Status> {
-    let base = topics
-        .get(topic)
-        .map_err(status::topic)?
-        .config()
-        .dead_letters;
-    let Some(patch) = retries.group_override(group, topic) else {
-        return Ok(base);
-    };
-    // Checked when set; a later change of the topic may clash with it.
-    Ok(base.patched(&patch).unwrap_or_else(|e| {
-        tracing::warn!(group, topic, error = %e, "the group's retry settings no longer fit the topic's; using the topic's");
-        base
-    }))
-}
-
-/// The DLQ topic `group` dead-letters `topic`'s records to, checked to be
-/// a valid topic name: the template is checked alone when set, but only
-/// the real topic and group show whether the name they make is too long.
-pub(crate) fn dlq_topic_for(
-    topics: &TopicRegistry,
-    retries: &RetrySets,
-    topic: &str,
-    group: &str,
-) -> Result<String, Status> {
-    let settings = effective_settings(topics, retries, topic, group)?;
-    check_dlq_name(&settings, topic, group)
-}
-
-/// `settings`' DLQ topic for `topic` and `group`, if it is a valid name.
-pub(crate) fn check_dlq_name(
-    settings: &DeadLetterConfig,
-    topic: &str,
-    group: &str,
-) -> Result<String, Status> {
-    let name = settings.dlq_topic(topic, group);
-    match name_rule_violation(&name) {
-        None => Ok(name),
-        Some(reason) => Err(Status::invalid_argument(format!(
-            "the dead-letter topic of topic {topic:?} for group {group:?} would be {name:?} \
-             (template {:?}), which is not a valid topic name: {reason}; use a shorter \
-             group id or topic name, or a shorter dlq_topic template for the topic or \
-             the group (SetGroupSettings)",
-            settings.dlq_topic
-        ))),
-    }
 }
 
 /// Creates the DLQ topic of `source` if it does not exist: one partition,

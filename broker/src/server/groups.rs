@@ -13,12 +13,13 @@ use sluice_proto::v1::{self, group_service_server::GroupService};
 use tonic::{Request, Response, Status};
 
 use super::convert::now_ms;
+use super::shared::{check_group_id, check_member_id};
 use super::{blocking, status};
 use crate::dlq::RetrySets;
 use crate::groups::{
     CommittedOffset, GroupCoordinator, GroupDescription, GroupError, TopicPartition,
 };
-use crate::topics::{TopicRegistry, name_rule_violation};
+use crate::topics::TopicRegistry;
 
 const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_METADATA_BYTES: usize = 4096;
@@ -28,24 +29,6 @@ pub(crate) struct Groups {
     pub(crate) topics: Arc<TopicRegistry>,
     pub(crate) groups: Arc<GroupCoordinator>,
     pub(crate) retries: Arc<RetrySets>,
-}
-
-pub(crate) fn check_group_id(group_id: &str) -> Result<(), Status> {
-    match name_rule_violation(group_id) {
-        Some(reason) => Err(Status::invalid_argument(format!(
-            "invalid group id {group_id:?}: {reason}"
-        ))),
-        None => Ok(()),
-    }
-}
-
-pub(crate) fn check_member_id(member_id: &str) -> Result<(), Status> {
-    if member_id.is_empty() {
-        return Err(Status::invalid_argument(
-            "member id is empty: join the group first",
-        ));
-    }
-    Ok(())
 }
 
 fn partition_sets(partitions: &BTreeSet<TopicPartition>) -> Vec<v1::TopicPartitions> {
@@ -173,7 +156,7 @@ fn describe_with_lag(
             let retry_set_size = retries.len_for_topic(&description.group_id, &topic) as u64;
             // A deleted topic's entries are still shown (undeliverable
             // ones among them), with no DLQ.
-            let dlq_topic = match super::dlq::effective_settings(
+            let dlq_topic = match super::shared::effective_settings(
                 topics,
                 retries,
                 &topic,
@@ -279,7 +262,7 @@ impl GroupService for Groups {
         for topic in &request.topics {
             self.topics.get(topic).map_err(status::topic)?;
             // A nack of this member may dead-letter: the name must work.
-            super::dlq::dlq_topic_for(&self.topics, &self.retries, topic, &request.group_id)?;
+            super::shared::dlq_topic_for(&self.topics, &self.retries, topic, &request.group_id)?;
         }
         let session_timeout = match request.session_timeout_ms {
             0 => DEFAULT_SESSION_TIMEOUT,

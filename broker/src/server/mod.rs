@@ -19,6 +19,7 @@ mod convert;
 mod dlq;
 mod groups;
 mod produce;
+mod shared;
 mod status;
 
 use std::future::Future;
