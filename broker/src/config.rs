@@ -81,6 +81,9 @@ pub struct Settings {
     /// Refuse produce requests (RESOURCE_EXHAUSTED) while the data directory's file system has less free space than this, so the broker's own state and recovery keep room; 0 = no reserve [default: 67108864, at most 5% of the file system].
     #[arg(long, env = "SLUICE_MIN_FREE_BYTES")]
     pub min_free_bytes: Option<u64>,
+    /// A retry handed to a consumer and neither acked nor nacked this long counts as a failed delivery, in ms [default: 30000].
+    #[arg(long, env = "SLUICE_REDELIVERY_TIMEOUT_MS")]
+    pub redelivery_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -169,6 +172,8 @@ impl Config {
                 server_defaults.group_offset_retention,
                 Duration::from_millis,
             ),
+            redelivery_timeout: pick!(redelivery_timeout_ms)
+                .map_or(server_defaults.redelivery_timeout, Duration::from_millis),
         };
         // Every record a topic accepts must fit in a message back to a
         // consumer, with room for the rest of the message.
@@ -186,6 +191,11 @@ impl Config {
         topics
             .config(&Default::default())
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if server.redelivery_timeout.is_zero() {
+            return Err(ConfigError::Invalid(
+                "redelivery timeout must be above 0".into(),
+            ));
+        }
         if server.maintenance_interval.is_zero() {
             return Err(ConfigError::Invalid(
                 "maintenance interval must be above 0".into(),

@@ -98,13 +98,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
         tokio::task::spawn_blocking(move || -> anyhow::Result<RetrySets> {
             let retries = RetrySets::open(&dir).context("opening the retry sets")?;
             // Retries of topics deleted (or deleted and created again) while
-            // a crash kept them from going with the topic.
-            retries
-                .reconcile(&|name| topics.get(name).ok().map(|t| t.id()))
-                .context("dropping the retries of deleted topics")?;
-            server::finish_pending_dead_letters(&topics, &retries).map_err(|status| {
-                anyhow::anyhow!("finishing dead letters: {}", status.message())
-            })?;
+            // a crash kept them from going with the topic. They are never
+            // served (each access checks the incarnation), so a failure
+            // here (a full disk, say) is logged, not fatal.
+            if let Err(e) = retries.reconcile(&|name| topics.get(name).ok().map(|t| t.id())) {
+                tracing::warn!(error = %e, "dropping the retries of deleted topics failed; retrying at the next start");
+            }
+            // Never fails: a dead letter that cannot be written stays in
+            // the retry set, undeliverable, and is logged.
+            server::finish_pending_dead_letters(&topics, &retries);
             Ok(retries)
         })
         .await??

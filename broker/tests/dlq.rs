@@ -5,8 +5,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use sluice_broker::dlq::{
-    NackOutcome, RecordLocation, RetryKey, RetryPolicy, RetrySets, dead_letter_headers,
-    dead_letter_source, dlq_topic_name, is_dead_letter_of,
+    FinishedDeadLetter, NackOutcome, RecordLocation, RetryKey, RetryPolicy, RetrySets,
+    dead_letter_headers, dead_letter_source, dlq_topic_name, is_dead_letter_of,
 };
 use sluice_broker::storage::Header;
 
@@ -113,11 +113,16 @@ fn a_record_is_retried_with_backoff_then_dead_lettered_once() {
         sets.due("g", &owned(), i64::MAX, 10).is_empty(),
         "a pending dead letter is not redelivered"
     );
-    // A nack racing the dead-lettering does not count a fourth delivery.
-    assert!(matches!(
-        sets.nack("g", key(7), at(7), "again", "X", &policy(), t + 500).unwrap(),
-        NackOutcome::DeadLetter(d) if d.entry.deliveries == 3
-    ));
+    // A nack racing the dead-lettering does not count a fourth delivery,
+    // nor is it told to append the dead letter a second time.
+    assert_eq!(
+        sets.nack("g", key(7), at(7), "again", "X", &policy(), t + 500)
+            .unwrap(),
+        NackOutcome::DeadLetterInProgress {
+            deliveries: 3,
+            undeliverable: None
+        }
+    );
 
     let headers = dead_letter_headers("g", &dead.entry);
     let value = |name: &str| {
@@ -139,7 +144,20 @@ fn a_record_is_retried_with_backoff_then_dead_lettered_once() {
     assert!(!is_dead_letter_of(&headers, "g", &key(8)));
     assert_eq!(dead_letter_source(&headers), Some(key(7)));
 
-    sets.dead_lettered("g", &key(7)).unwrap();
+    sets.dead_lettered("g", &key(7), "orders.g.dlq", 12)
+        .unwrap();
+    assert!(sets.is_empty("g"));
+    // A late nack of it (a client retrying a timed-out Nack) is told where
+    // it went, and starts nothing over.
+    assert_eq!(
+        sets.nack("g", key(7), at(7), "late", "X", &policy(), t + 600)
+            .unwrap(),
+        NackOutcome::AlreadyDeadLettered(FinishedDeadLetter {
+            dlq_topic: "orders.g.dlq".into(),
+            dlq_offset: 12,
+            deliveries: 3
+        })
+    );
     assert!(sets.is_empty("g"));
     assert_eq!(dlq_topic_name("orders", "g"), "orders.g.dlq");
 }
@@ -228,7 +246,7 @@ fn the_state_log_compacts_as_it_grows_and_reads_back() {
                 .unwrap()
             {
                 NackOutcome::Retry { .. } => {}
-                NackOutcome::DeadLetter(_) => panic!("limit is 1000"),
+                other => panic!("limit is 1000: {other:?}"),
             }
         }
     }
@@ -287,13 +305,13 @@ fn startup_finishes_an_interrupted_dead_letter_exactly_once() {
     assert!(matches!(outcome, NackOutcome::DeadLetter(_)));
     assert_eq!(retries.pending_dead_letters().len(), 1);
 
-    let finished = sluice_broker::server::finish_pending_dead_letters(&topics, &retries).unwrap();
+    let finished = sluice_broker::server::finish_pending_dead_letters(&topics, &retries);
     assert_eq!(finished, 1);
     assert!(retries.pending_dead_letters().is_empty());
     assert!(retries.is_empty("billing"));
     // And again (a second restart): nothing more.
     assert_eq!(
-        sluice_broker::server::finish_pending_dead_letters(&topics, &retries).unwrap(),
+        sluice_broker::server::finish_pending_dead_letters(&topics, &retries),
         0
     );
     let dlq = topics.get("orders.billing.dlq").unwrap();
@@ -358,4 +376,151 @@ fn retries_are_bound_to_their_topics_incarnation() {
     assert_eq!(sets.len("g"), 1);
     assert_eq!(sets.reconcile(&|_| None).unwrap(), ["orders"]);
     assert!(sets.is_empty("g"));
+}
+
+/// Concurrent nacks of one record: every delivery counted once, and only
+/// one of them is told to append the dead letter.
+#[test]
+fn concurrent_nacks_count_every_delivery_and_dead_letter_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let sets = std::sync::Arc::new(RetrySets::open(dir.path()).unwrap());
+    let many = RetryPolicy {
+        max_deliveries: 1000,
+        ..policy()
+    };
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let sets = std::sync::Arc::clone(&sets);
+            let many = many.clone();
+            std::thread::spawn(move || {
+                for _ in 0..25 {
+                    sets.nack("g", key(1), at(1), "x", "E", &many, 0).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(sets.get("g", &key(1)).unwrap().deliveries, 100);
+
+    let once = RetryPolicy {
+        max_deliveries: 1,
+        ..policy()
+    };
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let sets = std::sync::Arc::clone(&sets);
+            let once = once.clone();
+            std::thread::spawn(move || {
+                matches!(
+                    sets.nack("g", key(2), at(2), "x", "E", &once, 0).unwrap(),
+                    NackOutcome::DeadLetter(_)
+                )
+            })
+        })
+        .collect();
+    let told: usize = threads
+        .into_iter()
+        .map(|t| usize::from(t.join().unwrap()))
+        .sum();
+    assert_eq!(told, 1, "exactly one nack appends the dead letter");
+}
+
+/// A handed-out retry that is neither acked nor nacked counts as a failed
+/// delivery when its hold expires, and its last one is dead-lettered.
+#[test]
+fn a_timed_out_hand_out_counts_as_a_delivery() {
+    let dir = tempfile::tempdir().unwrap();
+    let sets = RetrySets::open(dir.path()).unwrap();
+    let p = policy(); // 3 deliveries
+    let policy_for = |_: &str| Some(policy());
+    sets.nack("g", key(4), at(4), "boom", "E", &p, 0).unwrap();
+    sets.delivered("g", &key(4), 100, Duration::from_millis(500))
+        .unwrap();
+    assert!(
+        sets.expire_handed_out("g", &owned(), 599, policy_for)
+            .unwrap()
+            .is_empty()
+    );
+    assert!(sets.due("g", &owned(), 599, 10).is_empty());
+    // The hold expired: attempt 2 counts, due again at once.
+    assert!(
+        sets.expire_handed_out("g", &owned(), 600, policy_for)
+            .unwrap()
+            .is_empty()
+    );
+    let entry = sets.get("g", &key(4)).unwrap();
+    assert_eq!(entry.deliveries, 2);
+    assert_eq!(
+        entry.error_class,
+        sluice_broker::dlq::REDELIVERY_TIMEOUT_CLASS
+    );
+    assert_eq!(sets.due("g", &owned(), 600, 10).len(), 1);
+    // Not for a member that does not read the partition.
+    sets.delivered("g", &key(4), 600, Duration::from_millis(500))
+        .unwrap();
+    assert!(
+        sets.expire_handed_out("g", &BTreeSet::new(), 5_000, policy_for)
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(sets.get("g", &key(4)).unwrap().deliveries, 2);
+    // Survives a reopen, handed out.
+    drop(sets);
+    let sets = RetrySets::open(dir.path()).unwrap();
+    assert!(sets.get("g", &key(4)).unwrap().handed_out);
+    let letters = sets
+        .expire_handed_out("g", &owned(), 5_000, policy_for)
+        .unwrap();
+    assert_eq!(letters.len(), 1, "the third delivery was the last");
+    assert_eq!(letters[0].entry.deliveries, 3);
+    assert_eq!(sets.pending_dead_letters().len(), 1);
+}
+
+/// A dead letter that cannot be written is kept, undeliverable, with the
+/// reason; finishing it later works; the memory of it survives a reopen.
+#[test]
+fn an_undeliverable_dead_letter_is_kept_with_its_reason_across_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let sets = RetrySets::open(dir.path()).unwrap();
+        let once = RetryPolicy {
+            max_deliveries: 1,
+            ..policy()
+        };
+        sets.nack("g", key(9), at(9), "bad", "E", &once, 0).unwrap();
+        assert!(
+            sets.mark_undeliverable("g", &key(9), "name too long")
+                .unwrap()
+        );
+        assert!(
+            !sets
+                .mark_undeliverable("g", &key(9), "name too long")
+                .unwrap()
+        );
+        sets.nack("g", key(3), at(3), "bad", "E", &once, 0).unwrap();
+        sets.dead_lettered("g", &key(3), "orders.g.dlq", 0).unwrap();
+    }
+    let sets = RetrySets::open(dir.path()).unwrap();
+    assert!(sets.pending_dead_letters().is_empty());
+    assert_eq!(sets.undeliverable_dead_letters().len(), 1);
+    assert_eq!(
+        sets.undeliverable_for_topic("g", "orders"),
+        (1, Some("name too long".to_string()))
+    );
+    assert!(sets.due("g", &owned(), i64::MAX, 10).is_empty());
+    assert!(matches!(
+        sets.nack("g", key(9), at(9), "again", "E", &policy(), 1)
+            .unwrap(),
+        NackOutcome::DeadLetterInProgress {
+            undeliverable: Some(_),
+            ..
+        }
+    ));
+    assert!(matches!(
+        sets.nack("g", key(3), at(3), "again", "E", &policy(), 1)
+            .unwrap(),
+        NackOutcome::AlreadyDeadLettered(_)
+    ));
 }

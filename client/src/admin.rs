@@ -260,6 +260,12 @@ pub struct DeadLetterStatus {
     pub dlq_topic: String,
     /// Records in that DLQ.
     pub dlq_depth: u64,
+    /// Of `retry_set_size`: records whose dead letter could not be written
+    /// (not redelivered; the broker tries again every maintenance interval
+    /// and at startup).
+    pub undeliverable: u64,
+    /// Why the most recent of those could not be written.
+    pub undeliverable_reason: Option<String>,
 }
 
 /// Creates, inspects, changes and deletes topics; looks up offsets;
@@ -514,6 +520,9 @@ impl Admin {
                     retry_set_size: d.retry_set_size,
                     dlq_topic: d.dlq_topic,
                     dlq_depth: d.dlq_depth,
+                    undeliverable: d.undeliverable,
+                    undeliverable_reason: (!d.undeliverable_reason.is_empty())
+                        .then_some(d.undeliverable_reason),
                 })
                 .collect(),
         })

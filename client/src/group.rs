@@ -13,6 +13,13 @@
 //! before a partition is released, and on [`GroupConsumer::close`]. So
 //! every record is processed at least once, and none is skipped.
 //!
+//! [`GroupConsumer::handle_next`] nacks a record its handler failed on,
+//! retrying the nack with backoff while the broker is unreachable. If it
+//! still fails, the record is not counted as processed: commits of its
+//! partition stop just before it (so after a restart or a move of the
+//! partition it is read again), and later calls to `next` send the nack
+//! again until it goes through.
+//!
 //! If the broker drops this member (a missed session timeout, a broker
 //! restart), its partitions are already someone else's: it stops reading
 //! them without committing ([`GroupEvent::Lost`]) and joins again.
@@ -184,7 +191,30 @@ pub struct GroupConsumer {
     /// A rebalance started but did not finish (`next` was cancelled in the
     /// middle of it, or it failed): the next call applies it again.
     rebalance_pending: bool,
+    /// Nacks of `handle_next` that failed even after retries; sent again
+    /// by `next`. Commits stop before the first of them in each partition.
+    unsent_nacks: Vec<UnsentNack>,
+    /// When `next` may try the unsent nacks again.
+    next_nack_resend: Instant,
 }
+
+/// A nack the broker has not received yet.
+#[derive(Debug, Clone)]
+struct UnsentNack {
+    record: v1::RecordRef,
+    /// A redelivery is below the committed offset already; the broker
+    /// still holds it in the retry set, so it holds back no commit.
+    redelivery: bool,
+    reason: String,
+    error_class: String,
+}
+
+/// Tries of one nack in `handle_next` before it is left for `next` to send
+/// again, and the first wait between them (doubling).
+const NACK_ATTEMPTS: u32 = 5;
+const NACK_FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// How often `next` sends unsent nacks again.
+const NACK_RESEND_INTERVAL: Duration = Duration::from_secs(1);
 
 impl GroupConsumer {
     /// Joins the group (in the background; partitions arrive with the first
@@ -238,6 +268,8 @@ impl GroupConsumer {
             rebalance_pending: false,
             retries,
             retry_task: tokio::spawn(retry_task.run()),
+            unsent_nacks: Vec::new(),
+            next_nack_resend: Instant::now(),
         })
     }
 
@@ -267,6 +299,9 @@ impl GroupConsumer {
     /// lost and an assignment change half applied is finished by the next
     /// call.
     pub async fn next(&mut self) -> Result<ConsumedRecord> {
+        if !self.unsent_nacks.is_empty() && Instant::now() >= self.next_nack_resend {
+            self.resend_nacks().await;
+        }
         if matches!(self.config.commit, CommitMode::Auto(_)) {
             self.mark_handed_over();
             if Instant::now() >= self.next_auto_commit {
@@ -281,6 +316,8 @@ impl GroupConsumer {
             let auto_commit_due =
                 matches!(self.config.commit, CommitMode::Auto(_)) && self.has_uncommitted();
             let deadline = self.next_auto_commit;
+            let resend_due = !self.unsent_nacks.is_empty();
+            let resend_at = self.next_nack_resend;
             tokio::select! {
                 biased;
                 changed = self.updates.changed() => {
@@ -299,6 +336,9 @@ impl GroupConsumer {
                 }
                 () = tokio::time::sleep_until(deadline), if auto_commit_due => {
                     self.auto_commit().await;
+                }
+                () = tokio::time::sleep_until(resend_at), if resend_due => {
+                    self.resend_nacks().await;
                 }
                 record = self.consumer.next_record(), if !self.owned.is_empty() => {
                     match record {
@@ -322,19 +362,105 @@ impl GroupConsumer {
         reason: &str,
         error_class: &str,
     ) -> Result<bool> {
+        self.send_nack(record_ref(record), reason, error_class)
+            .await
+    }
+
+    async fn send_nack(
+        &mut self,
+        record: v1::RecordRef,
+        reason: &str,
+        error_class: &str,
+    ) -> Result<bool> {
         let member_id = lock(&self.shared.membership).member_id.clone();
         let answer = self
             .dead_letters
             .nack(self.request(v1::NackRequest {
                 group_id: self.config.group_id.clone(),
                 member_id,
-                record: Some(record_ref(record)),
+                record: Some(record),
                 reason: reason.to_owned(),
                 error_class: error_class.to_owned(),
             }))
             .await?
             .into_inner();
+        if !answer.undeliverable.is_empty() {
+            tracing::warn!(group = %self.config.group_id, reason = %answer.undeliverable, "the broker could not write the dead letter; it keeps the record in the retry set as undeliverable");
+        }
         Ok(answer.dead_lettered)
+    }
+
+    /// Sends a nack, trying again with backoff while the broker is
+    /// unreachable; if it still fails, keeps it for `next` to send again
+    /// and holds back commits of its partition (see the module docs).
+    async fn nack_or_keep(&mut self, nack: UnsentNack) -> Result<()> {
+        // Kept from the start, so that a `handle_next` cancelled mid-way
+        // leaves the nack to be sent again rather than lost.
+        self.unsent_nacks.push(nack.clone());
+        let mut backoff = NACK_FIRST_BACKOFF;
+        let mut attempt = 1;
+        loop {
+            match self
+                .send_nack(nack.record.clone(), &nack.reason, &nack.error_class)
+                .await
+            {
+                Ok(_) => {
+                    if let Some(i) = self
+                        .unsent_nacks
+                        .iter()
+                        .position(|n| n.record == nack.record)
+                    {
+                        self.unsent_nacks.remove(i);
+                    }
+                    return Ok(());
+                }
+                Err(error) if error.is_retryable() && attempt < NACK_ATTEMPTS => {
+                    tracing::debug!(%error, attempt, "nack failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                    attempt += 1;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, group = %self.config.group_id, topic = %nack.record.topic, partition = nack.record.partition, offset = nack.record.offset, "nack failed; the record is not counted as processed and the nack is sent again later");
+                    self.next_nack_resend = Instant::now() + NACK_RESEND_INTERVAL;
+                    return Err(error);
+                }
+            }
+        }
+    }
+
+    /// One more try of each unsent nack of a partition still held.
+    async fn resend_nacks(&mut self) {
+        self.next_nack_resend = Instant::now() + NACK_RESEND_INTERVAL;
+        let nacks = std::mem::take(&mut self.unsent_nacks);
+        for nack in nacks {
+            if !self
+                .owned
+                .contains(&(nack.record.topic.clone(), nack.record.partition))
+            {
+                continue;
+            }
+            match self
+                .send_nack(nack.record.clone(), &nack.reason, &nack.error_class)
+                .await
+            {
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::debug!(%error, "sending a nack again failed; later");
+                    self.unsent_nacks.push(nack);
+                }
+            }
+        }
+    }
+
+    /// What a commit of `tp` may write, given `processed`: not past a
+    /// record whose nack has not reached the broker.
+    fn commit_offset(&self, tp: &TopicPartition, processed: u64) -> u64 {
+        self.unsent_nacks
+            .iter()
+            .filter(|n| !n.redelivery && n.record.topic == tp.0 && n.record.partition == tp.1)
+            .map(|n| n.record.offset)
+            .fold(processed, u64::min)
     }
 
     /// Reports that a redelivered record was processed, so it leaves the
@@ -358,6 +484,11 @@ impl GroupConsumer {
     /// Takes the next record and runs `handler` on it: acks it when the
     /// handler succeeds, nacks it with the error as the reason when it
     /// fails. So a poison record never blocks its partition.
+    ///
+    /// A nack that fails is tried again with backoff; if it still fails,
+    /// the error is returned, the record is not counted as processed
+    /// (commits of its partition stop before it) and `next` sends the nack
+    /// again later (see the module docs).
     pub async fn handle_next<F, Fut, E>(&mut self, handler: F) -> Result<()>
     where
         F: FnOnce(ConsumedRecord) -> Fut,
@@ -368,10 +499,15 @@ impl GroupConsumer {
         let reference = record.clone();
         match handler(record).await {
             Ok(()) => self.ack(&reference).await,
-            Err(error) => self
-                .nack(&reference, &error.to_string(), "handler")
+            Err(error) => {
+                self.nack_or_keep(UnsentNack {
+                    record: record_ref(&reference),
+                    redelivery: reference.redelivery,
+                    reason: error.to_string(),
+                    error_class: "handler".to_owned(),
+                })
                 .await
-                .map(|_| ()),
+            }
         }
     }
 
@@ -448,7 +584,7 @@ impl GroupConsumer {
     fn has_uncommitted(&self) -> bool {
         self.processed
             .iter()
-            .any(|(tp, offset)| self.committed.get(tp) != Some(offset))
+            .any(|(tp, offset)| self.committed.get(tp) != Some(&self.commit_offset(tp, *offset)))
     }
 
     async fn auto_commit(&mut self) {
@@ -467,11 +603,12 @@ impl GroupConsumer {
             .processed
             .iter()
             .filter(|(tp, _)| only.is_none_or(|only| only.contains(tp)))
-            .filter(|(tp, offset)| self.committed.get(*tp) != Some(*offset))
+            .map(|(tp, offset)| (tp, self.commit_offset(tp, *offset)))
+            .filter(|(tp, offset)| self.committed.get(*tp) != Some(offset))
             .map(|((topic, partition), offset)| v1::OffsetCommit {
                 topic: topic.clone(),
                 partition: *partition,
-                offset: *offset,
+                offset,
                 metadata: String::new(),
             })
             .collect();
@@ -513,6 +650,8 @@ impl GroupConsumer {
             }
             self.processed.clear();
             self.committed.clear();
+            // Read again by the partitions' next owners.
+            self.unsent_nacks.clear();
             lock(&self.shared.owned).clear();
             if !lost.is_empty() {
                 tracing::warn!(group = %self.config.group_id, partitions = lost.len(), "dropped from the group; released partitions without committing and joined again");
@@ -536,6 +675,9 @@ impl GroupConsumer {
                 self.processed.remove(tp);
                 self.committed.remove(tp);
             }
+            // Committed only up to them: the next owner reads them again.
+            self.unsent_nacks
+                .retain(|n| !revoked.contains(&(n.record.topic.clone(), n.record.partition)));
             *lock(&self.shared.owned) = self.owned.clone();
             self.shared.heartbeat_now.notify_one();
             self.emit(GroupEvent::Revoked(revoked));

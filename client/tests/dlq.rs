@@ -423,3 +423,247 @@ async fn a_redrive_goes_back_to_the_failing_group_only_and_is_not_repeated() {
     etl.close().await.unwrap();
     audit.close().await.unwrap();
 }
+
+/// A gRPC proxy in front of the broker that forwards every call, except
+/// that it answers Nacks itself with UNAVAILABLE while `failing_nacks` is
+/// above 0 (counting it down): a Nack lost on the way.
+struct NackFailingProxy {
+    url: String,
+    failing_nacks: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    failed: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+mod proxy {
+    use std::convert::Infallible;
+    use std::future::Future;
+    use std::marker::PhantomData;
+    use std::pin::Pin;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::task::{Context, Poll};
+
+    use tonic::body::Body;
+    use tonic::server::NamedService;
+    use tonic::transport::Channel;
+
+    pub trait Named: Send + Sync + 'static {
+        const NAME: &'static str;
+    }
+
+    macro_rules! named {
+        ($($ty:ident = $name:literal),*) => {$(
+            pub struct $ty;
+            impl Named for $ty {
+                const NAME: &'static str = $name;
+            }
+        )*};
+    }
+    named!(
+        Admin = "sluice.v1.AdminService",
+        Produce = "sluice.v1.ProduceService",
+        Consume = "sluice.v1.ConsumeService",
+        Groups = "sluice.v1.GroupService",
+        DeadLetters = "sluice.v1.DeadLetterService"
+    );
+
+    /// Forwards one service's calls to the broker.
+    pub struct Forward<N> {
+        pub channel: Channel,
+        pub failing_nacks: Arc<AtomicU32>,
+        pub failed: Arc<AtomicU32>,
+        pub name: PhantomData<fn() -> N>,
+    }
+
+    impl<N> Clone for Forward<N> {
+        fn clone(&self) -> Self {
+            Forward {
+                channel: self.channel.clone(),
+                failing_nacks: Arc::clone(&self.failing_nacks),
+                failed: Arc::clone(&self.failed),
+                name: PhantomData,
+            }
+        }
+    }
+
+    impl<N: Named> NamedService for Forward<N> {
+        const NAME: &'static str = N::NAME;
+    }
+
+    impl<N> tower::Service<http::Request<Body>> for Forward<N> {
+        type Response = http::Response<Body>;
+        type Error = Infallible;
+        type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+        fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+            let lose = request.uri().path() == "/sluice.v1.DeadLetterService/Nack"
+                && self
+                    .failing_nacks
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok();
+            if lose {
+                self.failed.fetch_add(1, Ordering::SeqCst);
+                return Box::pin(async {
+                    Ok(tonic::Status::unavailable("injected: the nack was lost").into_http())
+                });
+            }
+            let channel = self.channel.clone();
+            Box::pin(async move {
+                Ok(tower::ServiceExt::oneshot(channel, request)
+                    .await
+                    .unwrap_or_else(|e| tonic::Status::unavailable(e.to_string()).into_http()))
+            })
+        }
+    }
+}
+
+impl NackFailingProxy {
+    async fn start(broker_url: &str) -> NackFailingProxy {
+        use std::marker::PhantomData;
+        let channel = tonic::transport::Channel::from_shared(broker_url.to_owned())
+            .unwrap()
+            .connect_lazy();
+        let failing_nacks = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let failed = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        macro_rules! forward {
+            ($ty:ty) => {
+                proxy::Forward::<$ty> {
+                    channel: channel.clone(),
+                    failing_nacks: std::sync::Arc::clone(&failing_nacks),
+                    failed: std::sync::Arc::clone(&failed),
+                    name: PhantomData,
+                }
+            };
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let server = tonic::transport::Server::builder()
+            .add_service(forward!(proxy::Admin))
+            .add_service(forward!(proxy::Produce))
+            .add_service(forward!(proxy::Consume))
+            .add_service(forward!(proxy::Groups))
+            .add_service(forward!(proxy::DeadLetters))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+        let task = tokio::spawn(async move {
+            server.await.unwrap();
+        });
+        NackFailingProxy {
+            url,
+            failing_nacks,
+            failed,
+            task,
+        }
+    }
+
+    fn fail_nacks(&self, count: u32) {
+        self.failing_nacks
+            .store(count, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn failed(&self) -> u32 {
+        self.failed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for NackFailingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Issue 13, defect 9: `handle_next` must not lose a record whose nack
+/// fails. A nack lost once is retried and goes through; one that keeps
+/// failing returns the error, holds commits back before the record, and is
+/// sent again once the broker answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handle_next_neither_loses_nor_commits_past_a_record_whose_nack_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(&broker_binary(), dir.path(), &[]);
+    let direct = ClientConfig::new(broker.url());
+    let admin = Admin::new(&direct).unwrap();
+    create(&admin, "jobs", 1, 3, 50).await;
+    produce(&direct, "jobs", 5).await;
+    let proxy = NackFailingProxy::start(&broker.url()).await;
+    let mut consumer =
+        GroupConsumer::new(&ClientConfig::new(&proxy.url), group("workers", "jobs")).unwrap();
+
+    // Runs the handler once; (number, attempt, handle_next's result).
+    async fn step(consumer: &mut GroupConsumer, failing: u32) -> (u32, u32, Result<(), Error>) {
+        let mut seen = (0, 0);
+        let result = tokio::time::timeout(
+            Duration::from_secs(30),
+            consumer.handle_next(|r| {
+                seen = (number(&r), r.attempt);
+                let fail = number(&r) == failing && r.attempt == 1;
+                async move {
+                    if fail {
+                        Err("cannot process".to_string())
+                    } else {
+                        Ok(())
+                    }
+                }
+            }),
+        )
+        .await
+        .expect("a record within 30 s: none was lost");
+        (seen.0, seen.1, result)
+    }
+
+    // The nack of record 2 is lost once: retried, it goes through, and 2
+    // comes back.
+    proxy.fail_nacks(1);
+    let mut handled = Vec::new();
+    while !handled.contains(&(2, 2)) {
+        let (n, attempt, result) = step(&mut consumer, 2).await;
+        assert!(result.is_ok(), "record {n}: {result:?}");
+        handled.push((n, attempt));
+    }
+    assert_eq!(proxy.failed(), 1);
+    assert_eq!(
+        handled,
+        vec![(0, 1), (1, 1), (2, 1), (3, 1), (4, 1), (2, 2)]
+    );
+
+    // Now every nack fails for a while: the nack of record 7 of the next
+    // ten (offsets 5..14, so 7 is at offset 12) does not get through.
+    produce(&direct, "jobs", 10).await;
+    proxy.fail_nacks(u32::MAX);
+    let mut failed_at = None;
+    while failed_at.is_none() {
+        let (n, _, result) = step(&mut consumer, 7).await;
+        if result.is_err() {
+            assert_eq!(n, 7);
+            failed_at = Some(n);
+        }
+    }
+    // Later records are processed, but commits stop before 7.
+    let (n, _, result) = step(&mut consumer, 7).await;
+    assert_eq!((n, result.is_ok()), (8, true));
+    consumer.commit().await.unwrap();
+    let committed = |info: sluice_client::GroupInfo| info.partitions[0].committed_offset;
+    assert_eq!(
+        committed(admin.describe_group("workers").await.unwrap()),
+        Some(12),
+        "not committed past the record whose nack failed"
+    );
+    // The broker answers again: the nack is sent again by `next`, and 7
+    // comes back.
+    proxy.fail_nacks(0);
+    let mut handled = Vec::new();
+    while !handled.contains(&(7, 2)) {
+        let (n, attempt, result) = step(&mut consumer, 7).await;
+        assert!(result.is_ok(), "record {n}: {result:?}");
+        handled.push((n, attempt));
+    }
+    consumer.commit().await.unwrap();
+    let after = committed(admin.describe_group("workers").await.unwrap()).unwrap();
+    assert!(
+        after > 13,
+        "commits move on once the nack went through: {after}"
+    );
+    consumer.close().await.unwrap();
+}

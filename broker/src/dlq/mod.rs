@@ -12,7 +12,17 @@
 //!   repeats a pending retry. A record nacked for the last time becomes a
 //!   *pending dead letter* until the caller has appended it to the DLQ topic,
 //!   so a crash in between is finished on restart instead of lost, and the
-//!   headers let the caller see whether the append already happened.
+//!   headers let the caller see whether the append already happened. Only
+//!   the call that makes an entry pending is told to append it, and every
+//!   read-modify-write of an entry holds one lock, so concurrent nacks of
+//!   one record neither lose counts nor dead-letter it twice. A dead letter
+//!   that cannot be written stays in the set, *undeliverable*, with the
+//!   reason. The last [`REMEMBERED_DEAD_LETTERS`] finished dead letters are
+//!   remembered, so a repeated nack is answered with where it went.
+//!   A retry handed out and neither acked nor nacked within the redelivery
+//!   timeout counts as a failed delivery ([`RetrySets::expire_handed_out`]).
+//!   Redrive progress per DLQ partition, and a redrive to topics in flight
+//!   ([`RedriveInFlight`]), so a crash mid-chunk is not appended twice.
 //! - [`dead_letter_headers`] and friends: the headers a dead letter carries
 //!   and how a redrive marks a record.
 //!
@@ -22,7 +32,8 @@
 mod retry;
 
 pub use retry::{
-    DeadLetter, NackOutcome, RecordLocation, RetryEntry, RetryKey, RetryPolicy, RetrySets,
+    DeadLetter, FinishedDeadLetter, NackOutcome, REDELIVERY_TIMEOUT_CLASS, REMEMBERED_DEAD_LETTERS,
+    RecordLocation, RedriveInFlight, RetryEntry, RetryKey, RetryPolicy, RetrySets,
 };
 
 use crate::storage::Header;
@@ -97,6 +108,21 @@ pub fn dead_letter_source(headers: &[Header]) -> Option<RetryKey> {
         partition: get(HEADER_SOURCE_PARTITION)?.parse().ok()?,
         offset: get(HEADER_SOURCE_OFFSET)?.parse().ok()?,
     })
+}
+
+/// The header value marking a record redriven from `offset` of
+/// `dlq_topic`/`partition`.
+pub fn redriven_from(dlq_topic: &str, partition: u32, offset: u64) -> String {
+    format!("{dlq_topic}/{partition}/{offset}")
+}
+
+/// The DLQ offset a record was redriven from, if it says it came from
+/// `dlq_topic`/`partition`.
+pub fn redriven_offset(headers: &[Header], dlq_topic: &str, partition: u32) -> Option<u64> {
+    header_text(headers, HEADER_REDRIVEN_FROM)?
+        .strip_prefix(&format!("{dlq_topic}/{partition}/"))?
+        .parse()
+        .ok()
 }
 
 /// The group that dead-lettered a record, if it says.

@@ -1,6 +1,6 @@
 //! Retry sets: the nacked records of each group, durable.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -22,6 +22,19 @@ const KIND_DELETE_TOPIC: u8 = 20;
 /// Keyed by a source topic: its entries belong to this incarnation; those
 /// of any other go.
 const KIND_BIND_TOPIC: u8 = 21;
+const KIND_DEAD_LETTERED: u8 = 4;
+const KIND_REDRIVE_IN_FLIGHT: u8 = 5;
+
+/// How many finished dead letters the retry sets remember (per broker), so
+/// that a late or repeated nack of a record already dead-lettered is
+/// answered with that dead letter instead of starting it over.
+pub const REMEMBERED_DEAD_LETTERS: usize = 10_000;
+
+/// Bits of an entry's state byte. Entries written before `HANDED_OUT` and
+/// `UNDELIVERABLE` existed read as neither.
+const STATE_DEAD_LETTER_PENDING: u8 = 1;
+const STATE_HANDED_OUT: u8 = 2;
+const STATE_UNDELIVERABLE: u8 = 4;
 
 /// Deliveries and backoff for records a group nacks.
 #[derive(Debug, Clone, PartialEq)]
@@ -85,6 +98,14 @@ pub struct RetryEntry {
     pub error_class: String,
     /// Failed for the last time: waiting to be appended to the DLQ.
     pub dead_letter_pending: bool,
+    /// Handed to a member by `FetchRetries` and neither acked nor nacked
+    /// since: `next_delivery_ms` is when that delivery times out (and
+    /// counts as failed).
+    pub handed_out: bool,
+    /// Failed for the last time, but its dead letter could not be written
+    /// (why): it stays here, never redelivered, until a retry of the
+    /// dead-lettering succeeds or an ack removes it.
+    pub undeliverable: Option<String>,
 }
 
 impl RetryEntry {
@@ -100,6 +121,8 @@ impl RetryEntry {
             last_reason: String::new(),
             error_class: String::new(),
             dead_letter_pending: false,
+            handed_out: false,
+            undeliverable: None,
         }
     }
 }
@@ -113,8 +136,38 @@ pub enum NackOutcome {
         next_delivery_ms: i64,
     },
     /// It failed its last delivery: append it to the DLQ, then call
-    /// [`RetrySets::dead_lettered`].
+    /// [`RetrySets::dead_lettered`]. Exactly one call gets this for a
+    /// dead letter: the one that made it pending.
     DeadLetter(DeadLetter),
+    /// It was dead-lettered already (a repeated or late nack): nothing
+    /// changed.
+    AlreadyDeadLettered(FinishedDeadLetter),
+    /// Its dead letter is being written by another call, or could not be
+    /// written (`undeliverable` says why): nothing changed.
+    DeadLetterInProgress {
+        deliveries: u32,
+        undeliverable: Option<String>,
+    },
+}
+
+/// A redrive that appends to topics (`--to-source`, `--to-topic`) and
+/// has not saved its progress yet: where a crash may have left records
+/// appended that the progress does not cover.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RedriveInFlight {
+    /// The first DLQ offset it may have appended.
+    pub from: u64,
+    /// (target topic, partition) → the target's end offset before the
+    /// redrive appended to it: the records it appended are past that.
+    pub targets: BTreeMap<(String, u32), u64>,
+}
+
+/// Where a finished dead letter went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FinishedDeadLetter {
+    pub dlq_topic: String,
+    pub dlq_offset: u64,
+    pub deliveries: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,15 +184,47 @@ struct RetryState {
     /// The incarnation each source topic's entries belong to (none for
     /// entries from before incarnations: bound at startup).
     bindings: TopicBindings,
+    /// The last [`REMEMBERED_DEAD_LETTERS`] dead letters finished, oldest
+    /// first, and where each went.
+    finished: VecDeque<(String, RetryKey)>,
+    finished_at: HashMap<(String, RetryKey), FinishedDeadLetter>,
+    /// (dlq topic, partition) → a redrive to topics that has not saved its
+    /// progress yet.
+    redrive_in_flight: BTreeMap<(String, u32), RedriveInFlight>,
 }
 
 impl RetryState {
+    fn remember_finished(&mut self, group: String, key: RetryKey, at: FinishedDeadLetter) {
+        let id = (group, key);
+        if self.finished_at.insert(id.clone(), at).is_none() {
+            self.finished.push_back(id);
+        }
+        while self.finished.len() > REMEMBERED_DEAD_LETTERS {
+            if let Some(old) = self.finished.pop_front() {
+                self.finished_at.remove(&old);
+            }
+        }
+    }
+
+    fn remove_entry(&mut self, group: &str, key: &RetryKey) {
+        if let Some(entries) = self.groups.get_mut(group) {
+            entries.remove(key);
+            if entries.is_empty() {
+                self.groups.remove(group);
+            }
+        }
+    }
+
     /// Forgets every group's entries of source topic `topic`.
     fn remove_topic(&mut self, topic: &str) {
         for entries in self.groups.values_mut() {
             entries.retain(|key, _| key.topic != topic);
         }
         self.groups.retain(|_, entries| !entries.is_empty());
+        // A record of a new topic of this name at a remembered offset is
+        // not the one dead-lettered.
+        self.finished.retain(|(_, key)| key.topic != topic);
+        self.finished_at.retain(|(_, key), _| key.topic != topic);
         self.bindings.remove(topic);
     }
 
@@ -161,6 +246,11 @@ pub struct RetrySets {
     /// replaced atomically.
     overrides_path: PathBuf,
     overrides: parking_lot::Mutex<GroupOverrides>,
+    /// Held across each read-modify-write of an entry (read the entry,
+    /// change it, append the change), so two concurrent calls about one
+    /// record cannot both start from the same old entry. The state log
+    /// serialises its appends anyway, so one lock costs no parallelism.
+    changing: parking_lot::Mutex<()>,
 }
 
 /// group → topic → changed settings.
@@ -184,6 +274,7 @@ impl RetrySets {
             state,
             overrides_path,
             overrides: parking_lot::Mutex::new(overrides),
+            changing: parking_lot::Mutex::new(()),
         })
     }
 
@@ -301,20 +392,25 @@ impl RetrySets {
         policy: &RetryPolicy,
         now_ms: i64,
     ) -> Result<NackOutcome, StorageError> {
-        let existing = self
-            .state
-            .state()
-            .groups
-            .get(group)
-            .and_then(|g| g.get(&key))
-            .cloned();
+        let _changing = self.changing.lock();
+        let existing = {
+            let state = self.state.state();
+            let existing = state.groups.get(group).and_then(|g| g.get(&key)).cloned();
+            if existing.is_none()
+                && let Some(done) = state.finished_at.get(&(group.to_owned(), key.clone()))
+            {
+                return Ok(NackOutcome::AlreadyDeadLettered(done.clone()));
+            }
+            existing
+        };
         let mut entry = existing.unwrap_or_else(|| RetryEntry::fresh(key, data, now_ms));
-        if entry.dead_letter_pending {
-            return Ok(NackOutcome::DeadLetter(DeadLetter {
-                group: group.to_owned(),
-                entry,
-            }));
+        if entry.dead_letter_pending || entry.undeliverable.is_some() {
+            return Ok(NackOutcome::DeadLetterInProgress {
+                deliveries: entry.deliveries,
+                undeliverable: entry.undeliverable,
+            });
         }
+        entry.handed_out = false;
         entry.deliveries += 1;
         entry.last_failure_ms = now_ms;
         entry.last_reason = reason.to_owned();
@@ -340,6 +436,7 @@ impl RetrySets {
     /// A redelivered record was processed: forget it. False if it was not
     /// in the retry set.
     pub fn ack(&self, group: &str, key: &RetryKey) -> Result<bool, StorageError> {
+        let _changing = self.changing.lock();
         let present = self
             .state
             .state()
@@ -369,6 +466,8 @@ impl RetrySets {
             .values()
             .filter(|e| {
                 !e.dead_letter_pending
+                    && !e.handed_out
+                    && e.undeliverable.is_none()
                     && e.next_delivery_ms <= now_ms
                     && partitions.contains(&(e.key.topic.clone(), e.key.partition))
             })
@@ -389,6 +488,7 @@ impl RetrySets {
         now_ms: i64,
         redelivery_timeout: Duration,
     ) -> Result<(), StorageError> {
+        let _changing = self.changing.lock();
         let entry = self
             .state
             .state()
@@ -396,38 +496,169 @@ impl RetrySets {
             .get(group)
             .and_then(|g| g.get(key))
             .cloned();
-        if let Some(mut entry) = entry {
+        if let Some(mut entry) = entry
+            && !entry.dead_letter_pending
+            && entry.undeliverable.is_none()
+        {
+            entry.handed_out = true;
             entry.next_delivery_ms = now_ms.saturating_add(duration_ms(redelivery_timeout));
             self.state.append(&[upsert(group, &entry)])?;
         }
         Ok(())
     }
 
-    /// The dead letter was appended to the DLQ: it leaves the retry set.
-    pub fn dead_lettered(&self, group: &str, key: &RetryKey) -> Result<(), StorageError> {
-        self.state.append(&[remove(group, key)])
+    /// Counts the deliveries of `group`'s retries on `partitions` that were
+    /// handed out and timed out by `now_ms` (neither acked nor nacked: the
+    /// member may have crashed on them) as failed, as a nack would, with
+    /// `policy_for(topic)` (`None`: leave the entry alone). One that has
+    /// had its `max_deliveries` becomes a pending dead letter, returned for
+    /// the caller to append; the others are due again at once.
+    pub fn expire_handed_out(
+        &self,
+        group: &str,
+        partitions: &BTreeSet<(String, u32)>,
+        now_ms: i64,
+        policy_for: impl Fn(&str) -> Option<RetryPolicy>,
+    ) -> Result<Vec<DeadLetter>, StorageError> {
+        let _changing = self.changing.lock();
+        let expired: Vec<RetryEntry> = match self.state.state().groups.get(group) {
+            None => return Ok(Vec::new()),
+            Some(entries) => entries
+                .values()
+                .filter(|e| {
+                    e.handed_out
+                        && !e.dead_letter_pending
+                        && e.undeliverable.is_none()
+                        && e.next_delivery_ms <= now_ms
+                        && partitions.contains(&(e.key.topic.clone(), e.key.partition))
+                })
+                .cloned()
+                .collect(),
+        };
+        let mut changes = Vec::new();
+        let mut letters = Vec::new();
+        for mut entry in expired {
+            let Some(policy) = policy_for(&entry.key.topic) else {
+                continue;
+            };
+            entry.handed_out = false;
+            entry.deliveries += 1;
+            entry.last_failure_ms = now_ms;
+            entry.last_reason =
+                "redelivery timeout: handed out and neither acked nor nacked in time".into();
+            entry.error_class = REDELIVERY_TIMEOUT_CLASS.into();
+            entry.next_delivery_ms = now_ms;
+            if entry.deliveries >= policy.max_deliveries.max(1) {
+                entry.dead_letter_pending = true;
+                letters.push(DeadLetter {
+                    group: group.to_owned(),
+                    entry: entry.clone(),
+                });
+            }
+            changes.push(upsert(group, &entry));
+        }
+        if !changes.is_empty() {
+            self.state.append(&changes)?;
+        }
+        Ok(letters)
+    }
+
+    /// The dead letter was appended to the DLQ (at `dlq_topic`,
+    /// `dlq_offset`): it leaves the retry set, and a later nack of the same
+    /// record is answered with where it went.
+    pub fn dead_lettered(
+        &self,
+        group: &str,
+        key: &RetryKey,
+        dlq_topic: &str,
+        dlq_offset: u64,
+    ) -> Result<(), StorageError> {
+        let _changing = self.changing.lock();
+        let deliveries = self.get(group, key).map_or(0, |e| e.deliveries);
+        let mut value = vec![KIND_DEAD_LETTERED];
+        put_key(&mut value, key);
+        put_str(&mut value, dlq_topic);
+        value.extend_from_slice(&dlq_offset.to_le_bytes());
+        value.extend_from_slice(&deliveries.to_le_bytes());
+        self.state.append(&[Record {
+            key: Some(Bytes::copy_from_slice(group.as_bytes())),
+            value: value.into(),
+            headers: vec![],
+            timestamp: 0,
+        }])
+    }
+
+    /// A dead letter could not be written (`reason`): the entry stays in
+    /// the retry set, marked undeliverable, not redelivered, until
+    /// [`RetrySets::undeliverable_dead_letters`] is tried again and succeeds.
+    /// False when the entry is gone, or was already marked for the same
+    /// reason (nothing written).
+    pub fn mark_undeliverable(
+        &self,
+        group: &str,
+        key: &RetryKey,
+        reason: &str,
+    ) -> Result<bool, StorageError> {
+        let _changing = self.changing.lock();
+        let Some(mut entry) = self.get(group, key) else {
+            return Ok(false);
+        };
+        if entry.undeliverable.as_deref() == Some(reason) && !entry.dead_letter_pending {
+            return Ok(false);
+        }
+        entry.dead_letter_pending = false;
+        entry.handed_out = false;
+        entry.undeliverable = Some(reason.to_owned());
+        self.state.append(&[upsert(group, &entry)])?;
+        Ok(true)
+    }
+
+    /// Undeliverable dead letters: every one whose DLQ append failed.
+    pub fn undeliverable_dead_letters(&self) -> Vec<DeadLetter> {
+        self.collect_letters(|e| e.undeliverable.is_some())
+    }
+
+    /// Undeliverable entries of `group` consumed from `topic`, and the
+    /// reason of the most recent failure among them.
+    pub fn undeliverable_for_topic(&self, group: &str, topic: &str) -> (u64, Option<String>) {
+        let state = self.state.state();
+        let Some(entries) = state.groups.get(group) else {
+            return (0, None);
+        };
+        let mut count = 0;
+        let mut latest: Option<&RetryEntry> = None;
+        for e in entries.values().filter(|e| e.key.topic == topic) {
+            if e.undeliverable.is_some() {
+                count += 1;
+                if latest.is_none_or(|l| l.last_failure_ms <= e.last_failure_ms) {
+                    latest = Some(e);
+                }
+            }
+        }
+        (count, latest.and_then(|e| e.undeliverable.clone()))
+    }
+
+    fn collect_letters(&self, keep: impl Fn(&RetryEntry) -> bool) -> Vec<DeadLetter> {
+        let state = self.state.state();
+        let mut letters: Vec<DeadLetter> = state
+            .groups
+            .iter()
+            .flat_map(|(group, entries)| {
+                entries.values().filter(|e| keep(e)).map(|e| DeadLetter {
+                    group: group.clone(),
+                    entry: e.clone(),
+                })
+            })
+            .collect();
+        letters.sort_by(|a, b| (&a.group, &a.entry.key).cmp(&(&b.group, &b.entry.key)));
+        letters
     }
 
     /// Dead letters whose DLQ append a crash may have interrupted. For each,
     /// look for it in the DLQ's tail ([`super::is_dead_letter_of`]); append it
     /// if it is not there; then call [`RetrySets::dead_lettered`].
     pub fn pending_dead_letters(&self) -> Vec<DeadLetter> {
-        let state = self.state.state();
-        let mut pending: Vec<DeadLetter> = state
-            .groups
-            .iter()
-            .flat_map(|(group, entries)| {
-                entries
-                    .values()
-                    .filter(|e| e.dead_letter_pending)
-                    .map(|e| DeadLetter {
-                        group: group.clone(),
-                        entry: e.clone(),
-                    })
-            })
-            .collect();
-        pending.sort_by(|a, b| (&a.group, &a.entry.key).cmp(&(&b.group, &b.entry.key)));
-        pending
+        self.collect_letters(|e| e.dead_letter_pending)
     }
 
     /// Puts dead letters back into `group`'s retry set with a fresh delivery
@@ -438,6 +669,7 @@ impl RetrySets {
         records: Vec<(RetryKey, RecordLocation)>,
         now_ms: i64,
     ) -> Result<(), StorageError> {
+        let _changing = self.changing.lock();
         let changes: Vec<Record> = records
             .into_iter()
             .map(|(key, data)| upsert(group, &RetryEntry::fresh(key, data, now_ms)))
@@ -461,16 +693,67 @@ impl RetrySets {
         partition: u32,
         next_offset: u64,
     ) -> Result<(), StorageError> {
-        let mut value = vec![KIND_REDRIVE_PROGRESS];
-        put_str(&mut value, dlq_topic);
-        value.extend_from_slice(&partition.to_le_bytes());
-        value.extend_from_slice(&next_offset.to_le_bytes());
-        self.state.append(&[Record {
-            key: None,
-            value: value.into(),
-            headers: vec![],
-            timestamp: 0,
-        }])
+        self.state
+            .append(&[redrive_progress(dlq_topic, partition, next_offset)])
+    }
+
+    /// The redrive of `dlq_topic`/`partition` to topics that a crash may
+    /// have interrupted, if any.
+    pub fn redrive_in_flight(&self, dlq_topic: &str, partition: u32) -> Option<RedriveInFlight> {
+        self.state
+            .state()
+            .redrive_in_flight
+            .get(&(dlq_topic.to_owned(), partition))
+            .cloned()
+    }
+
+    /// Before a redrive appends DLQ records from `from` on to `targets`
+    /// ((topic, partition) → its end offset now): records it durably, so
+    /// that after a crash [`RetrySets::redrive_in_flight`] says where to
+    /// look for what was appended. Merged with one still recorded: the
+    /// earlier start and end offsets are kept.
+    pub fn begin_redrive_appends(
+        &self,
+        dlq_topic: &str,
+        partition: u32,
+        from: u64,
+        targets: BTreeMap<(String, u32), u64>,
+    ) -> Result<(), StorageError> {
+        let _changing = self.changing.lock();
+        let mut in_flight =
+            self.redrive_in_flight(dlq_topic, partition)
+                .unwrap_or(RedriveInFlight {
+                    from,
+                    targets: BTreeMap::new(),
+                });
+        in_flight.from = in_flight.from.min(from);
+        for (target, end) in targets {
+            let kept = in_flight.targets.entry(target).or_insert(end);
+            *kept = (*kept).min(end);
+        }
+        self.state.append(&[redrive_in_flight_record(
+            dlq_topic,
+            partition,
+            Some(&in_flight),
+        )])
+    }
+
+    /// The appends of a redrive chunk are done: saves its progress and, if
+    /// `done_with_in_flight` (nothing appended before a crash lies past
+    /// `next_offset`), forgets the in-flight record, in one durable write.
+    pub fn finish_redrive_appends(
+        &self,
+        dlq_topic: &str,
+        partition: u32,
+        next_offset: u64,
+        done_with_in_flight: bool,
+    ) -> Result<(), StorageError> {
+        let _changing = self.changing.lock();
+        let mut records = vec![redrive_progress(dlq_topic, partition, next_offset)];
+        if done_with_in_flight {
+            records.push(redrive_in_flight_record(dlq_topic, partition, None));
+        }
+        self.state.append(&records)
     }
 
     /// Entries in `group`'s retry set (pending dead letters included).
@@ -519,8 +802,67 @@ impl RetrySets {
     }
 }
 
+/// The error class of a delivery counted as failed because it timed out.
+pub const REDELIVERY_TIMEOUT_CLASS: &str = "sluice.redelivery-timeout";
+
 fn duration_ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn redrive_progress(dlq_topic: &str, partition: u32, next_offset: u64) -> Record {
+    let mut value = vec![KIND_REDRIVE_PROGRESS];
+    put_str(&mut value, dlq_topic);
+    value.extend_from_slice(&partition.to_le_bytes());
+    value.extend_from_slice(&next_offset.to_le_bytes());
+    Record {
+        key: None,
+        value: value.into(),
+        headers: vec![],
+        timestamp: 0,
+    }
+}
+
+/// Sets (`Some`) or clears (`None`) the redrive in flight of a DLQ
+/// partition.
+fn redrive_in_flight_record(
+    dlq_topic: &str,
+    partition: u32,
+    in_flight: Option<&RedriveInFlight>,
+) -> Record {
+    let mut value = vec![KIND_REDRIVE_IN_FLIGHT];
+    put_str(&mut value, dlq_topic);
+    value.extend_from_slice(&partition.to_le_bytes());
+    value.push(u8::from(in_flight.is_some()));
+    if let Some(in_flight) = in_flight {
+        put_in_flight(&mut value, in_flight);
+    }
+    Record {
+        key: None,
+        value: value.into(),
+        headers: vec![],
+        timestamp: 0,
+    }
+}
+
+fn put_in_flight(out: &mut Vec<u8>, in_flight: &RedriveInFlight) {
+    out.extend_from_slice(&in_flight.from.to_le_bytes());
+    out.extend_from_slice(&(in_flight.targets.len() as u32).to_le_bytes());
+    for ((topic, partition), end) in &in_flight.targets {
+        put_str(out, topic);
+        out.extend_from_slice(&partition.to_le_bytes());
+        out.extend_from_slice(&end.to_le_bytes());
+    }
+}
+
+fn get_in_flight(r: &mut ByteReader<'_>) -> Option<RedriveInFlight> {
+    let from = r.u64()?;
+    let mut targets = BTreeMap::new();
+    for _ in 0..r.u32()? {
+        let topic = get_str(r)?;
+        let partition = r.u32()?;
+        targets.insert((topic, partition), r.u64()?);
+    }
+    Some(RedriveInFlight { from, targets })
 }
 
 fn upsert(group: &str, entry: &RetryEntry) -> Record {
@@ -605,24 +947,69 @@ fn put_entry(out: &mut Vec<u8>, e: &RetryEntry) {
     }
     put_str(out, &e.last_reason);
     put_str(out, &e.error_class);
-    out.push(u8::from(e.dead_letter_pending));
+    let mut state = 0;
+    if e.dead_letter_pending {
+        state |= STATE_DEAD_LETTER_PENDING;
+    }
+    if e.handed_out {
+        state |= STATE_HANDED_OUT;
+    }
+    if e.undeliverable.is_some() {
+        state |= STATE_UNDELIVERABLE;
+    }
+    out.push(state);
+    if let Some(reason) = &e.undeliverable {
+        put_str(out, reason);
+    }
 }
 
 fn get_entry(r: &mut ByteReader<'_>) -> Option<RetryEntry> {
+    let key = get_key(r)?;
+    let data = RecordLocation {
+        topic: get_str(r)?,
+        partition: r.u32()?,
+        offset: r.u64()?,
+    };
+    let deliveries = r.u32()?;
+    let first_failure_ms = r.u64()? as i64;
+    let last_failure_ms = r.u64()? as i64;
+    let next_delivery_ms = r.u64()? as i64;
+    let last_reason = get_str(r)?;
+    let error_class = get_str(r)?;
+    let state = r.take(1)?[0];
+    let undeliverable = if state & STATE_UNDELIVERABLE != 0 {
+        Some(get_str(r)?)
+    } else {
+        None
+    };
     Some(RetryEntry {
-        key: get_key(r)?,
-        data: RecordLocation {
-            topic: get_str(r)?,
-            partition: r.u32()?,
-            offset: r.u64()?,
-        },
+        key,
+        data,
+        deliveries,
+        first_failure_ms,
+        last_failure_ms,
+        next_delivery_ms,
+        last_reason,
+        error_class,
+        dead_letter_pending: state & STATE_DEAD_LETTER_PENDING != 0,
+        handed_out: state & STATE_HANDED_OUT != 0,
+        undeliverable,
+    })
+}
+
+fn put_finished(out: &mut Vec<u8>, group: &str, key: &RetryKey, at: &FinishedDeadLetter) {
+    put_str(out, group);
+    put_key(out, key);
+    put_str(out, &at.dlq_topic);
+    out.extend_from_slice(&at.dlq_offset.to_le_bytes());
+    out.extend_from_slice(&at.deliveries.to_le_bytes());
+}
+
+fn get_finished_tail(r: &mut ByteReader<'_>) -> Option<FinishedDeadLetter> {
+    Some(FinishedDeadLetter {
+        dlq_topic: get_str(r)?,
+        dlq_offset: r.u64()?,
         deliveries: r.u32()?,
-        first_failure_ms: r.u64()? as i64,
-        last_failure_ms: r.u64()? as i64,
-        next_delivery_ms: r.u64()? as i64,
-        last_reason: get_str(r)?,
-        error_class: get_str(r)?,
-        dead_letter_pending: r.take(1)?[0] != 0,
     })
 }
 
@@ -645,14 +1032,7 @@ impl StateMachine for RetryState {
                 None => tracing::warn!(group, "malformed retry record skipped"),
             },
             (Some(&KIND_REMOVE), Some(group)) => match get_key(&mut r) {
-                Some(key) => {
-                    if let Some(entries) = self.groups.get_mut(&group) {
-                        entries.remove(&key);
-                        if entries.is_empty() {
-                            self.groups.remove(&group);
-                        }
-                    }
-                }
+                Some(key) => self.remove_entry(&group, &key),
                 None => tracing::warn!(group, "malformed retry removal skipped"),
             },
             (Some(&KIND_DELETE_TOPIC), Some(topic)) => match read_deleted_incarnation(&mut r) {
@@ -676,12 +1056,41 @@ impl StateMachine for RetryState {
                 }
                 None => tracing::warn!(topic, "malformed retry topic binding skipped"),
             },
+            (Some(&KIND_DEAD_LETTERED), Some(group)) => {
+                match (get_key(&mut r), get_finished_tail(&mut r)) {
+                    (Some(key), Some(at)) => {
+                        self.remove_entry(&group, &key);
+                        self.remember_finished(group, key, at);
+                    }
+                    _ => tracing::warn!(group, "malformed dead-letter record skipped"),
+                }
+            }
             (Some(&KIND_REDRIVE_PROGRESS), _) => match (get_str(&mut r), r.u32(), r.u64()) {
                 (Some(topic), Some(partition), Some(offset)) => {
                     self.redrive_progress.insert((topic, partition), offset);
                 }
                 _ => tracing::warn!("malformed redrive progress skipped"),
             },
+            (Some(&KIND_REDRIVE_IN_FLIGHT), _) => {
+                let read = |r: &mut ByteReader<'_>| {
+                    let topic = get_str(r)?;
+                    let partition = r.u32()?;
+                    let in_flight = match r.take(1)?[0] {
+                        0 => None,
+                        _ => Some(get_in_flight(r)?),
+                    };
+                    Some(((topic, partition), in_flight))
+                };
+                match read(&mut r) {
+                    Some((at, Some(in_flight))) => {
+                        self.redrive_in_flight.insert(at, in_flight);
+                    }
+                    Some((at, None)) => {
+                        self.redrive_in_flight.remove(&at);
+                    }
+                    None => tracing::warn!("malformed redrive record skipped"),
+                }
+            }
             _ => tracing::warn!("unknown retry record skipped"),
         }
     }
@@ -707,6 +1116,19 @@ impl StateMachine for RetryState {
         // Source topic bindings, last (a snapshot written before they
         // existed ends before them).
         self.bindings.encode(&mut out);
+        // Added later: a snapshot without it reads as remembering none.
+        out.extend_from_slice(&(self.finished.len() as u32).to_le_bytes());
+        for id in &self.finished {
+            if let Some(at) = self.finished_at.get(id) {
+                put_finished(&mut out, &id.0, &id.1, at);
+            }
+        }
+        out.extend_from_slice(&(self.redrive_in_flight.len() as u32).to_le_bytes());
+        for ((topic, partition), in_flight) in &self.redrive_in_flight {
+            put_str(&mut out, topic);
+            out.extend_from_slice(&partition.to_le_bytes());
+            put_in_flight(&mut out, in_flight);
+        }
         out
     }
 
@@ -730,6 +1152,24 @@ impl StateMachine for RetryState {
             state.redrive_progress.insert((topic, partition), offset);
         }
         state.bindings = TopicBindings::decode(&mut r)?;
+        if !r.is_empty() {
+            for _ in 0..r.u32().ok_or(truncated)? {
+                let group = get_str(&mut r).ok_or(truncated)?;
+                let key = get_key(&mut r).ok_or(truncated)?;
+                let at = get_finished_tail(&mut r).ok_or(truncated)?;
+                state.remember_finished(group, key, at);
+            }
+        }
+        if !r.is_empty() {
+            for _ in 0..r.u32().ok_or(truncated)? {
+                let topic = get_str(&mut r).ok_or(truncated)?;
+                let partition = r.u32().ok_or(truncated)?;
+                let in_flight = get_in_flight(&mut r).ok_or(truncated)?;
+                state
+                    .redrive_in_flight
+                    .insert((topic, partition), in_flight);
+            }
+        }
         if !r.is_empty() {
             return Err("bytes after the retry state");
         }

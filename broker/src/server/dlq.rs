@@ -5,6 +5,20 @@
 //! to redeliver from the topics, appends dead letters to DLQ topics
 //! (creating them on demand) and finishes, at startup, the dead letters a
 //! crash interrupted.
+//!
+//! A dead letter is appended by exactly one call: the one whose
+//! [`RetrySets`] change made it pending (a nack, or a timed-out hand-out in
+//! `FetchRetries`); startup checks the DLQ's tail first, as a crash may
+//! have come after the append. A dead letter that cannot be written (its
+//! DLQ name is not a valid topic name, its source topic is gone, a storage
+//! error) never stops the broker: it stays in the retry set marked
+//! undeliverable with the reason, is logged and shown by `DescribeGroup`,
+//! and is tried again at startup and every maintenance interval.
+//!
+//! A redrive to topics records, before each chunk's appends, that it is in
+//! flight and where its targets end ([`RetrySets::begin_redrive_appends`]);
+//! the next redrive after a crash skips what the cut chunk appended, found
+//! by the `redriven-from` header.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -14,19 +28,21 @@ use sluice_proto::v1::{self, dead_letter_service_server::DeadLetterService};
 use tonic::{Request, Response, Status};
 
 use super::convert::{consumed, now_ms};
-use super::groups::{check_group_id, check_member_id};
+use super::shared::{
+    check_dlq_name, check_group_id, check_member_id, dlq_topic_for, effective_settings,
+};
 use super::{blocking, status};
 use crate::dlq::{
-    self, DeadLetter, NackOutcome, RecordLocation, RetryKey, RetrySets, is_dead_letter_of,
+    self, DeadLetter, NackOutcome, RecordLocation, RetryKey, RetryPolicy, RetrySets,
+    is_dead_letter_of,
 };
 use crate::groups::{GroupCoordinator, TopicPartition};
 use crate::storage::{BatchBuilder, Header, ProducerInfo, Record, StoredRecord};
-use crate::topics::{
-    DeadLetterConfig, DeadLetterPatch, TopicConfigPatch, TopicError, TopicRegistry,
-};
+use crate::topics::{DeadLetterPatch, TopicConfigPatch, TopicError, TopicRegistry};
 
 /// How long a redelivered record stays with the member it was handed to
-/// before it is handed out again without an ack or nack.
+/// before the delivery counts as failed and it is handed out again (or
+/// dead-lettered); `--redelivery-timeout-ms` changes it.
 pub const REDELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_REASON_BYTES: usize = 4096;
 const MAX_ERROR_CLASS_BYTES: usize = 256;
@@ -40,6 +56,7 @@ pub(crate) struct DeadLetters {
     pub(crate) topics: Arc<TopicRegistry>,
     pub(crate) groups: Arc<GroupCoordinator>,
     pub(crate) retries: Arc<RetrySets>,
+    pub(crate) redelivery_timeout: Duration,
 }
 
 /// The record at `offset` of a partition, if the log still keeps it (and
@@ -86,29 +103,6 @@ fn append(
     Ok(appended.info.base_offset)
 }
 
-/// `topic`'s retry and dead-letter settings as `group` has them: the
-/// topic's, changed by what the group set.
-pub(crate) fn effective_settings(
-    topics: &TopicRegistry,
-    retries: &RetrySets,
-    topic: &str,
-    group: &str,
-) -> Result<DeadLetterConfig, Status> {
-    let base = topics
-        .get(topic)
-        .map_err(status::topic)?
-        .config()
-        .dead_letters;
-    let Some(patch) = retries.group_override(group, topic) else {
-        return Ok(base);
-    };
-    // Checked when set; a later change of the topic may clash with it.
-    Ok(base.patched(&patch).unwrap_or_else(|e| {
-        tracing::warn!(group, topic, error = %e, "the group's retry settings no longer fit the topic's; using the topic's");
-        base
-    }))
-}
-
 /// Creates the DLQ topic of `source` if it does not exist: one partition,
 /// synced appends, retention at least the source's.
 fn ensure_dlq_topic(topics: &TopicRegistry, source: &str, dlq_topic: &str) -> Result<(), Status> {
@@ -141,22 +135,21 @@ fn ensure_dlq_topic(topics: &TopicRegistry, source: &str, dlq_topic: &str) -> Re
 
 /// Appends a dead letter to its DLQ (unless `check_tail` finds it there
 /// already, after a crash) and takes it out of the retry set. Its DLQ topic
-/// and offset (`None` when it was found already there).
+/// and offset, and whether this call appended it.
 fn dead_letter(
     topics: &TopicRegistry,
     retries: &RetrySets,
     letter: &DeadLetter,
     check_tail: bool,
-) -> Result<(String, Option<u64>), Status> {
+) -> Result<(String, u64, bool), Status> {
     let key = &letter.entry.key;
-    let dlq_topic = effective_settings(topics, retries, &key.topic, &letter.group)?
-        .dlq_topic(&key.topic, &letter.group);
+    let dlq_topic = dlq_topic_for(topics, retries, &key.topic, &letter.group)?;
     ensure_dlq_topic(topics, &key.topic, &dlq_topic)?;
-    if check_tail && already_in_dlq(topics, &dlq_topic, letter)? {
+    if check_tail && let Some(offset) = already_in_dlq(topics, &dlq_topic, letter)? {
         retries
-            .dead_lettered(&letter.group, key)
+            .dead_lettered(&letter.group, key, &dlq_topic, offset)
             .map_err(status::storage)?;
-        return Ok((dlq_topic, None));
+        return Ok((dlq_topic, offset, false));
     }
     let data = &letter.entry.data;
     let mut entry = letter.entry.clone();
@@ -192,17 +185,53 @@ fn dead_letter(
         },
     )?;
     retries
-        .dead_lettered(&letter.group, key)
+        .dead_lettered(&letter.group, key, &dlq_topic, offset)
         .map_err(status::storage)?;
     tracing::info!(group = %letter.group, source = %format!("{}/{}/{}", key.topic, key.partition, key.offset), dlq = %dlq_topic, offset, "dead-lettered a record");
-    Ok((dlq_topic, Some(offset)))
+    Ok((dlq_topic, offset, true))
 }
 
+/// What became of a dead letter.
+enum DeadLetterResult {
+    /// In the DLQ at this topic and offset.
+    Written { dlq_topic: String, offset: u64 },
+    /// It could not be written (why): it stays in the retry set, marked
+    /// undeliverable.
+    Undeliverable(String),
+}
+
+/// [`dead_letter`], and if that fails, the entry is marked undeliverable
+/// with the reason and logged: one dead letter never fails more than
+/// itself. Errs only when even the mark cannot be written.
+fn dead_letter_or_park(
+    topics: &TopicRegistry,
+    retries: &RetrySets,
+    letter: &DeadLetter,
+    check_tail: bool,
+) -> Result<DeadLetterResult, Status> {
+    match dead_letter(topics, retries, letter, check_tail) {
+        Ok((dlq_topic, offset, _)) => Ok(DeadLetterResult::Written { dlq_topic, offset }),
+        Err(failure) => {
+            let key = &letter.entry.key;
+            let reason = failure.message().to_owned();
+            let changed = retries
+                .mark_undeliverable(&letter.group, key, &reason)
+                .map_err(status::storage)?;
+            if changed {
+                tracing::warn!(group = %letter.group, source = %format!("{}/{}/{}", key.topic, key.partition, key.offset), %reason, "a dead letter could not be written; it stays in the retry set as undeliverable and is tried again every maintenance interval and at startup");
+            }
+            Ok(DeadLetterResult::Undeliverable(reason))
+        }
+    }
+}
+
+/// The offset of `letter` in the DLQ's tail, if a crash came after its
+/// append.
 fn already_in_dlq(
     topics: &TopicRegistry,
     dlq_topic: &str,
     letter: &DeadLetter,
-) -> Result<bool, Status> {
+) -> Result<Option<u64>, Status> {
     let log = topics
         .get(dlq_topic)
         .map_err(status::topic)?
@@ -218,39 +247,103 @@ fn already_in_dlq(
         let records = log.read_records(next, 1 << 20).map_err(status::storage)?;
         let Some(last) = records.last() else { break };
         next = last.offset + 1;
-        if records
+        if let Some(found) = records
             .iter()
-            .any(|r| is_dead_letter_of(&r.record.headers, &letter.group, &letter.entry.key))
+            .find(|r| is_dead_letter_of(&r.record.headers, &letter.group, &letter.entry.key))
         {
-            return Ok(true);
+            return Ok(Some(found.offset));
         }
     }
-    Ok(false)
+    Ok(None)
+}
+
+/// The DLQ offsets of `dlq_topic`/`partition` that a redrive in flight
+/// appended to its targets (found by their `redriven-from` header past
+/// where each target ended before).
+fn appended_by_redrive(
+    topics: &TopicRegistry,
+    dlq_topic: &str,
+    partition: u32,
+    in_flight: &dlq::RedriveInFlight,
+) -> Result<BTreeSet<u64>, Status> {
+    let mut found = BTreeSet::new();
+    for ((topic, target_partition), start) in &in_flight.targets {
+        // A target deleted since holds nothing to repeat.
+        let Ok(target) = topics.get(topic) else {
+            continue;
+        };
+        let Ok(target_partition) = target.partition(*target_partition) else {
+            continue;
+        };
+        let log = target_partition.log().clone();
+        let end = log.high_watermark();
+        let mut next = (*start).max(log.log_start_offset());
+        while next < end {
+            let records = log.read_records(next, 1 << 20).map_err(status::storage)?;
+            let Some(last) = records.last() else { break };
+            next = last.offset + 1;
+            found.extend(
+                records
+                    .iter()
+                    .filter_map(|r| dlq::redriven_offset(&r.record.headers, dlq_topic, partition)),
+            );
+        }
+    }
+    Ok(found)
 }
 
 /// Finishes the dead letters a crash left between "failed for the last
-/// time" and "appended to the DLQ": each is appended once (or found
-/// already appended). Run before serving.
-pub fn finish_pending_dead_letters(
+/// time" and "appended to the DLQ", and tries the undeliverable ones
+/// again: each is appended once (or found already appended). One that
+/// fails is logged and stays undeliverable; startup goes on. Run before
+/// serving. How many were finished.
+pub fn finish_pending_dead_letters(topics: &TopicRegistry, retries: &RetrySets) -> usize {
+    let mut letters = retries.pending_dead_letters();
+    letters.extend(retries.undeliverable_dead_letters());
+    finish(
+        topics,
+        retries,
+        &letters,
+        "finished a dead letter interrupted by a restart",
+    )
+}
+
+/// Tries the undeliverable dead letters again (every maintenance
+/// interval): the cause may have been fixed (group settings with a shorter
+/// DLQ name, space freed). How many were finished.
+pub(crate) fn retry_undeliverable_dead_letters(
     topics: &TopicRegistry,
     retries: &RetrySets,
-) -> Result<usize, Status> {
-    let pending = retries.pending_dead_letters();
-    for letter in &pending {
-        match dead_letter(topics, retries, letter, true) {
-            Ok((dlq_topic, offset)) => {
-                tracing::info!(group = %letter.group, dlq = %dlq_topic, appended = offset.is_some(), "finished a dead letter interrupted by a restart");
+) -> usize {
+    let letters = retries.undeliverable_dead_letters();
+    finish(
+        topics,
+        retries,
+        &letters,
+        "wrote a dead letter that was undeliverable before",
+    )
+}
+
+fn finish(
+    topics: &TopicRegistry,
+    retries: &RetrySets,
+    letters: &[DeadLetter],
+    done: &str,
+) -> usize {
+    let mut finished = 0;
+    for letter in letters {
+        match dead_letter_or_park(topics, retries, letter, true) {
+            Ok(DeadLetterResult::Written { dlq_topic, offset }) => {
+                finished += 1;
+                tracing::info!(group = %letter.group, dlq = %dlq_topic, offset, "{done}");
             }
-            // One damaged file must not keep the broker down: the letter
-            // stays pending, and the loss was named when its log opened.
-            Err(status) if status.code() == tonic::Code::DataLoss => {
-                tracing::error!(group = %letter.group, error = %status.message(),
-                    "a pending dead letter cannot be finished: its record is lost to damage");
+            Ok(DeadLetterResult::Undeliverable(_)) => {}
+            Err(e) => {
+                tracing::error!(group = %letter.group, error = %e.message(), "could not record a dead letter as undeliverable; it is tried again at the next start");
             }
-            Err(status) => return Err(status),
         }
     }
-    Ok(pending.len())
+    finished
 }
 
 fn record_ref(r: Option<v1::RecordRef>) -> Result<RetryKey, Status> {
@@ -323,9 +416,12 @@ impl DeadLetterService for DeadLetters {
         }
         let key = record_ref(request.record)?;
         self.check_held(&request.group_id, &request.member_id, &key)?;
-        let policy =
-            effective_settings(&self.topics, &self.retries, &key.topic, &request.group_id)?
-                .policy();
+        let settings =
+            effective_settings(&self.topics, &self.retries, &key.topic, &request.group_id)?;
+        // Refused before anything is counted, rather than a dead letter
+        // that cannot be written later.
+        let dlq_topic = check_dlq_name(&settings, &key.topic, &request.group_id)?;
+        let policy = settings.policy();
         let topic_id = self.topics.get(&key.topic).map_err(status::topic)?.id();
         let topics = Arc::clone(&self.topics);
         let retries = Arc::clone(&self.retries);
@@ -350,6 +446,14 @@ impl DeadLetterService for DeadLetters {
                     now_ms(),
                 )
                 .map_err(status::storage)?;
+            let dead = |deliveries, dlq_topic, dlq_offset| v1::NackResponse {
+                deliveries,
+                next_delivery_ms: 0,
+                dead_lettered: true,
+                dlq_topic,
+                dlq_offset,
+                undeliverable: String::new(),
+            };
             Ok(match outcome {
                 NackOutcome::Retry {
                     deliveries,
@@ -360,18 +464,36 @@ impl DeadLetterService for DeadLetters {
                     dead_lettered: false,
                     dlq_topic: String::new(),
                     dlq_offset: 0,
+                    undeliverable: String::new(),
                 },
                 NackOutcome::DeadLetter(letter) => {
                     let deliveries = letter.entry.deliveries;
-                    let (dlq_topic, offset) = dead_letter(&topics, &retries, &letter, false)?;
-                    v1::NackResponse {
-                        deliveries,
-                        next_delivery_ms: 0,
-                        dead_lettered: true,
-                        dlq_topic,
-                        dlq_offset: offset.unwrap_or(0),
+                    match dead_letter_or_park(&topics, &retries, &letter, false)? {
+                        DeadLetterResult::Written { dlq_topic, offset } => {
+                            dead(deliveries, dlq_topic, offset)
+                        }
+                        DeadLetterResult::Undeliverable(reason) => v1::NackResponse {
+                            undeliverable: reason,
+                            ..dead(deliveries, String::new(), 0)
+                        },
                     }
                 }
+                NackOutcome::AlreadyDeadLettered(done) => {
+                    dead(done.deliveries, done.dlq_topic, done.dlq_offset)
+                }
+                // Another call is writing it: its DLQ offset is not known
+                // yet.
+                NackOutcome::DeadLetterInProgress {
+                    deliveries,
+                    undeliverable: None,
+                } => dead(deliveries, dlq_topic, 0),
+                NackOutcome::DeadLetterInProgress {
+                    deliveries,
+                    undeliverable: Some(reason),
+                } => v1::NackResponse {
+                    undeliverable: reason,
+                    ..dead(deliveries, String::new(), 0)
+                },
             })
         })
         .await
@@ -418,6 +540,7 @@ impl DeadLetterService for DeadLetters {
         let topics = Arc::clone(&self.topics);
         let retries = Arc::clone(&self.retries);
         let group = request.group_id;
+        let redelivery_timeout = self.redelivery_timeout;
         let records = blocking(move || {
             // Never serve entries left by an earlier topic of the same name.
             let held_topics: BTreeSet<&String> = held.iter().map(|(topic, _)| topic).collect();
@@ -429,6 +552,19 @@ impl DeadLetterService for DeadLetters {
                 }
             }
             let now = now_ms();
+            // Deliveries that timed out count as failed first, so a record
+            // that crashes its consumer reaches its last delivery.
+            let policy_for = |topic: &str| -> Option<RetryPolicy> {
+                effective_settings(&topics, &retries, topic, &group)
+                    .ok()
+                    .map(|s| s.policy())
+            };
+            for letter in retries
+                .expire_handed_out(&group, &held, now, policy_for)
+                .map_err(status::storage)?
+            {
+                dead_letter_or_park(&topics, &retries, &letter, false)?;
+            }
             let mut out = Vec::new();
             for entry in retries.due(&group, &held, now, limit) {
                 let data = &entry.data;
@@ -436,15 +572,17 @@ impl DeadLetterService for DeadLetters {
                 else {
                     // Gone before it could be retried: dead-letter what is
                     // known about it rather than retry nothing forever.
+                    // (The tail check keeps a concurrent fetch from
+                    // writing it twice.)
                     let letter = DeadLetter {
                         group: group.clone(),
                         entry: entry.clone(),
                     };
-                    dead_letter(&topics, &retries, &letter, false)?;
+                    dead_letter_or_park(&topics, &retries, &letter, true)?;
                     continue;
                 };
                 retries
-                    .delivered(&group, &entry.key, now, REDELIVERY_TIMEOUT)
+                    .delivered(&group, &entry.key, now, redelivery_timeout)
                     .map_err(status::storage)?;
                 let mut record = stored.record;
                 let redriven = data.topic != entry.key.topic
@@ -474,7 +612,8 @@ impl DeadLetterService for DeadLetters {
         .await?;
         Ok(Response::new(v1::FetchRetriesResponse {
             records,
-            redelivery_timeout_ms: REDELIVERY_TIMEOUT.as_millis() as u32,
+            redelivery_timeout_ms: u32::try_from(self.redelivery_timeout.as_millis())
+                .unwrap_or(u32::MAX),
         }))
     }
 
@@ -500,6 +639,7 @@ impl DeadLetterService for DeadLetters {
             dlq_topic: s.dlq_topic,
         };
         let effective = base.patched(&patch).map_err(status::topic)?;
+        check_dlq_name(&effective, &request.topic, &request.group_id)?;
         let retries = Arc::clone(&self.retries);
         blocking(move || {
             retries
@@ -570,6 +710,31 @@ impl DeadLetterService for DeadLetters {
         // them, so a large redrive does not flood the group.
         let chunk = (rate / 10).max(1) as usize;
         let progress_floor = progress.unwrap_or(0);
+        let appends_to_topics = !request.dry_run
+            && matches!(
+                target,
+                v1::RedriveTarget::SourceTopic | v1::RedriveTarget::Topic
+            );
+        // What an earlier redrive to topics appended before a crash cut it
+        // short (after its last saved progress): not appended again.
+        let already_appended = match self
+            .retries
+            .redrive_in_flight(&request.dlq_topic, request.partition)
+        {
+            Some(in_flight) if appends_to_topics => {
+                let topics = Arc::clone(&self.topics);
+                let (dlq_topic, partition) = (request.dlq_topic.clone(), request.partition);
+                let found = blocking(move || {
+                    appended_by_redrive(&topics, &dlq_topic, partition, &in_flight)
+                })
+                .await?;
+                if !found.is_empty() {
+                    tracing::info!(dlq = %request.dlq_topic, records = found.len(), "an interrupted redrive appended these already; skipping them");
+                }
+                Arc::new(found)
+            }
+            _ => Arc::new(BTreeSet::new()),
+        };
         let mut redriven = Vec::new();
         let mut next = from;
         while next < to {
@@ -578,6 +743,7 @@ impl DeadLetterService for DeadLetters {
             let retries = Arc::clone(&self.retries);
             let request = request.clone();
             let log = log.clone();
+            let already_appended = Arc::clone(&already_appended);
             let (refs, after) = blocking(move || {
                 let mut records = log.read_records(next, 1 << 20).map_err(status::storage)?;
                 records.retain(|r| r.offset >= next && r.offset < to);
@@ -588,6 +754,8 @@ impl DeadLetterService for DeadLetters {
                 // per record.
                 let mut by_group: BTreeMap<String, Vec<(RetryKey, RecordLocation)>> =
                     BTreeMap::new();
+                // (DLQ offset, target topic, partition, record).
+                let mut to_append: Vec<(u64, String, u32, Record)> = Vec::new();
                 for stored in records {
                     let Some(source) = dlq::dead_letter_source(&stored.record.headers) else {
                         tracing::warn!(
@@ -604,10 +772,8 @@ impl DeadLetterService for DeadLetters {
                     if request.dry_run {
                         continue;
                     }
-                    let redriven_from = format!(
-                        "{}/{}/{}",
-                        request.dlq_topic, request.partition, stored.offset
-                    );
+                    let redriven_from =
+                        dlq::redriven_from(&request.dlq_topic, request.partition, stored.offset);
                     match target {
                         v1::RedriveTarget::Unspecified | v1::RedriveTarget::Group => {
                             let group = dlq::dead_letter_group(&stored.record.headers)
@@ -639,7 +805,7 @@ impl DeadLetterService for DeadLetters {
                             } else {
                                 (source.topic.clone(), source.partition)
                             };
-                            append(&topics, &topic, partition, record)?;
+                            to_append.push((stored.offset, topic, partition, record));
                         }
                     }
                 }
@@ -648,7 +814,41 @@ impl DeadLetterService for DeadLetters {
                         .redrive(&group, records, now_ms())
                         .map_err(status::storage)?;
                 }
-                if !request.dry_run {
+                if appends_to_topics {
+                    // Recorded first, with where the targets end now, so
+                    // that a crash mid-chunk is found and not repeated.
+                    let mut targets = BTreeMap::new();
+                    for (_, topic, partition, _) in &to_append {
+                        if let std::collections::btree_map::Entry::Vacant(slot) =
+                            targets.entry((topic.clone(), *partition))
+                        {
+                            let end = topics
+                                .get(topic)
+                                .map_err(status::topic)?
+                                .partition(*partition)
+                                .map_err(status::topic)?
+                                .log()
+                                .high_watermark();
+                            slot.insert(end);
+                        }
+                    }
+                    retries
+                        .begin_redrive_appends(&request.dlq_topic, request.partition, next, targets)
+                        .map_err(status::storage)?;
+                    for (offset, topic, partition, record) in to_append {
+                        if !already_appended.contains(&offset) {
+                            append(&topics, &topic, partition, record)?;
+                        }
+                    }
+                    retries
+                        .finish_redrive_appends(
+                            &request.dlq_topic,
+                            request.partition,
+                            after.max(progress_floor),
+                            already_appended.range(after..).next().is_none(),
+                        )
+                        .map_err(status::storage)?;
+                } else if !request.dry_run {
                     retries
                         .set_redrive_progress(
                             &request.dlq_topic,

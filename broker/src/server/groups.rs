@@ -13,12 +13,13 @@ use sluice_proto::v1::{self, group_service_server::GroupService};
 use tonic::{Request, Response, Status};
 
 use super::convert::now_ms;
+use super::shared::{check_group_id, check_member_id};
 use super::{blocking, status};
 use crate::dlq::RetrySets;
 use crate::groups::{
     CommittedOffset, GroupCoordinator, GroupDescription, GroupError, TopicPartition,
 };
-use crate::topics::{TopicRegistry, name_rule_violation};
+use crate::topics::TopicRegistry;
 
 const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_METADATA_BYTES: usize = 4096;
@@ -28,24 +29,6 @@ pub(crate) struct Groups {
     pub(crate) topics: Arc<TopicRegistry>,
     pub(crate) groups: Arc<GroupCoordinator>,
     pub(crate) retries: Arc<RetrySets>,
-}
-
-pub(crate) fn check_group_id(group_id: &str) -> Result<(), Status> {
-    match name_rule_violation(group_id) {
-        Some(reason) => Err(Status::invalid_argument(format!(
-            "invalid group id {group_id:?}: {reason}"
-        ))),
-        None => Ok(()),
-    }
-}
-
-pub(crate) fn check_member_id(member_id: &str) -> Result<(), Status> {
-    if member_id.is_empty() {
-        return Err(Status::invalid_argument(
-            "member id is empty: join the group first",
-        ));
-    }
-    Ok(())
 }
 
 fn partition_sets(partitions: &BTreeSet<TopicPartition>) -> Vec<v1::TopicPartitions> {
@@ -170,10 +153,19 @@ fn describe_with_lag(
     let dead_letters = source_topics
         .into_iter()
         .filter_map(|topic| {
-            let settings =
-                super::dlq::effective_settings(topics, retries, &topic, &description.group_id)
-                    .ok()?;
-            let dlq_topic = settings.dlq_topic(&topic, &description.group_id);
+            let retry_set_size = retries.len_for_topic(&description.group_id, &topic) as u64;
+            // A deleted topic's entries are still shown (undeliverable
+            // ones among them), with no DLQ.
+            let dlq_topic = match super::shared::effective_settings(
+                topics,
+                retries,
+                &topic,
+                &description.group_id,
+            ) {
+                Ok(settings) => settings.dlq_topic(&topic, &description.group_id),
+                Err(_) if retry_set_size > 0 => String::new(),
+                Err(_) => return None,
+            };
             let dlq_depth = topics.get(&dlq_topic).map_or(0, |t| {
                 t.partitions()
                     .iter()
@@ -189,7 +181,14 @@ fn describe_with_lag(
             } else {
                 0
             };
+            let (undeliverable, undeliverable_reason) = if current {
+                retries.undeliverable_for_topic(&description.group_id, &topic)
+            } else {
+                (0, None)
+            };
             Some(v1::DeadLetterStatus {
+                undeliverable,
+                undeliverable_reason: undeliverable_reason.unwrap_or_default(),
                 retry_set_size,
                 dlq_topic,
                 dlq_depth,
@@ -274,6 +273,8 @@ impl GroupService for Groups {
         }
         for topic in &request.topics {
             self.topics.get(topic).map_err(status::topic)?;
+            // A nack of this member may dead-letter: the name must work.
+            super::shared::dlq_topic_for(&self.topics, &self.retries, topic, &request.group_id)?;
         }
         let session_timeout = match request.session_timeout_ms {
             0 => DEFAULT_SESSION_TIMEOUT,

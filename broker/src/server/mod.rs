@@ -19,6 +19,7 @@ mod convert;
 mod dlq;
 mod groups;
 mod produce;
+mod shared;
 mod status;
 
 use std::future::Future;
@@ -61,6 +62,9 @@ pub struct ServerSettings {
     /// How long the offsets of a group with no members are kept after it
     /// became empty (or the broker started) and after its last commit.
     pub group_offset_retention: Duration,
+    /// How long a retry handed to a member may go without an ack or nack
+    /// before that delivery counts as failed.
+    pub redelivery_timeout: Duration,
 }
 
 impl Default for ServerSettings {
@@ -70,6 +74,7 @@ impl Default for ServerSettings {
             shutdown_timeout: Duration::from_secs(10),
             maintenance_interval: Duration::from_secs(30),
             group_offset_retention: Duration::from_secs(7 * 24 * 3600),
+            redelivery_timeout: dlq::REDELIVERY_TIMEOUT,
         }
     }
 }
@@ -134,7 +139,8 @@ pub async fn serve(
     let dead_letters = DeadLetterServiceServer::new(dlq::DeadLetters {
         topics: Arc::clone(&topics),
         groups: Arc::clone(&groups),
-        retries,
+        retries: Arc::clone(&retries),
+        redelivery_timeout: settings.redelivery_timeout,
     })
     .max_decoding_message_size(limit)
     .max_encoding_message_size(limit);
@@ -167,6 +173,7 @@ pub async fn serve(
     let maintenance = tokio::spawn(maintain(
         Arc::clone(&topics),
         Arc::clone(&groups),
+        retries,
         settings.clone(),
         stopping.clone(),
     ));
@@ -238,13 +245,15 @@ pub async fn serve(
     }
 }
 
-/// Runs retention, producer-state snapshots and group offset expiry every
-/// maintenance interval, and removes group members whose session timed out
+/// Runs retention, producer-state snapshots, group offset expiry and
+/// another try of undeliverable dead letters every maintenance interval,
+/// and removes group members whose session timed out
 /// every second (heartbeats do that too, but a group whose members all died
 /// sends none).
 async fn maintain(
     topics: Arc<TopicRegistry>,
     groups: Arc<GroupCoordinator>,
+    retries: Arc<RetrySets>,
     settings: ServerSettings,
     mut stopping: watch::Receiver<bool>,
 ) {
@@ -264,6 +273,7 @@ async fn maintain(
         }
         let topics = Arc::clone(&topics);
         let groups = Arc::clone(&groups);
+        let retries = Arc::clone(&retries);
         let retention = settings.group_offset_retention;
         let _ = tokio::task::spawn_blocking(move || {
             let now_ms = convert::now_ms();
@@ -271,6 +281,7 @@ async fn maintain(
             if let Err(e) = groups.expire_offsets(std::time::Instant::now(), now_ms, retention) {
                 tracing::warn!(error = %e, "expiring group offsets failed");
             }
+            dlq::retry_undeliverable_dead_letters(&topics, &retries);
         })
         .await;
     }

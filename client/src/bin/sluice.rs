@@ -444,6 +444,13 @@ async fn group(config: &ClientConfig, command: GroupCommand) -> anyhow::Result<(
                     "  {}: {} retry(ies) pending, {} dead letter(s) in {}",
                     d.topic, d.retry_set_size, d.dlq_depth, d.dlq_topic
                 );
+                if d.undeliverable > 0 {
+                    println!(
+                        "    {} undeliverable dead letter(s): {}",
+                        d.undeliverable,
+                        d.undeliverable_reason.as_deref().unwrap_or("")
+                    );
+                }
             }
             for m in &info.members {
                 let assigned: Vec<String> =
