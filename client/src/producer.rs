@@ -959,7 +959,11 @@ impl PartitionSender {
             if let Some(index) = index {
                 let batch = self.in_flight.remove(index).expect("index exists");
                 let positions = response.response.map(|r| r.positions).unwrap_or_default();
-                self.settle_written(batch, positions);
+                let (records, got) = (batch.records.len(), positions.len());
+                if records != got {
+                    tracing::warn!(topic = %self.topic, partition = self.partition, records, positions = got, "broker acknowledged a batch with the wrong number of positions");
+                }
+                settle_written(batch.records, positions);
             }
             return;
         }
@@ -1025,24 +1029,6 @@ impl PartitionSender {
             self.renumber(p.base_sequence);
             if behind {
                 drain(stream);
-            }
-        }
-    }
-
-    /// Settles the records of a batch the broker wrote, each with its
-    /// position; any it gave no position for fail.
-    fn settle_written(&mut self, batch: InFlight, positions: Vec<v1::RecordPosition>) {
-        let (records, got) = (batch.records.len(), positions.len());
-        if records != got {
-            tracing::warn!(topic = %self.topic, partition = self.partition, records, positions = got, "broker acknowledged a batch with the wrong number of positions");
-        }
-        let mut positions = positions.into_iter();
-        for pending in batch.records {
-            match positions.next() {
-                Some(position) => pending.settle(Ok(Position::from(position))),
-                None => pending.settle(Err(Error::Rejected(Status::internal(format!(
-                    "the broker acknowledged a batch of {records} records with {got} positions"
-                ))))),
             }
         }
     }
@@ -1168,6 +1154,21 @@ impl PartitionSender {
     }
 }
 
+/// Settles the records of a batch the broker wrote, each with its
+/// position; any it gave no position for fail rather than wait for ever.
+fn settle_written(records: Vec<Pending>, positions: Vec<v1::RecordPosition>) {
+    let (count, got) = (records.len(), positions.len());
+    let mut positions = positions.into_iter();
+    for pending in records {
+        match positions.next() {
+            Some(position) => pending.settle(Ok(Position::from(position))),
+            None => pending.settle(Err(Error::Rejected(Status::internal(format!(
+                "the broker acknowledged a batch of {count} records with {got} positions"
+            ))))),
+        }
+    }
+}
+
 async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
@@ -1188,5 +1189,88 @@ async fn next_response(
     match stream {
         Some(s) => s.responses.next().await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(
+        outstanding: &Arc<Outstanding>,
+        buffer: &Arc<Semaphore>,
+    ) -> (Pending, DeliveryFuture) {
+        let (reply, receiver) = oneshot::channel();
+        let pending = Pending {
+            record: v1::Record::default(),
+            size: 1,
+            batch_cost: RECORD_OVERHEAD_BYTES,
+            max_batch: usize::MAX,
+            deadline: Instant::now(),
+            reply: Some(reply),
+            _ticket: outstanding.register(),
+            _permit: Arc::clone(buffer).try_acquire_owned().unwrap(),
+        };
+        (pending, DeliveryFuture { receiver })
+    }
+
+    #[tokio::test]
+    async fn every_record_of_an_acknowledged_batch_settles_even_without_a_position() {
+        let outstanding = Arc::new(Outstanding::default());
+        let buffer = Arc::new(Semaphore::new(3));
+        let (records, deliveries): (Vec<_>, Vec<_>) =
+            (0..3).map(|_| pending(&outstanding, &buffer)).unzip();
+        let generation = outstanding.barrier();
+        let position = v1::RecordPosition {
+            partition: 2,
+            offset: 7,
+        };
+        settle_written(records, vec![position]);
+        let mut deliveries = deliveries.into_iter();
+        let first = deliveries.next().unwrap().await.unwrap();
+        assert_eq!((first.partition, first.offset), (2, 7));
+        for delivery in deliveries {
+            let error = delivery.await.unwrap_err();
+            assert_eq!(error.code(), Some(Code::Internal), "{error}");
+        }
+        // Nothing is left for flush to wait for, and the buffer is free.
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            outstanding.settled_through(generation),
+        )
+        .await
+        .expect("every record settled");
+        assert_eq!(buffer.available_permits(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_record_fails_with_closed_and_frees_flush() {
+        let outstanding = Arc::new(Outstanding::default());
+        let buffer = Arc::new(Semaphore::new(1));
+        let (record, delivery) = pending(&outstanding, &buffer);
+        let generation = outstanding.barrier();
+        let later = pending(&outstanding, &Arc::new(Semaphore::new(1)));
+        drop(record);
+        assert!(matches!(delivery.await, Err(Error::Closed)));
+        // A record accepted after the barrier does not hold it up.
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            outstanding.settled_through(generation),
+        )
+        .await
+        .expect("the barrier's generation settled");
+        drop(later);
+    }
+
+    #[test]
+    fn a_refusal_keeps_its_reason() {
+        let status = refusal(&v1::ProduceStreamResponse {
+            request_id: 3,
+            response: None,
+            error_code: Code::FailedPrecondition as i32,
+            error_message: "fenced by epoch 4".into(),
+            error_reason: "fenced".into(),
+        });
+        assert_eq!(Error::Rejected(status).reason(), Some("fenced"));
     }
 }
