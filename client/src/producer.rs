@@ -339,6 +339,8 @@ struct Inner {
     config: ProducerConfig,
     identity: Arc<SharedIdentity>,
     client: ProduceServiceClient<Channel>,
+    /// The largest request the channel sends, less room for its framing.
+    max_request_bytes: usize,
     metadata: Arc<Metadata>,
     sticky: StdMutex<HashMap<String, Sticky>>,
     registry: StdMutex<Registry>,
@@ -379,6 +381,7 @@ impl Producer {
                     topics: StdMutex::new(HashMap::new()),
                 }),
                 client: grpc,
+                max_request_bytes: client.max_message_bytes.saturating_sub(1024),
                 buffer: Arc::new(Semaphore::new(permits)),
                 config,
                 sticky: StdMutex::new(HashMap::new()),
@@ -448,7 +451,8 @@ impl Producer {
             record: proto,
             size,
             batch_cost: record_bytes + RECORD_OVERHEAD_BYTES,
-            max_batch: limits.max_batch_bytes,
+            // A batch's estimate bounds its request's size too.
+            max_batch: limits.max_batch_bytes.min(inner.max_request_bytes),
             deadline: Instant::now() + inner.config.delivery_timeout,
             reply: Some(reply),
             _ticket: inner.outstanding.register(),

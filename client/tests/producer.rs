@@ -68,6 +68,16 @@ async fn a_fast_producer_cuts_batches_to_what_the_topic_accepts() {
         )
         .await
         .unwrap();
+    let info = Admin::new(&config)
+        .unwrap()
+        .describe_topic("small-segments")
+        .await
+        .unwrap();
+    assert_eq!(
+        info.max_batch_bytes,
+        Some(512 * 1024),
+        "the broker says its limit"
+    );
     let producer = Producer::new(
         &config,
         ProducerConfig {

@@ -181,11 +181,16 @@ impl Drop for Broker {
 
 /// The `sluice-broker` binary of this build, for test crates other than the
 /// broker's own (which use `env!("CARGO_BIN_EXE_sluice-broker")`): built
-/// with the same profile next to the running test binary.
+/// with the same profile next to the running test binary, or the one
+/// `SLUICE_BROKER_BINARY` names (a target directory shared by several
+/// checkouts may hold another checkout's build).
 pub fn broker_binary() -> PathBuf {
     static BINARY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BINARY
         .get_or_init(|| {
+            if let Some(binary) = std::env::var_os("SLUICE_BROKER_BINARY") {
+                return PathBuf::from(binary);
+            }
             let exe = std::env::current_exe().expect("test binary path");
             // target/<profile>/deps/<test> -> target/<profile>
             let profile_dir = exe
