@@ -167,7 +167,7 @@ async fn records_queued_while_disconnected_time_out_together() {
     let direct = ClientConfig::new(broker.url());
     Admin::new(&direct)
         .unwrap()
-        .create_topic("cut-off", 1)
+        .create_topic("cut-off", 2)
         .await
         .unwrap();
     let proxy = FaultProxy::start(broker.addr);
@@ -179,22 +179,18 @@ async fn records_queued_while_disconnected_time_out_together() {
         },
     )
     .unwrap();
+    // Learns the topic's settings while the broker is reachable.
     producer
-        .send("cut-off", Record::new("warm-up"))
+        .send("cut-off", Record::new("warm-up").with_partition(0))
         .await
         .unwrap();
     proxy.set(Fault::Refuse);
-    // Let the producer notice the cut before anything else is sent.
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let started = Instant::now();
     let mut deliveries = Vec::new();
     for i in 0..15 {
-        deliveries.push(
-            producer
-                .enqueue("cut-off", Record::new(format!("r{i}")))
-                .await
-                .unwrap(),
-        );
+        // Partition 1 has no stream yet: nothing of it can have been sent.
+        let record = Record::new(format!("r{i}")).with_partition(1);
+        deliveries.push(producer.enqueue("cut-off", record).await.unwrap());
     }
     for (i, delivery) in deliveries.into_iter().enumerate() {
         // Generous against a 2 s timeout; one expiry per backoff step
