@@ -50,7 +50,8 @@
 //! Topic settings (partition count, record and batch limits) are cached
 //! for `metadata_max_age` and dropped at once when the broker refuses a
 //! batch for a reason they govern (`INVALID_ARGUMENT`, `NOT_FOUND`), so the
-//! next `enqueue` works with fresh ones.
+//! next `enqueue` works with fresh ones; a batch refused for a record the
+//! fresh settings say is too large loses only that record.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
@@ -1021,6 +1022,23 @@ impl PartitionSender {
             // no longer has: look its settings up again.
             self.metadata.invalidate(&self.topic);
         }
+        // Resending the rest of a batch puts it behind the batches after
+        // it unless they are refused too: only when idempotent (they are,
+        // as out of order) or when none is behind it.
+        let nothing_behind = index + 1 == self.in_flight.len();
+        let base = self.in_flight[index].request.producer;
+        if code == Code::InvalidArgument
+            && (self.shared_identity.is_some() || nothing_behind)
+            && self.drop_oversized(index, &status).await
+        {
+            // The rest of the batch goes again, with the batches behind it
+            // (refused as out of order meanwhile) after it.
+            if let Some(p) = base {
+                self.renumber(p.base_sequence);
+            }
+            drain(stream);
+            return;
+        }
         let batch = self.in_flight.remove(index).expect("index exists");
         let behind = self.in_flight.len() > index;
         for pending in batch.records {
@@ -1035,6 +1053,39 @@ impl PartitionSender {
                 drain(stream);
             }
         }
+    }
+
+    /// After a refusal for size, fails the records of batch `index` the
+    /// topic's current settings say are too large and keeps the rest there,
+    /// to be sent again (Kafka splits a batch refused as too large). Returns
+    /// false, changing nothing, if none is too large by those settings.
+    async fn drop_oversized(&mut self, index: usize, status: &Status) -> bool {
+        let Ok(limits) = self.metadata.limits(&self.topic).await else {
+            return false;
+        };
+        let too_large =
+            |p: &Pending| p.batch_cost - RECORD_OVERHEAD_BYTES > limits.max_record_bytes;
+        let batch = &mut self.in_flight[index];
+        if !batch.records.iter().any(too_large) {
+            return false;
+        }
+        let (refused, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut batch.records)
+            .into_iter()
+            .partition(too_large);
+        for pending in refused {
+            pending.settle(Err(Error::Rejected(status.clone())));
+        }
+        if kept.is_empty() {
+            self.in_flight.remove(index);
+            return true;
+        }
+        batch.request.records = kept.iter().map(|p| p.record.clone()).collect();
+        batch.request.request_id = self.next_id;
+        batch.records = kept;
+        // Refused, so not written: if it times out, it plainly does.
+        batch.sent = false;
+        self.next_id += 1;
+        true
     }
 
     /// Moves to `adopt` (or a renewed identity) and renumbers every

@@ -424,12 +424,28 @@ async fn a_topic_recreated_with_fewer_partitions_is_looked_up_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lowered_record_limit_is_learnt_from_the_refusal() {
+    lowered_record_limit(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lowered_record_limit_is_learnt_without_idempotence_too() {
+    lowered_record_limit(false).await;
+}
+
+async fn lowered_record_limit(idempotence: bool) {
     let dir = tempfile::tempdir().unwrap();
     let broker = start(dir.path());
     let config = ClientConfig::new(broker.url());
     let admin = Admin::new(&config).unwrap();
     admin.create_topic("limits", 1).await.unwrap();
-    let producer = Producer::new(&config, ProducerConfig::default()).unwrap();
+    let producer = Producer::new(
+        &config,
+        ProducerConfig {
+            idempotence,
+            ..ProducerConfig::default()
+        },
+    )
+    .unwrap();
     producer
         .send("limits", Record::new("warm-up"))
         .await
@@ -450,14 +466,24 @@ async fn a_lowered_record_limit_is_learnt_from_the_refusal() {
             Record::new(vec![b'l'; size])
         })
     };
-    // The first batch meets the new limit at the broker.
+    // The first batch meets the new limit at the broker: the producer looks
+    // it up and sends the records within it again.
     let mut first = Vec::new();
     for record in batch() {
         first.push(producer.enqueue("limits", record).await.unwrap());
     }
-    for delivery in first {
-        let _ = delivery.await;
+    let mut sunk = 0;
+    for (i, delivery) in first.into_iter().enumerate() {
+        match delivery.await {
+            Ok(_) => assert_ne!(i, 5, "the large record was written"),
+            Err(error) => {
+                assert_eq!(i, 5, "record {i} sank with the large one: {error}");
+                assert_eq!(error.code(), Some(tonic::Code::InvalidArgument), "{error}");
+                sunk += 1;
+            }
+        }
     }
+    assert_eq!(sunk, 1);
     // From then on the producer knows it: only the large record fails, at once.
     let mut second = Vec::new();
     let mut refused = 0;
@@ -475,6 +501,7 @@ async fn a_lowered_record_limit_is_learnt_from_the_refusal() {
         delivery.await.expect("small records are not sunk with it");
     }
     producer.close().await.unwrap();
+    assert_eq!(stored(&config, "limits").await, 1 + 9 + 9);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
