@@ -539,3 +539,129 @@ async fn topic_settings_expire_after_metadata_max_age() {
     }
     producer.close().await.unwrap();
 }
+
+/// Reads every record of partition 0 of `topic`.
+async fn read_partition(config: &ClientConfig, topic: &str) -> Vec<sluice_client::ConsumedRecord> {
+    let total = stored(config, topic).await as usize;
+    let mut consumer = sluice_client::Consumer::new(config).unwrap();
+    consumer
+        .assign(topic, &[0], sluice_client::StartFrom::Earliest)
+        .await
+        .unwrap();
+    let mut out = Vec::with_capacity(total);
+    while out.len() < total {
+        let record = tokio::time::timeout(
+            Duration::from_secs(30),
+            tokio_stream::StreamExt::next(&mut consumer),
+        )
+        .await
+        .expect("records keep coming")
+        .unwrap()
+        .unwrap();
+        out.push(record);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_with_batches_behind_them_never_duplicate_lose_or_reorder() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start(dir.path());
+    let config = ClientConfig::new(broker.url());
+    let admin = Admin::new(&config).unwrap();
+    admin.create_topic("flapping", 1).await.unwrap();
+    // The record limit flaps under a producer whose view of it lags: the
+    // broker refuses batches with more pipelined behind them, which are
+    // renumbered and resent while the refused stream still holds them.
+    let stop = Arc::new(AtomicBool::new(false));
+    let flapper = {
+        let (admin, stop) = (admin.clone(), Arc::clone(&stop));
+        tokio::spawn(async move {
+            let mut low = true;
+            while !stop.load(Ordering::Relaxed) {
+                let limit = if low { 200 } else { 4096 };
+                admin
+                    .alter_topic(
+                        "flapping",
+                        TopicSettings {
+                            max_record_bytes: Some(limit),
+                            ..TopicSettings::default()
+                        },
+                    )
+                    .await
+                    .unwrap();
+                low = !low;
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+        })
+    };
+    let producer = Producer::new(
+        &config,
+        ProducerConfig {
+            linger: Duration::ZERO,
+            batch_bytes: 1,
+            metadata_max_age: Duration::from_millis(10),
+            ..ProducerConfig::default()
+        },
+    )
+    .unwrap();
+    let mut deliveries = Vec::new();
+    for i in 0..2_000u32 {
+        // Every third record is over the low limit.
+        let padding = if i % 3 == 0 { 300 } else { 10 };
+        let value = format!("{i:06}:{}", "p".repeat(padding));
+        match producer.enqueue("flapping", Record::new(value)).await {
+            Ok(delivery) => deliveries.push((i, delivery)),
+            Err(error) => assert_eq!(error.code(), Some(tonic::Code::InvalidArgument)),
+        }
+        if i % 20 == 0 {
+            // Spread over some flaps of the limit.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    let mut delivered = std::collections::BTreeMap::new();
+    let mut refused = 0;
+    for (i, delivery) in deliveries {
+        match delivery.await {
+            Ok(position) => {
+                delivered.insert(position.offset, i);
+            }
+            Err(_) => refused += 1,
+        }
+    }
+    let large = delivered.values().filter(|i| *i % 3 == 0).count();
+    eprintln!(
+        "{} delivered ({large} large), {refused} refused",
+        delivered.len()
+    );
+    stop.store(true, Ordering::Relaxed);
+    flapper.await.unwrap();
+    producer.close().await.unwrap();
+
+    let log = read_partition(&config, "flapping").await;
+    let ids: Vec<u32> = log
+        .iter()
+        .map(|r| std::str::from_utf8(&r.value[..6]).unwrap().parse().unwrap())
+        .collect();
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "duplicated or reordered in the log"
+    );
+    assert_eq!(
+        log.len(),
+        delivered.len(),
+        "written but reported failed, or lost"
+    );
+    for record in &log {
+        let id: u32 = std::str::from_utf8(&record.value[..6])
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(
+            delivered.get(&record.offset),
+            Some(&id),
+            "offset {} holds record {id}, not the one acknowledged there",
+            record.offset
+        );
+    }
+}
