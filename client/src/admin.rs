@@ -114,6 +114,10 @@ pub struct TopicInfo {
     pub settings: TopicSettings,
     /// Its partitions (from `describe_topic`; empty from `list_topics`).
     pub partitions: Vec<PartitionInfo>,
+    /// The largest batch, in the broker's batch encoding, one partition
+    /// takes from an idempotent produce request (from `describe_topic` of
+    /// a broker that reports it; `None` otherwise).
+    pub max_batch_bytes: Option<u64>,
 }
 
 /// A group in a listing.
@@ -355,6 +359,7 @@ impl Admin {
                 name: t.name,
                 settings: TopicSettings::from_proto(t.config.unwrap_or_default()),
                 partitions: Vec::new(),
+                max_batch_bytes: None,
             })
             .collect())
     }
@@ -394,6 +399,7 @@ impl Admin {
                         .collect(),
                 })
                 .collect(),
+            max_batch_bytes: (response.max_batch_bytes > 0).then_some(response.max_batch_bytes),
         })
     }
 

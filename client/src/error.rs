@@ -27,9 +27,19 @@ pub enum Error {
     /// The broker could not be reached or is shutting down; retry later.
     #[error("broker unavailable: {0}")]
     Unavailable(String),
-    /// A record was not delivered within the producer's delivery timeout.
+    /// A record was not delivered within the producer's delivery timeout,
+    /// and was never sent: it was not written. Safe to send again.
     #[error("not delivered within {0:?}: {1}")]
     Timeout(Duration, String),
+    /// A record was sent but not acknowledged within the producer's
+    /// delivery timeout (the broker stalled, or its answer was lost): it
+    /// may or may not have been written. Not retryable as such: sending it
+    /// again may write it twice (librdkafka's `_MSG_TIMED_OUT` with status
+    /// "possibly persisted").
+    #[error(
+        "outcome unknown: sent but not acknowledged within {0:?}, it may have been written: {1}"
+    )]
+    UnknownOutcome(Duration, String),
     /// The producer or consumer was closed.
     #[error("closed")]
     Closed,

@@ -202,6 +202,7 @@ async fn a_newer_instance_of_a_named_producer_fences_the_older() {
         "{fenced}"
     );
     assert!(fenced.to_string().contains("fenced"), "{fenced}");
+    assert_eq!(fenced.reason(), Some("fenced"), "{fenced}");
     assert!(!fenced.is_retryable());
     new.send("t", Record::new("still fine")).await.unwrap();
     let values: Vec<Bytes> = read_all(&config, "t")

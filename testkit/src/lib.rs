@@ -181,11 +181,16 @@ impl Drop for Broker {
 
 /// The `sluice-broker` binary of this build, for test crates other than the
 /// broker's own (which use `env!("CARGO_BIN_EXE_sluice-broker")`): built
-/// with the same profile next to the running test binary.
+/// with the same profile next to the running test binary, or the one
+/// `SLUICE_BROKER_BINARY` names (a target directory shared by several
+/// checkouts may hold another checkout's build).
 pub fn broker_binary() -> PathBuf {
     static BINARY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BINARY
         .get_or_init(|| {
+            if let Some(binary) = std::env::var_os("SLUICE_BROKER_BINARY") {
+                return PathBuf::from(binary);
+            }
             let exe = std::env::current_exe().expect("test binary path");
             // target/<profile>/deps/<test> -> target/<profile>
             let profile_dir = exe
@@ -278,6 +283,97 @@ impl ChaosProxy {
     /// Connections cut so far.
     pub fn cuts(&self) -> usize {
         self.cuts_made.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// What a [`FaultProxy`] does to the traffic it carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Copies both ways.
+    None,
+    /// Copies requests to the broker, reads its replies and drops them: the
+    /// broker carries requests out, the client hears nothing (a silent
+    /// broker, or acknowledgements lost).
+    SwallowReplies,
+    /// Cuts every open connection and closes new ones at once: the broker
+    /// is unreachable.
+    Refuse,
+}
+
+/// A TCP proxy in front of the broker whose [`Fault`] a test switches at
+/// any time, for faults that must hold for a while (replies lost, broker
+/// unreachable) rather than strike at random like [`ChaosProxy`]'s cuts.
+pub struct FaultProxy {
+    pub addr: SocketAddr,
+    fault: std::sync::Arc<std::sync::atomic::AtomicU8>,
+    open: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl FaultProxy {
+    pub fn start(target: SocketAddr) -> FaultProxy {
+        use std::sync::atomic::{AtomicU8, Ordering};
+        use std::sync::{Arc, Mutex};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let fault = Arc::new(AtomicU8::new(Fault::None as u8));
+        let open: Arc<Mutex<Vec<std::net::TcpStream>>> = Arc::default();
+        let (accept_fault, accept_open) = (Arc::clone(&fault), Arc::clone(&open));
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { break };
+                if accept_fault.load(Ordering::Acquire) == Fault::Refuse as u8 {
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                    continue;
+                }
+                let Ok(server) = std::net::TcpStream::connect(target) else {
+                    continue;
+                };
+                {
+                    let mut open = accept_open.lock().unwrap();
+                    open.push(client.try_clone().unwrap());
+                    open.push(server.try_clone().unwrap());
+                }
+                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut &c2, &mut &s2);
+                    let _ = s2.shutdown(std::net::Shutdown::Both);
+                });
+                let fault = Arc::clone(&accept_fault);
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        let n = match std::io::Read::read(&mut &server, &mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if fault.load(Ordering::Acquire) == Fault::SwallowReplies as u8 {
+                            continue;
+                        }
+                        if std::io::Write::write_all(&mut &client, &buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                    let _ = server.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        FaultProxy { addr, fault, open }
+    }
+
+    /// Switches to `fault`; [`Fault::Refuse`] also cuts open connections.
+    pub fn set(&self, fault: Fault) {
+        self.fault
+            .store(fault as u8, std::sync::atomic::Ordering::Release);
+        if fault == Fault::Refuse {
+            for stream in self.open.lock().unwrap().drain(..) {
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+            }
+        }
     }
 
     pub fn url(&self) -> String {

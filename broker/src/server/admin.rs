@@ -50,9 +50,11 @@ fn to_proto(config: &TopicConfig) -> v1::TopicConfig {
 }
 
 fn describe(topic: &Topic) -> v1::DescribeTopicResponse {
+    let config = topic.config();
     v1::DescribeTopicResponse {
         name: topic.name().to_owned(),
-        config: Some(to_proto(&topic.config())),
+        config: Some(to_proto(&config)),
+        max_batch_bytes: super::produce::batch_limit(&config),
         partitions: topic
             .partitions()
             .iter()

@@ -28,6 +28,13 @@ const STREAM_IN_FLIGHT: usize = 64;
 /// A batch is cut at this size (or half a segment, if smaller).
 const MAX_BATCH_BYTES: u64 = 16 * 1024 * 1024;
 
+/// The largest batch a request writes to one partition of a topic with
+/// `config`: an idempotent request beyond it is refused, a plain one split.
+/// `DescribeTopic` reports it so producers cut their batches to fit.
+pub(crate) fn batch_limit(config: &crate::topics::TopicConfig) -> u64 {
+    MAX_BATCH_BYTES.min(config.segment_bytes / 2)
+}
+
 pub(crate) struct Produce {
     pub(crate) topics: Arc<TopicRegistry>,
     pub(crate) shutdown: watch::Receiver<bool>,
@@ -126,7 +133,7 @@ fn prepare(topics: &TopicRegistry, request: v1::ProduceRequest) -> Result<Prepar
             .or_default()
             .push((index, record_from_proto(record, now)));
     }
-    let batch_limit = MAX_BATCH_BYTES.min(config.segment_bytes / 2) as usize;
+    let batch_limit = batch_limit(&config) as usize;
     let mut batches = Vec::new();
     for (partition, records) in by_partition {
         let mut builder = BatchBuilder::default();
