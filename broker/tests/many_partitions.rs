@@ -9,7 +9,7 @@
 
 mod grpc_common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use grpc_common::*;
@@ -81,8 +81,7 @@ async fn many_partitions(topics: usize, partitions: u32) {
     let dir = tempfile::tempdir().unwrap();
     // The binary can be overridden for long runs on a shared target
     // directory, where another build may replace it mid-run.
-    let binary = std::env::var_os("SLUICE_TEST_BROKER_BIN")
-        .map_or_else(|| env!("CARGO_BIN_EXE_sluice-broker").into(), PathBuf::from);
+    let binary = sluice_testkit::broker_binary_or(env!("CARGO_BIN_EXE_sluice-broker"));
     let mut broker = Broker::start(&binary, dir.path(), &[]);
     let started = Instant::now();
     for t in 0..topics {

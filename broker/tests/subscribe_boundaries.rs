@@ -22,10 +22,7 @@ async fn subscribers_cross_segment_boundaries_without_out_of_range() {
     let dir = tempfile::tempdir().unwrap();
     // Overridable to run this test against another build (an older one,
     // to see the defect).
-    let binary = std::env::var_os("SLUICE_TEST_BROKER_BIN").map_or_else(
-        || env!("CARGO_BIN_EXE_sluice-broker").into(),
-        std::path::PathBuf::from,
-    );
+    let binary = sluice_testkit::broker_binary_or(env!("CARGO_BIN_EXE_sluice-broker"));
     let broker = sluice_testkit::Broker::start(
         &binary,
         dir.path(),

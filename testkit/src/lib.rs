@@ -179,6 +179,13 @@ impl Drop for Broker {
     }
 }
 
+/// The broker's own test crates pass `env!("CARGO_BIN_EXE_sluice-broker")`;
+/// `SLUICE_BROKER_BINARY` overrides it, as it does [`broker_binary`] (to run
+/// a test against another build, an older one to see a defect, say).
+pub fn broker_binary_or(built: &str) -> PathBuf {
+    std::env::var_os("SLUICE_BROKER_BINARY").map_or_else(|| PathBuf::from(built), PathBuf::from)
+}
+
 /// The `sluice-broker` binary of this build, for test crates other than the
 /// broker's own (which use `env!("CARGO_BIN_EXE_sluice-broker")`): built
 /// with the same profile next to the running test binary, or the one
