@@ -8,7 +8,7 @@ use bytes::Bytes;
 
 use crate::storage::{ByteReader, Record, StateLog, StateMachine, StorageError, write_atomically};
 use crate::topics::{
-    DeadLetterPatch, LiveTopics, Reconcile, TopicBindings, TopicId, put_deleted_incarnation,
+    DeadLetterPatch, LiveTopics, TopicBindings, TopicId, put_deleted_incarnation,
     read_deleted_incarnation,
 };
 
@@ -352,22 +352,10 @@ impl RetrySets {
             let state = self.state.state();
             crate::topics::reconcile(&state.topics(), &state.bindings, live)
         };
-        let mut records = Vec::new();
-        let mut dropped = Vec::new();
-        for change in plan {
-            match change {
-                Reconcile::Bind { topic, id, drops } => {
-                    records.push(bind_record(&topic, id));
-                    if drops {
-                        dropped.push(topic);
-                    }
-                }
-                Reconcile::Delete { topic, bound } => {
-                    records.push(delete_topic_record(&topic, bound));
-                    dropped.push(topic);
-                }
-            }
-        }
+        let (records, dropped) =
+            crate::topics::reconcile_records(plan, bind_record, |topic, bound| {
+                delete_topic_record(topic, bound)
+            });
         self.state.append(&records)?;
         for topic in &dropped {
             tracing::warn!(
@@ -1216,9 +1204,10 @@ mod tests {
         assert_eq!(back.bindings, state.bindings);
         assert_eq!(back.groups, state.groups);
         // A snapshot written before incarnations ends after the redrive
-        // progress.
+        // progress: cut the bindings and the two (empty) sections after
+        // them, the finished dead letters and the redrives in flight.
         let mut old = state.encode_snapshot();
-        old.truncate(old.len() - (4 + 2 + "orders".len() + 16));
+        old.truncate(old.len() - (4 + 2 + "orders".len() + 16) - (4 + 4));
         let back = RetryState::decode_snapshot(&old).unwrap();
         assert_eq!(back.bindings, TopicBindings::default());
         assert_eq!(back.groups, state.groups);

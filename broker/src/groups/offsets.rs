@@ -20,8 +20,7 @@ use bytes::Bytes;
 use super::assignor::TopicPartition;
 use crate::storage::{ByteReader, Record, StateLog, StateMachine, StorageError};
 use crate::topics::{
-    LiveTopics, Reconcile, TopicBindings, TopicId, put_deleted_incarnation,
-    read_deleted_incarnation,
+    LiveTopics, TopicBindings, TopicId, put_deleted_incarnation, read_deleted_incarnation,
 };
 
 const KIND_COMMIT: u8 = 1;
@@ -179,22 +178,10 @@ impl OffsetStore {
             let state = self.state.state();
             crate::topics::reconcile(&state.topics(), &state.bindings, live)
         };
-        let mut records = Vec::new();
-        let mut dropped = Vec::new();
-        for change in plan {
-            match change {
-                Reconcile::Bind { topic, id, drops } => {
-                    records.push(bind_record(&topic, id));
-                    if drops {
-                        dropped.push(topic);
-                    }
-                }
-                Reconcile::Delete { topic, bound } => {
-                    records.push(delete_topic_record(&topic, bound, now_ms));
-                    dropped.push(topic);
-                }
-            }
-        }
+        let (records, dropped) =
+            crate::topics::reconcile_records(plan, bind_record, |topic, bound| {
+                delete_topic_record(topic, bound, now_ms)
+            });
         self.state.append(&records)?;
         for topic in &dropped {
             tracing::warn!(

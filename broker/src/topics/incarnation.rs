@@ -236,6 +236,33 @@ pub fn reconcile(
         .collect()
 }
 
+/// The state-log records that carry out a [`reconcile`] plan, built by
+/// `bind` and `delete` (each store has its own record layout), and the
+/// topics whose state they drop.
+pub fn reconcile_records<R>(
+    plan: Vec<Reconcile>,
+    bind: impl Fn(&str, TopicId) -> R,
+    delete: impl Fn(&str, Option<TopicId>) -> R,
+) -> (Vec<R>, Vec<String>) {
+    let mut records = Vec::with_capacity(plan.len());
+    let mut dropped = Vec::new();
+    for change in plan {
+        match change {
+            Reconcile::Bind { topic, id, drops } => {
+                records.push(bind(&topic, id));
+                if drops {
+                    dropped.push(topic);
+                }
+            }
+            Reconcile::Delete { topic, bound } => {
+                records.push(delete(&topic, bound));
+                dropped.push(topic);
+            }
+        }
+    }
+    (records, dropped)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -34,7 +34,7 @@ mod incarnation;
 
 pub use incarnation::{
     LiveTopics, Reconcile, TopicBindings, TopicId, put_deleted_incarnation,
-    read_deleted_incarnation, reconcile,
+    read_deleted_incarnation, reconcile, reconcile_records,
 };
 
 pub use config::{
