@@ -4,22 +4,28 @@
 use std::path::Path;
 use std::process::Command;
 
+/// The Python to run: `SLUICE_PYTHON` (scripts/test.sh points it at a
+/// virtual environment with the pinned packages), else `python3`.
+fn python() -> String {
+    std::env::var("SLUICE_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
 #[test]
 fn a_python_grpc_client_creates_produces_fetches_and_subscribes() {
-    let probe = Command::new("python3")
+    let probe = Command::new(python())
         .args(["-c", "import grpc, grpc_tools"])
         .output()
         .expect("python3 is needed for this test");
     assert!(
         probe.status.success(),
-        "the Python gRPC packages are missing: run `python3 -m pip install grpcio grpcio-tools` \
-         (.ci/run installs them)\n{}",
+        "the Python gRPC packages are missing: run the tests with ./scripts/test.sh, which \
+         installs tests/python/requirements.txt into a virtual environment\n{}",
         String::from_utf8_lossy(&probe.stderr)
     );
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let dir = tempfile::tempdir().unwrap();
     let broker = start_broker(dir.path(), &[]);
-    let output = Command::new("python3")
+    let output = Command::new(python())
         .arg(root.join("tests/python/sluice_smoke.py"))
         .arg(broker.addr.to_string())
         .arg(root.join("proto"))
