@@ -120,13 +120,18 @@ async fn run(config: Config) -> anyhow::Result<()> {
     {
         // Offsets of topics deleted (or deleted and created again) while a
         // crash kept them from going with the topic; before any commit.
+        // Offsets of another incarnation are never answered, so a failure
+        // here (a full disk, say) is logged, not fatal: maintenance tries
+        // again, and the broker must start on a full disk.
         let groups = Arc::clone(&groups);
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-        tokio::task::spawn_blocking(move || groups.discard_stale_offsets(now_ms))
-            .await?
-            .context("dropping the offsets of deleted topics")?;
+        if let Err(e) =
+            tokio::task::spawn_blocking(move || groups.discard_stale_offsets(now_ms)).await?
+        {
+            tracing::warn!(error = %e, "dropping the offsets of deleted topics failed; maintenance tries again");
+        }
     }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
