@@ -10,6 +10,7 @@ const PROTOS: &[&str] = &[
     "sluice/v1/consume.proto",
     "sluice/v1/groups.proto",
     "sluice/v1/dlq.proto",
+    "sluice/v1/auth.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

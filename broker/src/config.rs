@@ -8,7 +8,10 @@ use std::time::Duration;
 use clap::Parser;
 use serde::Deserialize;
 
+use crate::auth::{AuthMode, AuthSettings, DEFAULT_BOOTSTRAP_USER};
 use crate::server::ServerSettings;
+use crate::server::auth::Reflection;
+use crate::server::tls::TlsSettings;
 use crate::storage::FlushPolicy;
 use crate::topics::TopicDefaults;
 
@@ -84,6 +87,50 @@ pub struct Settings {
     /// A retry handed to a consumer and neither acked nor nacked this long counts as a failed delivery, in ms [default: 30000].
     #[arg(long, env = "SLUICE_REDELIVERY_TIMEOUT_MS")]
     pub redelivery_timeout_ms: Option<u64>,
+
+    // --- security (docs/SECURITY.md) ---------------------------------------
+    /// Whether callers must authenticate (a bearer token or a client certificate): off or required [default: off].
+    #[arg(long, env = "SLUICE_AUTH")]
+    pub auth: Option<String>,
+    /// Principals (user or certificate names) that pass every check, comma-separated.
+    #[arg(long, env = "SLUICE_SUPERUSERS", value_delimiter = ',')]
+    pub superusers: Option<Vec<String>>,
+    /// On the first start, create a superuser whose token this file holds; a file that does not exist gets a new token (mode 0600). The token can also come from SLUICE_BOOTSTRAP_TOKEN.
+    #[arg(long, env = "SLUICE_BOOTSTRAP_TOKEN_FILE")]
+    pub bootstrap_token_file: Option<PathBuf>,
+    /// The bootstrap superuser's name [default: admin].
+    #[arg(long, env = "SLUICE_BOOTSTRAP_USER")]
+    pub bootstrap_user: Option<String>,
+    /// Allow --auth off on an address beyond loopback (anyone who reaches it may do anything).
+    #[arg(long, env = "SLUICE_ALLOW_UNAUTHENTICATED_REMOTE", num_args = 0..=1, default_missing_value = "true")]
+    pub allow_unauthenticated_remote: Option<bool>,
+    /// PEM certificate chain of the gRPC listener; with --tls-key, the listener speaks TLS only.
+    #[arg(long, env = "SLUICE_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "SLUICE_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates that client certificates are verified against (mutual TLS).
+    #[arg(long, env = "SLUICE_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// With --tls-client-ca: required (every client shows a certificate) or optional (a client without one must send a token) [default: required].
+    #[arg(long, env = "SLUICE_TLS_CLIENT_AUTH")]
+    pub tls_client_auth: Option<String>,
+    /// How often the TLS files are checked for a change, in ms; SIGHUP reloads them at once [default: 2000].
+    #[arg(long, env = "SLUICE_TLS_RELOAD_POLL_MS")]
+    pub tls_reload_poll_ms: Option<u64>,
+    /// Server reflection: public, authenticated or off [default: public].
+    #[arg(long, env = "SLUICE_REFLECTION")]
+    pub reflection: Option<String>,
+}
+
+/// Who may call, over what: resolved security settings.
+#[derive(Debug, Clone, Default)]
+pub struct SecurityConfig {
+    pub auth: AuthSettings,
+    pub tls: Option<TlsSettings>,
+    pub tls_poll: Duration,
+    pub reflection: Reflection,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +159,7 @@ pub struct Config {
     /// Free space kept back from client writes; `None` is the default
     /// (64 MiB, at most 5% of the file system).
     pub min_free_bytes: Option<u64>,
+    pub security: SecurityConfig,
 }
 
 impl Config {
@@ -130,7 +178,13 @@ impl Config {
             }
             None => Settings::default(),
         };
-        Config::resolve(args.settings, file)
+        let mut config = Config::resolve(args.settings, file)?;
+        // A secret: from the environment only, never a flag (argv is
+        // visible to every user of the machine) or the file.
+        config.security.auth.bootstrap_token = std::env::var("SLUICE_BOOTSTRAP_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty());
+        Ok(config)
     }
 
     fn resolve(flags: Settings, file: Settings) -> Result<Config, ConfigError> {
@@ -201,14 +255,80 @@ impl Config {
                 "maintenance interval must be above 0".into(),
             ));
         }
+        let listen: SocketAddr =
+            pick!(listen).unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default"));
+        let security = resolve_security(&flags, &file, listen)?;
         Ok(Config {
-            listen: pick!(listen).unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default")),
+            listen,
+            security,
             data_dir: pick!(data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
             topics,
             server,
             min_free_bytes: pick!(min_free_bytes),
         })
     }
+}
+
+fn resolve_security(
+    flags: &Settings,
+    file: &Settings,
+    listen: SocketAddr,
+) -> Result<SecurityConfig, ConfigError> {
+    macro_rules! pick {
+        ($field:ident) => {
+            flags.$field.clone().or(file.$field.clone())
+        };
+    }
+    let invalid = |e: String| ConfigError::Invalid(e);
+    let mode: AuthMode = pick!(auth).map_or(Ok(AuthMode::Off), |m| m.parse().map_err(invalid))?;
+    if mode == AuthMode::Off
+        && !listen.ip().is_loopback()
+        && !pick!(allow_unauthenticated_remote).unwrap_or(false)
+    {
+        return Err(ConfigError::Invalid(format!(
+            "refusing to listen on {listen} with --auth off: anyone who can reach it could read,              write and delete every topic. Use --auth required (see docs/SECURITY.md), listen on              127.0.0.1, or pass --allow-unauthenticated-remote to say this is intended"
+        )));
+    }
+    let tls = match (pick!(tls_cert), pick!(tls_key)) {
+        (Some(cert), Some(key)) => {
+            let client_auth_optional = match pick!(tls_client_auth).as_deref() {
+                None | Some("required") => false,
+                Some("optional") => true,
+                Some(other) => {
+                    return Err(invalid(format!(
+                        "--tls-client-auth {other:?} is not one of: required, optional"
+                    )));
+                }
+            };
+            Some(TlsSettings {
+                cert,
+                key,
+                client_ca: pick!(tls_client_ca),
+                client_auth_optional,
+            })
+        }
+        (None, None) if pick!(tls_client_ca).is_none() => None,
+        _ => {
+            return Err(invalid(
+                "TLS needs both --tls-cert and --tls-key (and --tls-client-ca only with them)"
+                    .into(),
+            ));
+        }
+    };
+    let reflection =
+        pick!(reflection).map_or(Ok(Reflection::Public), |r| r.parse().map_err(invalid))?;
+    Ok(SecurityConfig {
+        auth: AuthSettings {
+            mode,
+            superusers: pick!(superusers).unwrap_or_default(),
+            bootstrap_token: None,
+            bootstrap_token_file: pick!(bootstrap_token_file),
+            bootstrap_user: pick!(bootstrap_user).unwrap_or_else(|| DEFAULT_BOOTSTRAP_USER.into()),
+        },
+        tls,
+        tls_poll: Duration::from_millis(pick!(tls_reload_poll_ms).unwrap_or(2000).max(10)),
+        reflection,
+    })
 }
 
 #[cfg(test)]
@@ -255,5 +375,34 @@ mod tests {
             ..Settings::default()
         };
         assert!(Config::resolve(flags, Settings::default()).is_err());
+    }
+
+    #[test]
+    fn auth_off_beyond_loopback_is_refused_unless_intended() {
+        let beyond = Settings {
+            listen: Some("0.0.0.0:7070".parse().unwrap()),
+            ..Settings::default()
+        };
+        let err = Config::resolve(beyond.clone(), Settings::default()).unwrap_err();
+        assert!(
+            err.to_string().contains("--allow-unauthenticated-remote"),
+            "{err}"
+        );
+        let intended = Settings {
+            allow_unauthenticated_remote: Some(true),
+            ..beyond.clone()
+        };
+        assert!(Config::resolve(intended, Settings::default()).is_ok());
+        let required = Settings {
+            auth: Some("required".into()),
+            ..beyond
+        };
+        let config = Config::resolve(required, Settings::default()).unwrap();
+        assert_eq!(config.security.auth.mode, AuthMode::Required);
+        let half_tls = Settings {
+            tls_cert: Some("cert.pem".into()),
+            ..Settings::default()
+        };
+        assert!(Config::resolve(half_tls, Settings::default()).is_err());
     }
 }

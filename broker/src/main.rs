@@ -6,10 +6,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use sluice_broker::auth::{AuthMode, Authorizer};
 use sluice_broker::config::{Args, Config};
 use sluice_broker::dlq::RetrySets;
 use sluice_broker::groups::{GroupCoordinator, GroupSettings, OffsetStore};
 use sluice_broker::server;
+use sluice_broker::server::tls::ReloadingTls;
 use sluice_broker::topics::TopicRegistry;
 use tracing_subscriber::EnvFilter;
 
@@ -133,17 +135,33 @@ async fn run(config: Config) -> anyhow::Result<()> {
             tracing::warn!(error = %e, "dropping the offsets of deleted topics failed; maintenance tries again");
         }
     }
+    let security = open_security(&config)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
     let address = listener.local_addr()?;
-    tracing::info!(%address, data_dir = %config.data_dir.display(), "sluice-broker listening on {address}");
+    tracing::info!(
+        %address,
+        data_dir = %config.data_dir.display(),
+        tls = security.tls.is_some(),
+        auth = ?security.auth.mode(),
+        "sluice-broker listening on {address}"
+    );
+    if security.tls.is_none()
+        && security.auth.mode() == AuthMode::Required
+        && !address.ip().is_loopback()
+    {
+        tracing::warn!(
+            "authentication is required but TLS is off: tokens cross the network in the clear"
+        );
+    }
     server::serve(
         Arc::clone(&topics),
         Arc::clone(&groups),
         Arc::clone(&retries),
         listener,
         config.server.clone(),
+        security,
         shutdown_signal(),
     )
     .await?;
@@ -156,6 +174,25 @@ async fn run(config: Config) -> anyhow::Result<()> {
     .await??;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Opens the users and rules, and loads the TLS files.
+fn open_security(config: &Config) -> anyhow::Result<server::Security> {
+    let auth_dir = config.data_dir.join("internal/auth");
+    let auth = Authorizer::open(&auth_dir, &config.security.auth)
+        .with_context(|| format!("opening users and access rules in {}", auth_dir.display()))?;
+    let tls = match &config.security.tls {
+        Some(settings) => Some(Arc::new(
+            ReloadingTls::load(settings.clone()).context("loading the TLS certificate")?,
+        )),
+        None => None,
+    };
+    Ok(server::Security {
+        auth: Arc::new(auth),
+        tls,
+        tls_poll: config.security.tls_poll,
+        reflection: config.security.reflection,
+    })
 }
 
 async fn shutdown_signal() {

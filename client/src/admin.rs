@@ -1,10 +1,10 @@
 //! Topic administration and offset lookups.
 
+use crate::connection::Channel;
 use sluice_proto::v1::{
     self, admin_service_client::AdminServiceClient, consume_service_client::ConsumeServiceClient,
     dead_letter_service_client::DeadLetterServiceClient, group_service_client::GroupServiceClient,
 };
-use tonic::transport::Channel;
 
 use crate::connection::{ClientConfig, with_timeout};
 use crate::consumer::StartFrom;

@@ -20,11 +20,11 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crate::connection::Channel;
 use sluice_proto::v1::{self, consume_service_client::ConsumeServiceClient};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::{Stream, StreamExt};
-use tonic::transport::Channel;
 
 use crate::admin::Admin;
 use crate::connection::ClientConfig;

@@ -51,6 +51,10 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// A client setting cannot be used (an unreadable certificate file, a
+    /// token that is not valid metadata).
+    #[error("invalid client setting: {0}")]
+    InvalidConfig(String),
 }
 
 impl Error {

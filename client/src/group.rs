@@ -28,6 +28,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::connection::Channel;
 use sluice_proto::v1::{
     self, dead_letter_service_client::DeadLetterServiceClient,
     group_service_client::GroupServiceClient,
@@ -35,7 +36,6 @@ use sluice_proto::v1::{
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tonic::transport::Channel;
 
 use crate::admin::Admin;
 use crate::connection::{ClientConfig, with_timeout};

@@ -38,13 +38,14 @@ mod error;
 mod group;
 mod producer;
 mod record;
+pub mod security;
 
 pub use admin::{
     Admin, DeadLetterStatus, GroupInfo, GroupMember, GroupPartition, GroupSummary, LostRange,
     OffsetChange, PartitionInfo, RedriveOptions, RedriveReport, RedriveTarget, ResetTo, TopicInfo,
     TopicSettings,
 };
-pub use connection::ClientConfig;
+pub use connection::{ClientConfig, TlsConfig};
 pub use consumer::{Consumer, StartFrom};
 pub use error::{Error, Result};
 pub use group::{CommitMode, GroupConfig, GroupConsumer, GroupEvent, OffsetReset, TopicPartition};

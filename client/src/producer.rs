@@ -61,13 +61,13 @@ use std::sync::{Arc, Mutex as StdMutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crate::connection::Channel;
 use sluice_proto::v1::{self, produce_service_client::ProduceServiceClient};
 use tokio::sync::{Mutex, Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::admin::Admin;

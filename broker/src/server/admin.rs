@@ -5,12 +5,15 @@ use std::sync::Arc;
 use sluice_proto::v1::{self, admin_service_server::AdminService};
 use tonic::{Request, Response, Status};
 
+use super::auth::Access;
 use super::{blocking, status};
+use crate::auth::{Operation, Resource};
 use crate::dlq::RetrySets;
 use crate::groups::GroupCoordinator;
 use crate::topics::{Topic, TopicConfig, TopicConfigPatch, TopicRegistry};
 
 pub(crate) struct Admin {
+    pub(crate) access: Access,
     pub(crate) topics: Arc<TopicRegistry>,
     pub(crate) groups: Arc<GroupCoordinator>,
     pub(crate) retries: Arc<RetrySets>,
@@ -90,6 +93,16 @@ impl AdminService for Admin {
         &self,
         request: Request<v1::CreateTopicRequest>,
     ) -> Result<Response<v1::CreateTopicResponse>, Status> {
+        // Kafka's rule: create on the topic, or on the cluster.
+        let caller = self.access.caller(&request)?;
+        let name = &request.get_ref().name;
+        if !self
+            .access
+            .allowed(&caller, Operation::Create, Resource::cluster())
+        {
+            self.access
+                .check_principal(&caller, Operation::Create, Resource::topic(name))?;
+        }
         let request = request.into_inner();
         let topics = Arc::clone(&self.topics);
         let config = blocking(move || {
@@ -108,6 +121,11 @@ impl AdminService for Admin {
         &self,
         request: Request<v1::DeleteTopicRequest>,
     ) -> Result<Response<v1::DeleteTopicResponse>, Status> {
+        self.access.check(
+            &request,
+            Operation::Delete,
+            Resource::topic(&request.get_ref().name),
+        )?;
         let name = request.into_inner().name;
         let topics = Arc::clone(&self.topics);
         let groups = Arc::clone(&self.groups);
@@ -134,12 +152,18 @@ impl AdminService for Admin {
 
     async fn list_topics(
         &self,
-        _request: Request<v1::ListTopicsRequest>,
+        request: Request<v1::ListTopicsRequest>,
     ) -> Result<Response<v1::ListTopicsResponse>, Status> {
+        // Only what the caller may describe: no other topic's name.
+        let caller = self.access.caller(&request)?;
         let topics = self
             .topics
             .list()
             .iter()
+            .filter(|t| {
+                self.access
+                    .allowed(&caller, Operation::Describe, Resource::topic(t.name()))
+            })
             .map(|t| v1::TopicSummary {
                 name: t.name().to_owned(),
                 config: Some(to_proto(&t.config())),
@@ -153,6 +177,11 @@ impl AdminService for Admin {
         &self,
         request: Request<v1::DescribeTopicRequest>,
     ) -> Result<Response<v1::DescribeTopicResponse>, Status> {
+        self.access.check(
+            &request,
+            Operation::Describe,
+            Resource::topic(&request.get_ref().name),
+        )?;
         let topic = self
             .topics
             .get(&request.into_inner().name)
@@ -165,6 +194,11 @@ impl AdminService for Admin {
         &self,
         request: Request<v1::AlterTopicConfigRequest>,
     ) -> Result<Response<v1::AlterTopicConfigResponse>, Status> {
+        self.access.check(
+            &request,
+            Operation::Alter,
+            Resource::topic(&request.get_ref().name),
+        )?;
         let request = request.into_inner();
         let topics = Arc::clone(&self.topics);
         let config = blocking(move || {

@@ -14,8 +14,10 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use super::auth::Access;
 use super::convert::consumed;
 use super::{EndsWith, status};
+use crate::auth::{Operation, Resource, ResourceType};
 use crate::storage::{PartitionLog, StorageError, StoredRecord};
 use crate::topics::{Topic, TopicRegistry};
 
@@ -29,6 +31,7 @@ const SUBSCRIBE_QUEUE: usize = 8;
 const RESPONSE_OVERHEAD: usize = 1024;
 
 pub(crate) struct Consume {
+    pub(crate) access: Access,
     pub(crate) topics: Arc<TopicRegistry>,
     pub(crate) shutdown: watch::Receiver<bool>,
     /// The largest message the server sends.
@@ -138,6 +141,11 @@ impl ConsumeService for Consume {
         &self,
         request: Request<v1::FetchRequest>,
     ) -> Result<Response<v1::FetchResponse>, Status> {
+        self.access.check(
+            &request,
+            Operation::Read,
+            Resource::topic(&request.get_ref().topic),
+        )?;
         let request = request.into_inner();
         let topic = self.topics.get(&request.topic).map_err(status::topic)?;
         let log = Arc::clone(
@@ -195,6 +203,11 @@ impl ConsumeService for Consume {
         &self,
         request: Request<v1::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let caller = self.access.check(
+            &request,
+            Operation::Read,
+            Resource::topic(&request.get_ref().topic),
+        )?;
         let request = request.into_inner();
         let topic = self.topics.get(&request.topic).map_err(status::topic)?;
         let partitions = partitions_of(&topic, &request.partitions)?;
@@ -239,9 +252,23 @@ impl ConsumeService for Consume {
         }
         // The stream ends at once on shutdown or deletion, whatever is still
         // queued for a slow reader; the readers then see the stream gone.
+        // ... and when the caller may no longer read it (a revoked token
+        // or rule), within about a second.
+        let interrupted = interruption(&topic, self.shutdown.clone());
+        let revoked = self.access.revoked(
+            caller,
+            Operation::Read,
+            ResourceType::Topic,
+            topic.name().to_owned(),
+        );
         Ok(Response::new(EndsWith::new(
             ReceiverStream::new(receiver),
-            interruption(&topic, self.shutdown.clone()),
+            async move {
+                tokio::select! {
+                    status = interrupted => status,
+                    status = revoked => status,
+                }
+            },
         )))
     }
 
@@ -250,6 +277,11 @@ impl ConsumeService for Consume {
         &self,
         request: Request<v1::ListOffsetsRequest>,
     ) -> Result<Response<v1::ListOffsetsResponse>, Status> {
+        self.access.check(
+            &request,
+            Operation::Describe,
+            Resource::topic(&request.get_ref().topic),
+        )?;
         let request = request.into_inner();
         let topic = self.topics.get(&request.topic).map_err(status::topic)?;
         let partitions = partitions_of(&topic, &request.partitions)?;

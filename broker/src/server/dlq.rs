@@ -27,11 +27,13 @@ use std::time::{Duration, Instant};
 use sluice_proto::v1::{self, dead_letter_service_server::DeadLetterService};
 use tonic::{Request, Response, Status};
 
+use super::auth::Access;
 use super::convert::{consumed, now_ms};
 use super::shared::{
     check_dlq_name, check_group_id, check_member_id, dlq_topic_for, effective_settings,
 };
 use super::{blocking, status};
+use crate::auth::{Operation, Resource};
 use crate::dlq::{
     self, DeadLetter, NackOutcome, RecordLocation, RetryKey, RetryPolicy, RetrySets,
     is_dead_letter_of,
@@ -53,6 +55,7 @@ const DEFAULT_REDRIVE_RATE: u32 = 1000;
 const RECOVERY_SCAN_RECORDS: u64 = 10_000;
 
 pub(crate) struct DeadLetters {
+    pub(crate) access: Access,
     pub(crate) topics: Arc<TopicRegistry>,
     pub(crate) groups: Arc<GroupCoordinator>,
     pub(crate) retries: Arc<RetrySets>,
@@ -393,6 +396,28 @@ impl DeadLetters {
     }
 }
 
+impl DeadLetters {
+    /// A nack or an ack: read on the group and on the record's topic.
+    fn check_group_and_record<T>(
+        &self,
+        request: &Request<T>,
+        group_id: &str,
+        record: &Option<v1::RecordRef>,
+    ) -> Result<(), Status> {
+        let caller = self
+            .access
+            .check(request, Operation::Read, Resource::group(group_id))?;
+        if let Some(record) = record {
+            self.access.check_principal(
+                &caller,
+                Operation::Read,
+                Resource::topic(&record.topic),
+            )?;
+        }
+        Ok(())
+    }
+}
+
 #[tonic::async_trait]
 impl DeadLetterService for DeadLetters {
     #[tracing::instrument(skip_all, fields(group = %request.get_ref().group_id))]
@@ -400,6 +425,11 @@ impl DeadLetterService for DeadLetters {
         &self,
         request: Request<v1::NackRequest>,
     ) -> Result<Response<v1::NackResponse>, Status> {
+        self.check_group_and_record(
+            &request,
+            &request.get_ref().group_id,
+            &request.get_ref().record,
+        )?;
         let request = request.into_inner();
         check_ids(&request.group_id, &request.member_id)?;
         if request.reason.len() > MAX_REASON_BYTES {
@@ -505,6 +535,11 @@ impl DeadLetterService for DeadLetters {
         &self,
         request: Request<v1::AckRequest>,
     ) -> Result<Response<v1::AckResponse>, Status> {
+        self.check_group_and_record(
+            &request,
+            &request.get_ref().group_id,
+            &request.get_ref().record,
+        )?;
         let request = request.into_inner();
         check_ids(&request.group_id, &request.member_id)?;
         let key = record_ref(request.record)?;
@@ -524,6 +559,11 @@ impl DeadLetterService for DeadLetters {
         &self,
         request: Request<v1::FetchRetriesRequest>,
     ) -> Result<Response<v1::FetchRetriesResponse>, Status> {
+        let caller = self.access.check(
+            &request,
+            Operation::Read,
+            Resource::group(&request.get_ref().group_id),
+        )?;
         let request = request.into_inner();
         check_ids(&request.group_id, &request.member_id)?;
         let held: BTreeSet<(String, u32)> = self
@@ -531,6 +571,11 @@ impl DeadLetterService for DeadLetters {
             .member_reading(&request.group_id, &request.member_id, Instant::now())
             .map_err(status::group)?
             .into_iter()
+            // Not the records of a topic the caller may no longer read.
+            .filter(|tp| {
+                self.access
+                    .allowed(&caller, Operation::Read, Resource::topic(&tp.topic))
+            })
             .map(|tp| (tp.topic, tp.partition))
             .collect();
         let limit = match request.max_records {
@@ -622,6 +667,11 @@ impl DeadLetterService for DeadLetters {
         &self,
         request: Request<v1::SetGroupSettingsRequest>,
     ) -> Result<Response<v1::SetGroupSettingsResponse>, Status> {
+        self.access.check(
+            &request,
+            Operation::Alter,
+            Resource::group(&request.get_ref().group_id),
+        )?;
         let request = request.into_inner();
         check_group_id(&request.group_id)?;
         let base = self
@@ -663,6 +713,13 @@ impl DeadLetterService for DeadLetters {
         &self,
         request: Request<v1::RedriveRequest>,
     ) -> Result<Response<v1::RedriveResponse>, Status> {
+        // Read on the DLQ here; write on each target below, per chunk,
+        // before any of the chunk is written.
+        let caller = self.access.check(
+            &request,
+            Operation::Read,
+            Resource::topic(&request.get_ref().dlq_topic),
+        )?;
         let request = request.into_inner();
         let dlq_topic = self.topics.get(&request.dlq_topic).map_err(status::topic)?;
         let log = dlq_topic
@@ -744,6 +801,7 @@ impl DeadLetterService for DeadLetters {
             let request = request.clone();
             let log = log.clone();
             let already_appended = Arc::clone(&already_appended);
+            let (access, caller) = (self.access.clone(), Arc::clone(&caller));
             let (refs, after) = blocking(move || {
                 let mut records = log.read_records(next, 1 << 20).map_err(status::storage)?;
                 records.retain(|r| r.offset >= next && r.offset < to);
@@ -808,6 +866,18 @@ impl DeadLetterService for DeadLetters {
                             to_append.push((stored.offset, topic, partition, record));
                         }
                     }
+                }
+                // A redrive to a group puts records in its retry set, as a
+                // nack does: read on the group. To a topic: write on it.
+                for group in by_group.keys() {
+                    access.check_principal(&caller, Operation::Read, Resource::group(group))?;
+                }
+                for topic in to_append
+                    .iter()
+                    .map(|(_, topic, _, _)| topic)
+                    .collect::<BTreeSet<_>>()
+                {
+                    access.check_principal(&caller, Operation::Write, Resource::topic(topic))?;
                 }
                 for (group, records) in by_group {
                     retries

@@ -12,9 +12,11 @@ use std::time::{Duration, Instant};
 use sluice_proto::v1::{self, group_service_server::GroupService};
 use tonic::{Request, Response, Status};
 
+use super::auth::Access;
 use super::convert::now_ms;
 use super::shared::{check_group_id, check_member_id};
 use super::{blocking, status};
+use crate::auth::{Operation, Principal, Resource};
 use crate::dlq::RetrySets;
 use crate::groups::{
     CommittedOffset, GroupCoordinator, GroupDescription, GroupError, TopicPartition,
@@ -26,6 +28,7 @@ const MAX_METADATA_BYTES: usize = 4096;
 const MAX_INSTANCE_ID_BYTES: usize = 249;
 
 pub(crate) struct Groups {
+    pub(crate) access: Access,
     pub(crate) topics: Arc<TopicRegistry>,
     pub(crate) groups: Arc<GroupCoordinator>,
     pub(crate) retries: Arc<RetrySets>,
@@ -251,6 +254,36 @@ fn reset_offset(
     })
 }
 
+/// Leaves out of a group's description every topic `principal` may not
+/// describe (its partitions, dead letters, and the members' subscriptions
+/// and assignments), and counts the lag of what is left.
+fn visible_to(
+    access: &Access,
+    principal: &Principal,
+    mut described: v1::DescribeGroupResponse,
+) -> v1::DescribeGroupResponse {
+    let visible =
+        |topic: &str| access.allowed(principal, Operation::Describe, Resource::topic(topic));
+    let before = described.partitions.len();
+    described.partitions.retain(|p| visible(&p.topic));
+    described.dead_letters.retain(|d| visible(&d.topic));
+    for member in &mut described.members {
+        member.topics.retain(|t| visible(t));
+        member.assigned.retain(|t| visible(&t.topic));
+        member.owned.retain(|t| visible(&t.topic));
+    }
+    if described.partitions.len() != before {
+        described.lag = described.partitions.iter().filter_map(|p| p.lag).sum();
+        described.max_time_lag_ms = described
+            .partitions
+            .iter()
+            .filter_map(|p| p.time_lag_ms)
+            .max()
+            .unwrap_or(0);
+    }
+    described
+}
+
 #[tonic::async_trait]
 impl GroupService for Groups {
     #[tracing::instrument(skip_all, fields(group = %request.get_ref().group_id))]
@@ -258,6 +291,15 @@ impl GroupService for Groups {
         &self,
         request: Request<v1::JoinGroupRequest>,
     ) -> Result<Response<v1::JoinGroupResponse>, Status> {
+        let caller = self.access.check(
+            &request,
+            Operation::Read,
+            Resource::group(&request.get_ref().group_id),
+        )?;
+        for topic in &request.get_ref().topics {
+            self.access
+                .check_principal(&caller, Operation::Read, Resource::topic(topic))?;
+        }
         let request = request.into_inner();
         check_group_id(&request.group_id)?;
         if let Some(instance) = &request.instance_id {
@@ -302,6 +344,11 @@ impl GroupService for Groups {
         &self,
         request: Request<v1::HeartbeatRequest>,
     ) -> Result<Response<v1::HeartbeatResponse>, Status> {
+        self.access.check(
+            &request,
+            Operation::Read,
+            Resource::group(&request.get_ref().group_id),
+        )?;
         let request = request.into_inner();
         check_group_id(&request.group_id)?;
         check_member_id(&request.member_id)?;
@@ -326,6 +373,11 @@ impl GroupService for Groups {
         &self,
         request: Request<v1::LeaveGroupRequest>,
     ) -> Result<Response<v1::LeaveGroupResponse>, Status> {
+        self.access.check(
+            &request,
+            Operation::Read,
+            Resource::group(&request.get_ref().group_id),
+        )?;
         let request = request.into_inner();
         check_group_id(&request.group_id)?;
         check_member_id(&request.member_id)?;
@@ -340,6 +392,19 @@ impl GroupService for Groups {
         &self,
         request: Request<v1::CommitOffsetsRequest>,
     ) -> Result<Response<v1::CommitOffsetsResponse>, Status> {
+        // Kafka's rule: read on the group and on every topic committed.
+        let caller = self.access.check(
+            &request,
+            Operation::Read,
+            Resource::group(&request.get_ref().group_id),
+        )?;
+        for commit in &request.get_ref().offsets {
+            self.access.check_principal(
+                &caller,
+                Operation::Read,
+                Resource::topic(&commit.topic),
+            )?;
+        }
         let request = request.into_inner();
         check_group_id(&request.group_id)?;
         if request.offsets.is_empty() {
@@ -401,6 +466,11 @@ impl GroupService for Groups {
         &self,
         request: Request<v1::FetchOffsetsRequest>,
     ) -> Result<Response<v1::FetchOffsetsResponse>, Status> {
+        let caller = self.access.check(
+            &request,
+            Operation::Describe,
+            Resource::group(&request.get_ref().group_id),
+        )?;
         let request = request.into_inner();
         check_group_id(&request.group_id)?;
         let only: BTreeSet<String> = request.topics.into_iter().collect();
@@ -409,6 +479,10 @@ impl GroupService for Groups {
             .fetch_offsets(&request.group_id)
             .into_iter()
             .filter(|(tp, _)| only.is_empty() || only.contains(&tp.topic))
+            .filter(|(tp, _)| {
+                self.access
+                    .allowed(&caller, Operation::Describe, Resource::topic(&tp.topic))
+            })
             .map(|(tp, c)| v1::CommittedOffset {
                 topic: tp.topic,
                 partition: tp.partition,
@@ -422,8 +496,12 @@ impl GroupService for Groups {
 
     async fn list_groups(
         &self,
-        _request: Request<v1::ListGroupsRequest>,
+        request: Request<v1::ListGroupsRequest>,
     ) -> Result<Response<v1::ListGroupsResponse>, Status> {
+        // Only the groups the caller may describe, with the lag of the
+        // topics it may describe.
+        let caller = self.access.caller(&request)?;
+        let access = self.access.clone();
         let topics = Arc::clone(&self.topics);
         let groups = Arc::clone(&self.groups);
         let retries = Arc::clone(&self.retries);
@@ -432,10 +510,15 @@ impl GroupService for Groups {
             Ok(groups
                 .list()
                 .into_iter()
+                .filter(|id| access.allowed(&caller, Operation::Describe, Resource::group(id)))
                 .filter_map(|id| groups.describe(&id, now).ok())
                 .map(|description| {
                     let members = description.members.len() as u32;
-                    let described = describe_with_lag(&topics, &retries, description);
+                    let described = visible_to(
+                        &access,
+                        &caller,
+                        describe_with_lag(&topics, &retries, description),
+                    );
                     v1::GroupSummary {
                         group_id: described.group_id,
                         members,
@@ -454,6 +537,11 @@ impl GroupService for Groups {
         &self,
         request: Request<v1::DescribeGroupRequest>,
     ) -> Result<Response<v1::DescribeGroupResponse>, Status> {
+        let caller = self.access.check(
+            &request,
+            Operation::Describe,
+            Resource::group(&request.get_ref().group_id),
+        )?;
         let group_id = request.into_inner().group_id;
         check_group_id(&group_id)?;
         let description = match self.groups.describe(&group_id, Instant::now()) {
@@ -473,7 +561,7 @@ impl GroupService for Groups {
         let retries = Arc::clone(&self.retries);
         let described =
             blocking(move || Ok(describe_with_lag(&topics, &retries, description))).await?;
-        Ok(Response::new(described))
+        Ok(Response::new(visible_to(&self.access, &caller, described)))
     }
 
     #[tracing::instrument(skip_all, fields(group = %request.get_ref().group_id))]
@@ -481,6 +569,20 @@ impl GroupService for Groups {
         &self,
         request: Request<v1::ResetOffsetsRequest>,
     ) -> Result<Response<v1::ResetOffsetsResponse>, Status> {
+        // A reset is a commit made by an operator: read on the group and
+        // on every topic it moves (as Kafka's offset commits).
+        let caller = self.access.check(
+            &request,
+            Operation::Read,
+            Resource::group(&request.get_ref().group_id),
+        )?;
+        for target in &request.get_ref().targets {
+            self.access.check_principal(
+                &caller,
+                Operation::Read,
+                Resource::topic(&target.topic),
+            )?;
+        }
         let request = request.into_inner();
         check_group_id(&request.group_id)?;
         if request.targets.is_empty() {

@@ -14,13 +14,16 @@
 //! (flush and sync) is the caller's last step.
 
 mod admin;
+pub mod auth;
 mod consume;
 mod convert;
 mod dlq;
 mod groups;
 mod produce;
+mod security;
 mod shared;
 mod status;
+pub mod tls;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -28,17 +31,20 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use sluice_proto::v1::acl_service_server::AclServiceServer;
 use sluice_proto::v1::admin_service_server::AdminServiceServer;
 use sluice_proto::v1::consume_service_server::ConsumeServiceServer;
 use sluice_proto::v1::dead_letter_service_server::DeadLetterServiceServer;
 use sluice_proto::v1::group_service_server::GroupServiceServer;
 use sluice_proto::v1::produce_service_server::ProduceServiceServer;
+use sluice_proto::v1::user_service_server::UserServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::Status;
 
+use crate::auth::Authorizer;
 use crate::dlq::RetrySets;
 use crate::groups::GroupCoordinator;
 use crate::topics::TopicRegistry;
@@ -79,6 +85,34 @@ impl Default for ServerSettings {
     }
 }
 
+/// Who may call, and over what.
+#[derive(Debug, Clone)]
+pub struct Security {
+    /// Users, tokens and rules; with authentication off every caller is
+    /// the anonymous superuser.
+    pub auth: Arc<Authorizer>,
+    /// TLS on the listener, if any.
+    pub tls: Option<Arc<tls::ReloadingTls>>,
+    /// How often the TLS files are checked for a change (SIGHUP reloads
+    /// them at once).
+    pub tls_poll: Duration,
+    /// Whether reflection is served, and to whom.
+    pub reflection: auth::Reflection,
+}
+
+impl Default for Security {
+    /// No TLS, no authentication, public reflection: the broker as it was
+    /// before issue 14, for tests that embed it.
+    fn default() -> Self {
+        Security {
+            auth: Arc::new(Authorizer::disabled()),
+            tls: None,
+            tls_poll: Duration::from_secs(2),
+            reflection: auth::Reflection::Public,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("gRPC server failed: {0}")]
@@ -104,11 +138,14 @@ pub async fn serve(
     retries: Arc<RetrySets>,
     listener: TcpListener,
     settings: ServerSettings,
+    security: Security,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let (stop, stopping) = watch::channel(false);
     let limit = settings.max_message_bytes;
+    let access = auth::Access::new(Arc::clone(&security.auth));
     let admin = AdminServiceServer::new(admin::Admin {
+        access: access.clone(),
         topics: Arc::clone(&topics),
         groups: Arc::clone(&groups),
         retries: Arc::clone(&retries),
@@ -116,12 +153,14 @@ pub async fn serve(
     .max_decoding_message_size(limit)
     .max_encoding_message_size(limit);
     let produce = ProduceServiceServer::new(produce::Produce {
+        access: access.clone(),
         topics: Arc::clone(&topics),
         shutdown: stopping.clone(),
     })
     .max_decoding_message_size(limit)
     .max_encoding_message_size(limit);
     let consume = ConsumeServiceServer::new(consume::Consume {
+        access: access.clone(),
         topics: Arc::clone(&topics),
         shutdown: stopping.clone(),
         max_message_bytes: limit,
@@ -130,6 +169,7 @@ pub async fn serve(
     .max_encoding_message_size(limit);
 
     let group = GroupServiceServer::new(groups::Groups {
+        access: access.clone(),
         topics: Arc::clone(&topics),
         groups: Arc::clone(&groups),
         retries: Arc::clone(&retries),
@@ -137,6 +177,7 @@ pub async fn serve(
     .max_decoding_message_size(limit)
     .max_encoding_message_size(limit);
     let dead_letters = DeadLetterServiceServer::new(dlq::DeadLetters {
+        access: access.clone(),
         topics: Arc::clone(&topics),
         groups: Arc::clone(&groups),
         retries: Arc::clone(&retries),
@@ -144,6 +185,11 @@ pub async fn serve(
     })
     .max_decoding_message_size(limit)
     .max_encoding_message_size(limit);
+
+    let users = UserServiceServer::new(security::Users {
+        access: access.clone(),
+    });
+    let acls = AclServiceServer::new(security::Acls { access });
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -161,6 +207,12 @@ pub async fn serve(
     health
         .set_serving::<DeadLetterServiceServer<dlq::DeadLetters>>()
         .await;
+    health
+        .set_serving::<UserServiceServer<security::Users>>()
+        .await;
+    health
+        .set_serving::<AclServiceServer<security::Acls>>()
+        .await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(sluice_proto::v1::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -177,35 +229,68 @@ pub async fn serve(
         settings.clone(),
         stopping.clone(),
     ));
-    // Without TCP_NODELAY a small response (a produce acknowledgement)
-    // written behind an unacknowledged segment waits for the client's
-    // delayed ACK: 20-40 ms added to acknowledgements and pushes under a
-    // paced load (found by sluice-bench).
-    let incoming = TcpListenerStream::new(listener).map(|accepted| {
-        let stream = accepted?;
-        stream.set_nodelay(true)?;
-        Ok::<_, std::io::Error>(stream)
-    });
     let mut stopped = stopping.clone();
-    let server = tonic::transport::Server::builder()
+    let serve_until = async move {
+        let _ = stopped.wait_for(|stop| *stop).await;
+    };
+    let serve_reflection = security.reflection != auth::Reflection::Off;
+    let router = tonic::transport::Server::builder()
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
-        .trace_fn(|request| tracing::info_span!("grpc", path = %request.uri().path()))
+        .trace_fn(|request| {
+            tracing::info_span!(
+                "grpc",
+                path = %request.uri().path(),
+                principal = tracing::field::Empty
+            )
+        })
         .layer(tower::util::MapResponseLayer::new(
             status::remap_message_limit,
         ))
+        .layer(auth::AuthLayer::new(
+            Arc::clone(&security.auth),
+            security.reflection,
+        ))
         .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .add_optional_service(serve_reflection.then_some(reflection_v1))
+        .add_optional_service(serve_reflection.then_some(reflection_v1alpha))
         .add_service(admin)
         .add_service(produce)
         .add_service(consume)
         .add_service(group)
         .add_service(dead_letters)
-        .serve_with_incoming_shutdown(incoming, async move {
-            let _ = stopped.wait_for(|stop| *stop).await;
-        });
-    let mut server = tokio::spawn(server);
+        .add_service(users)
+        .add_service(acls);
+    let server = match &security.tls {
+        Some(tls) => {
+            let (plaintext, plaintext_connections) = tokio::sync::mpsc::channel(16);
+            tokio::spawn(tls::refuse_plaintext(
+                plaintext_connections,
+                stopping.clone(),
+            ));
+            tokio::spawn(tls::watch_files(
+                Arc::clone(tls),
+                security.tls_poll,
+                stopping.clone(),
+            ));
+            let incoming = tls::incoming(listener, Arc::clone(tls), plaintext);
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, serve_until))
+        }
+        None => {
+            // Without TCP_NODELAY a small response (a produce
+            // acknowledgement) written behind an unacknowledged segment
+            // waits for the client's delayed ACK: 20-40 ms added to
+            // acknowledgements and pushes under a paced load (found by
+            // sluice-bench).
+            let incoming = TcpListenerStream::new(listener).map(|accepted| {
+                let stream = accepted?;
+                stream.set_nodelay(true)?;
+                Ok::<_, std::io::Error>(stream)
+            });
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, serve_until))
+        }
+    };
+    let mut server = server;
     tokio::select! {
         result = &mut server => {
             let _ = stop.send(true);
@@ -229,6 +314,12 @@ pub async fn serve(
         .await;
     health
         .set_not_serving::<DeadLetterServiceServer<dlq::DeadLetters>>()
+        .await;
+    health
+        .set_not_serving::<UserServiceServer<security::Users>>()
+        .await;
+    health
+        .set_not_serving::<AclServiceServer<security::Acls>>()
         .await;
     health
         .set_service_status("", tonic_health::ServingStatus::NotServing)

@@ -16,8 +16,10 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::auth::Access;
 use super::convert::{now_ms, record_from_proto, record_size};
 use super::status;
+use crate::auth::{Operation, Resource};
 use crate::producers::ProducerAppend;
 use crate::storage::batch::{NO_PRODUCER_EPOCH, NO_PRODUCER_ID};
 use crate::storage::{BatchBuilder, EncodedBatch, ProducerInfo};
@@ -36,6 +38,7 @@ pub(crate) fn batch_limit(config: &crate::topics::TopicConfig) -> u64 {
 }
 
 pub(crate) struct Produce {
+    pub(crate) access: Access,
     pub(crate) topics: Arc<TopicRegistry>,
     pub(crate) shutdown: watch::Receiver<bool>,
 }
@@ -261,6 +264,11 @@ impl ProduceService for Produce {
         &self,
         request: Request<v1::ProduceRequest>,
     ) -> Result<Response<v1::ProduceResponse>, Status> {
+        self.access.check(
+            &request,
+            Operation::Write,
+            Resource::topic(&request.get_ref().topic),
+        )?;
         let written = write(Arc::clone(&self.topics), request.into_inner()).await?;
         Ok(Response::new(acknowledge(written).await?))
     }
@@ -270,6 +278,28 @@ impl ProduceService for Produce {
         &self,
         request: Request<v1::InitProducerRequest>,
     ) -> Result<Response<v1::InitProducerResponse>, Status> {
+        let caller = self.access.caller(&request)?;
+        // A named producer fences every older instance of its name, so the
+        // name is guarded like Kafka's transactional id: write on the
+        // cluster. An unnamed id writes nothing by itself; as in Kafka
+        // (KIP-679), write on any topic (or the cluster) is enough.
+        let cluster = self
+            .access
+            .allowed(&caller, Operation::Write, Resource::cluster());
+        if !cluster {
+            if request.get_ref().name.is_some() {
+                self.access
+                    .check_principal(&caller, Operation::Write, Resource::cluster())?;
+            } else if !self.topics.list().iter().any(|t| {
+                self.access
+                    .allowed(&caller, Operation::Write, Resource::topic(t.name()))
+            }) {
+                return Err(Status::permission_denied(format!(
+                    "principal {:?} may not write any topic, so it needs no producer id",
+                    caller.name
+                )));
+            }
+        }
         let name = request.into_inner().name;
         let topics = Arc::clone(&self.topics);
         let identity = tokio::task::spawn_blocking(move || {
@@ -297,6 +327,8 @@ impl ProduceService for Produce {
         &self,
         request: Request<Streaming<v1::ProduceRequest>>,
     ) -> Result<Response<Self::ProduceStreamStream>, Status> {
+        let caller = self.access.caller(&request)?;
+        let access = self.access.clone();
         let mut inbound = request.into_inner();
         let (responses, out) = mpsc::channel(STREAM_IN_FLIGHT);
         // Acknowledgements in request order: one task per request, awaited
@@ -325,6 +357,17 @@ impl ProduceService for Produce {
                     }
                 };
                 let id = request.request_id;
+                // Every request of the stream is checked: a revoked token
+                // or rule stops the next write.
+                if let Err(status) =
+                    access.recheck(&caller, Operation::Write, Resource::topic(&request.topic))
+                {
+                    let report = tokio::spawn(async move { stream_error(id, status) });
+                    if pending.send(report).await.is_err() {
+                        break;
+                    }
+                    continue;
+                }
                 // Writes happen here, one request after the other, so
                 // the stream's order is the log's order.
                 let written = write(Arc::clone(&topics), request).await;

@@ -170,3 +170,19 @@ pub(crate) fn remap_message_limit<B>(mut response: http::Response<B>) -> http::R
     }
     response
 }
+
+pub(crate) fn auth(error: crate::auth::AuthError) -> Status {
+    use crate::auth::AuthError;
+    match error {
+        AuthError::Unauthenticated(_) => Status::unauthenticated(error.to_string()),
+        AuthError::Denied { .. } => Status::permission_denied(error.to_string()),
+        AuthError::Invalid(_) => Status::invalid_argument(error.to_string()),
+        AuthError::NotFound(_) => Status::not_found(error.to_string()),
+        AuthError::AlreadyExists(_) => Status::already_exists(error.to_string()),
+        AuthError::Storage(e) => storage(e),
+        AuthError::Io { .. } => {
+            tracing::error!(%error, "auth store error");
+            Status::internal(error.to_string())
+        }
+    }
+}

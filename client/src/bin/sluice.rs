@@ -7,9 +7,10 @@ use anyhow::{Context, bail};
 use base64::Engine;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use sluice_client::security::{self, SecurityAdmin};
 use sluice_client::{
     Admin, ClientConfig, ConsumedRecord, Consumer, GroupConfig, GroupConsumer, OffsetReset,
-    Producer, ProducerConfig, Record, RedriveOptions, RedriveTarget, ResetTo, StartFrom,
+    Producer, ProducerConfig, Record, RedriveOptions, RedriveTarget, ResetTo, StartFrom, TlsConfig,
     TopicSettings,
 };
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -30,8 +31,46 @@ struct Cli {
         global = true
     )]
     broker: String,
+    /// Bearer token sent with every call.
+    #[arg(long, env = "SLUICE_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+    /// PEM CA certificates to verify the broker with; turns TLS on (https://).
+    #[arg(long, env = "SLUICE_TLS_CA", global = true)]
+    tls_ca: Option<std::path::PathBuf>,
+    /// PEM client certificate for mutual TLS (with --tls-key).
+    #[arg(long, env = "SLUICE_TLS_CERT", global = true, requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "SLUICE_TLS_KEY", global = true, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// The name the broker's certificate carries, if not the URL's host.
+    #[arg(long, env = "SLUICE_TLS_DOMAIN", global = true)]
+    tls_domain: Option<String>,
     #[command(subcommand)]
     command: Command,
+}
+
+impl Cli {
+    fn client_config(&self) -> anyhow::Result<ClientConfig> {
+        let mut config = ClientConfig::new(self.broker.clone());
+        if self.tls_ca.is_some() || self.tls_cert.is_some() || self.broker.starts_with("https://") {
+            let mut tls = TlsConfig {
+                domain: self.tls_domain.clone(),
+                ..TlsConfig::default()
+            };
+            if let Some(ca) = &self.tls_ca {
+                tls = tls.with_ca_file(ca)?;
+            }
+            if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+                tls = tls.with_identity_files(cert, key)?;
+            }
+            config = config.with_tls(tls);
+        }
+        if let Some(token) = &self.token {
+            config = config.with_token(token.trim());
+        }
+        Ok(config)
+    }
 }
 
 #[derive(Subcommand)]
@@ -52,6 +91,126 @@ enum Command {
     /// (A DLQ is a topic: read it with `sluice consume <dlq> --format json`.)
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Create, list and delete users (docs/SECURITY.md).
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Issue and revoke users' bearer tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Add, list and remove access rules.
+    #[command(subcommand)]
+    Acl(AclCommand),
+    /// Print the principal the broker sees for this client.
+    Whoami,
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Create a user.
+    Create {
+        name: String,
+        /// A superuser passes every check.
+        #[arg(long)]
+        superuser: bool,
+    },
+    /// List users and their tokens (never the secrets).
+    List,
+    /// Delete a user and revoke its tokens.
+    Delete { name: String },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Issue a token; it is printed once and never shown again.
+    Create {
+        user: String,
+        /// Lifetime: a number with ms, s, m, h or d (30d, 12h); none: until revoked.
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<Duration>,
+        /// A note for operators.
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// Revoke a token by its id (or the whole token).
+    Revoke { id: String },
+}
+
+#[derive(Args)]
+struct AclRuleArgs {
+    /// The principal (user or certificate name), or * for everyone.
+    #[arg(long)]
+    principal: String,
+    /// The rule is about this topic (or prefix, with --prefix; * for all).
+    #[arg(long, group = "resource")]
+    topic: Option<String>,
+    /// The rule is about this group (or prefix, with --prefix; * for all).
+    #[arg(long, group = "resource")]
+    group: Option<String>,
+    /// The rule is about the cluster (creating topics, users and rules).
+    #[arg(long, group = "resource")]
+    cluster: bool,
+    /// The name is a prefix.
+    #[arg(long)]
+    prefix: bool,
+    /// read, write, create, delete, alter, describe or all.
+    #[arg(long)]
+    operation: String,
+    /// A deny rule (deny beats allow); the default is allow.
+    #[arg(long)]
+    deny: bool,
+}
+
+impl AclRuleArgs {
+    fn rule(&self) -> anyhow::Result<security::AclRule> {
+        use security::{Operation, PatternType, Permission, ResourceType};
+        let (kind, name) = match (&self.topic, &self.group, self.cluster) {
+            (Some(t), None, false) => (ResourceType::Topic, t.as_str()),
+            (None, Some(g), false) => (ResourceType::Group, g.as_str()),
+            (None, None, true) => (ResourceType::Cluster, "*"),
+            _ => bail!("name exactly one of --topic, --group or --cluster"),
+        };
+        let operation = match self.operation.as_str() {
+            "read" => Operation::Read,
+            "write" => Operation::Write,
+            "create" => Operation::Create,
+            "delete" => Operation::Delete,
+            "alter" => Operation::Alter,
+            "describe" => Operation::Describe,
+            "all" => Operation::All,
+            other => bail!(
+                "operation {other:?} is not one of: read, write, create, delete, alter, describe, all"
+            ),
+        };
+        Ok(security::acl_rule(
+            &self.principal,
+            kind,
+            name,
+            if self.prefix {
+                PatternType::Prefixed
+            } else {
+                PatternType::Literal
+            },
+            operation,
+            if self.deny {
+                Permission::Deny
+            } else {
+                Permission::Allow
+            },
+        ))
+    }
+}
+
+#[derive(Subcommand)]
+enum AclCommand {
+    /// Add a rule.
+    Add(AclRuleArgs),
+    /// List rules, all or one principal's.
+    List {
+        #[arg(long)]
+        principal: Option<String>,
+    },
+    /// Remove a rule (every field must match).
+    Remove(AclRuleArgs),
 }
 
 #[derive(Subcommand)]
@@ -320,8 +479,19 @@ async fn main() -> anyhow::Result<()> {
         .with_target(false)
         .init();
     let cli = Cli::parse();
-    let config = ClientConfig::new(cli.broker.clone());
+    let config = cli.client_config()?;
     match cli.command {
+        Command::User(command) => user(&config, command).await,
+        Command::Token(command) => token(&config, command).await,
+        Command::Acl(command) => acl(&config, command).await,
+        Command::Whoami => {
+            let me = SecurityAdmin::new(&config)?.who_am_i().await?;
+            println!(
+                "{}\tsuperuser={}\tauthenticated_by={}",
+                me.principal, me.superuser, me.authenticated_by
+            );
+            Ok(())
+        }
         Command::Topic(command) => topic(&config, command).await,
         Command::Produce(args) => produce(&config, args).await,
         Command::Consume(args) => match args.group.clone() {
@@ -338,6 +508,139 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number followed by ms, s, m, h or d"))?;
+    let ms = match unit {
+        "ms" => 1,
+        "" | "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(format!("unit {unit:?} is not one of ms, s, m, h, d")),
+    };
+    Ok(Duration::from_millis(n.saturating_mul(ms)))
+}
+
+fn format_ms(ms: Option<i64>) -> String {
+    ms.map_or_else(|| "never".to_owned(), |ms| ms.to_string())
+}
+
+async fn user(config: &ClientConfig, command: UserCommand) -> anyhow::Result<()> {
+    let admin = SecurityAdmin::new(config)?;
+    match command {
+        UserCommand::Create { name, superuser } => {
+            let user = admin.create_user(&name, superuser).await?;
+            println!("created user {} (superuser={})", user.name, user.superuser);
+        }
+        UserCommand::List => {
+            for user in admin.list_users().await? {
+                println!(
+                    "{}\tsuperuser={}\ttokens={}",
+                    user.name,
+                    user.superuser,
+                    user.tokens.len()
+                );
+                for t in user.tokens {
+                    println!(
+                        "  token {}\tcreated_ms={}\texpires_ms={}\t{}",
+                        t.id,
+                        t.created_ms,
+                        format_ms(t.expires_ms),
+                        t.description
+                    );
+                }
+            }
+        }
+        UserCommand::Delete { name } => {
+            let revoked = admin.delete_user(&name).await?;
+            println!("deleted user {name} ({revoked} token(s) revoked)");
+        }
+    }
+    Ok(())
+}
+
+async fn token(config: &ClientConfig, command: TokenCommand) -> anyhow::Result<()> {
+    let admin = SecurityAdmin::new(config)?;
+    match command {
+        TokenCommand::Create {
+            user,
+            ttl,
+            description,
+        } => {
+            let issued = admin.create_token(&user, ttl, &description).await?;
+            eprintln!(
+                "token {} for {} (expires_ms={}); it is shown only now:",
+                issued.info.id,
+                issued.info.user,
+                format_ms(issued.info.expires_ms)
+            );
+            println!("{}", issued.token);
+        }
+        TokenCommand::Revoke { id } => {
+            admin.revoke_token(&id).await?;
+            println!("revoked token {id}");
+        }
+    }
+    Ok(())
+}
+
+fn print_rule(rule: &security::AclRule) {
+    let name = |v: &str| {
+        v.trim_start_matches("RESOURCE_TYPE_")
+            .trim_start_matches("PATTERN_TYPE_")
+            .trim_start_matches("OPERATION_")
+            .trim_start_matches("PERMISSION_")
+            .to_lowercase()
+    };
+    let field = |n: i32, f: fn(i32) -> Option<&'static str>| name(f(n).unwrap_or("?"));
+    println!(
+        "{}\t{}\t{}\t{}\t{}\t{}",
+        rule.principal,
+        field(rule.resource_type, |n| security::ResourceType::try_from(n)
+            .ok()
+            .map(|v| v.as_str_name())),
+        rule.resource_name,
+        field(rule.pattern_type, |n| security::PatternType::try_from(n)
+            .ok()
+            .map(|v| v.as_str_name())),
+        field(rule.operation, |n| security::Operation::try_from(n)
+            .ok()
+            .map(|v| v.as_str_name())),
+        field(rule.permission, |n| security::Permission::try_from(n)
+            .ok()
+            .map(|v| v.as_str_name())),
+    );
+}
+
+async fn acl(config: &ClientConfig, command: AclCommand) -> anyhow::Result<()> {
+    let admin = SecurityAdmin::new(config)?;
+    match command {
+        AclCommand::Add(args) => {
+            let rule = args.rule()?;
+            let added = admin.add_acl(rule.clone()).await?;
+            print_rule(&rule);
+            println!("{}", if added { "added" } else { "already there" });
+        }
+        AclCommand::List { principal } => {
+            println!("principal\tresource\tname\tpattern\toperation\tpermission");
+            for rule in admin.list_acls(principal.as_deref()).await? {
+                print_rule(&rule);
+            }
+        }
+        AclCommand::Remove(args) => {
+            let removed = admin.remove_acl(args.rule()?).await?;
+            println!("{}", if removed { "removed" } else { "no such rule" });
+        }
+    }
+    Ok(())
 }
 
 fn print_settings(s: &TopicSettings) {
