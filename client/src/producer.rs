@@ -795,6 +795,21 @@ impl PartitionSender {
                             stream = Some(opened);
                             self.resend(&mut stream);
                         }
+                        // Credentials or rights that are missing stay
+                        // missing: fail what is held now, not at the
+                        // delivery timeout (a fresh enqueue tries again).
+                        Err(Error::Rejected(status))
+                            if matches!(
+                                status.code(),
+                                tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+                            ) =>
+                        {
+                            tracing::warn!(topic = %self.topic, partition = self.partition, %status, "the broker refused this producer; failing its records");
+                            self.last_error = status.to_string();
+                            self.fail_all(&status);
+                            retry_at = Instant::now() + backoff;
+                            backoff = (backoff * 2).min(self.config.max_retry_backoff);
+                        }
                         Err(error) => {
                             tracing::debug!(topic = %self.topic, partition = self.partition, %error, "produce stream unavailable; retrying");
                             self.last_error = error.to_string();

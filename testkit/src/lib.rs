@@ -12,6 +12,8 @@ use sluice_proto::v1::consume_service_client::ConsumeServiceClient;
 use sluice_proto::v1::produce_service_client::ProduceServiceClient;
 use tonic::transport::Channel;
 
+pub mod pki;
+
 /// A broker process on a free port, with its data in `data_dir`.
 pub struct Broker {
     child: Child,

@@ -17,7 +17,7 @@ import threading
 import grpc
 from grpc_tools import protoc
 
-PROTOS = ["records", "admin", "produce", "consume", "groups", "dlq"]
+PROTOS = ["records", "admin", "produce", "consume", "groups", "dlq", "auth"]
 
 
 def generate_stubs(proto_root: str) -> str:
