@@ -157,6 +157,12 @@ struct RunArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Sluice: bearer token sent with every call.
+    #[arg(long, env = "SLUICE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Sluice: PEM CA to verify the broker's certificate with (turns TLS on).
+    #[arg(long, env = "SLUICE_TLS_CA")]
+    tls_ca: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -351,6 +357,10 @@ async fn run(mode: Mode, args: &RunArgs) -> Result<Vec<Outcome>> {
         &args.url(),
         args.api,
         Duration::from_millis(args.linger_ms),
+        systems::Credentials {
+            token: args.token.clone(),
+            tls_ca: args.tls_ca.clone(),
+        },
     )
     .await?;
     let plan = args.plan()?;

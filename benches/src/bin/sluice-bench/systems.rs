@@ -40,12 +40,37 @@ pub enum System {
     Redis(peers::Redis),
 }
 
+/// Sluice's TLS and token, when the broker asks for them.
+#[derive(Debug, Clone, Default)]
+pub struct Credentials {
+    pub token: Option<String>,
+    pub tls_ca: Option<std::path::PathBuf>,
+}
+
+impl Credentials {
+    fn apply(self, mut config: ClientConfig) -> Result<ClientConfig> {
+        if let Some(ca) = self.tls_ca {
+            config = config.with_tls(sluice_client::TlsConfig::default().with_ca_file(ca)?);
+        }
+        if let Some(token) = self.token {
+            config = config.with_token(token);
+        }
+        Ok(config)
+    }
+}
+
 impl System {
     /// Connects to `system` at `url`.
-    pub async fn connect(system: &str, url: &str, api: Api, linger: Duration) -> Result<System> {
+    pub async fn connect(
+        system: &str,
+        url: &str,
+        api: Api,
+        linger: Duration,
+        credentials: Credentials,
+    ) -> Result<System> {
         match system {
             "sluice" => Ok(System::Sluice {
-                config: ClientConfig::new(url),
+                config: credentials.apply(ClientConfig::new(url))?,
                 api,
                 linger,
             }),
