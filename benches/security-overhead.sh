@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Produce throughput with TLS and token authentication against without, in
-# one run (issue 14): two brokers on 127.0.0.1, one plaintext with
-# --auth off, one with --auth required and TLS (a certificate made now with
-# openssl, in a temp dir), and the same sluice-bench produce load against
-# each in turn, alternating, --reps times. Prints the median MB/s of each
-# and the overhead.
+# one run (issue 14): three brokers on 127.0.0.1, plaintext with --auth off,
+# plaintext with --auth required, and --auth required with TLS (a
+# certificate made now with openssl, in a temp dir), and the same
+# sluice-bench produce load against each in turn, alternating, --reps
+# times. Prints the median MB/s of each and the overheads.
 #
 #   benches/security-overhead.sh               # 3 reps of 256 MiB, batches of 1000
 #   benches/security-overhead.sh --reps 5 --mib 512
@@ -48,9 +48,15 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# A CA, and a broker certificate it signs (webpki refuses a CA certificate
+# as the server's own).
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 \
-  -keyout "$TMP/key.pem" -out "$TMP/cert.pem" -subj /CN=localhost \
-  -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" 2>/dev/null
+  -keyout "$TMP/ca.key" -out "$TMP/ca.pem" -subj "/CN=sluice bench CA" 2>/dev/null
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+  -keyout "$TMP/key.pem" -out "$TMP/broker.csr" -subj /CN=localhost 2>/dev/null
+printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >"$TMP/ext"
+openssl x509 -req -in "$TMP/broker.csr" -CA "$TMP/ca.pem" -CAkey "$TMP/ca.key" -CAcreateserial \
+  -days 1 -extfile "$TMP/ext" -out "$TMP/cert.pem" 2>/dev/null
 TOKEN="bench-$(openssl rand -hex 24)"
 
 # Starts a broker; prints its address once it listens.
@@ -60,6 +66,7 @@ start() {
   SLUICE_BOOTSTRAP_TOKEN="$TOKEN" "$BROKER" --listen 127.0.0.1:0 --data-dir "$TMP/$name/data" \
     --flush "$FLUSH" "$@" >"$TMP/$name/log" 2>&1 &
   PIDS+=($!)
+  echo $! >"$TMP/$name/pid"
   for _ in $(seq 1 300); do
     if addr=$(grep -o 'listening on [0-9.:]*' "$TMP/$name/log" | head -1 | cut -d' ' -f3) && [ -n "$addr" ]; then
       echo "$addr"; return
@@ -69,28 +76,54 @@ start() {
   echo "broker $name did not start:" >&2; cat "$TMP/$name/log" >&2; exit 1
 }
 PLAIN=$(start plain "${BROKER_ARGS[@]+"${BROKER_ARGS[@]}"}")
+AUTH=$(start auth --auth required)
 SECURE=$(start secure --auth required --tls-cert "$TMP/cert.pem" --tls-key "$TMP/key.pem")
-echo "== plaintext, auth off: $PLAIN; TLS, auth required: $SECURE; flush=$FLUSH"
+echo "== plaintext, auth off: $PLAIN; plaintext, auth required: $AUTH; TLS, auth required: $SECURE; flush=$FLUSH"
 
 RESULTS="$TMP/results.jsonl"
+CPU="$TMP/cpu.tsv"
 COMMON=(--record-bytes 1024 --batch 1000 --producers 4 --partitions 8 --mib "$MIB" --flush "$FLUSH" --quiet --json "$RESULTS")
+TICKS=$(getconf CLK_TCK)
+# User + system CPU seconds a process has used so far.
+cpu_of() { awk -v t="$TICKS" '{ print ($14 + $15) / t }' "/proc/$1/stat"; }
+# One produce run against broker $1 labelled $2 (with the rest as
+# environment): its broker's and its own CPU seconds go to $CPU.
+run() {
+  local name=$1 label=$2 url=$3; shift 3
+  local pid before after client
+  pid=$(cat "$TMP/$name/pid")
+  before=$(cpu_of "$pid")
+  client=$( { TIMEFORMAT='%U %S'; time env "$@" "$BENCH" produce --url "$url" --label "$label" "${COMMON[@]}" >/dev/null 2>&1; } 2>&1 )
+  after=$(cpu_of "$pid")
+  echo -e "$label\t$before\t$after\t$client" >>"$CPU"
+}
 for rep in $(seq 1 "$REPS"); do
   echo "== rep $rep of $REPS"
-  "$BENCH" produce --url "http://$PLAIN" --label plain "${COMMON[@]}" >/dev/null
-  SLUICE_TOKEN="$TOKEN" SLUICE_TLS_CA="$TMP/cert.pem" \
-    "$BENCH" produce --url "https://localhost:${SECURE##*:}" --label tls+auth "${COMMON[@]}" >/dev/null
+  run plain plain "http://$PLAIN"
+  run auth auth "http://$AUTH" SLUICE_TOKEN="$TOKEN"
+  run secure tls+auth "https://localhost:${SECURE##*:}" SLUICE_TOKEN="$TOKEN" SLUICE_TLS_CA="$TMP/ca.pem"
 done
 
-python3 - "$RESULTS" <<'PY'
+python3 - "$RESULTS" "$CPU" "$MIB" <<'PY'
 import json, statistics, sys
-runs = {}
-for line in open(sys.argv[1]):
+results, cpu_file, mib = sys.argv[1], sys.argv[2], float(sys.argv[3])
+rates, broker_cpu, client_cpu = {}, {}, {}
+for line in open(results):
     r = json.loads(line)
-    runs.setdefault(r["label"], []).append(r["mb_per_sec"])
-plain, secure = statistics.median(runs["plain"]), statistics.median(runs["tls+auth"])
-print("| broker | runs (MB/s) | median MB/s |")
-print("| --- | --- | --- |")
-for label, values in runs.items():
-    print(f"| {label} | {', '.join(f'{v:.0f}' for v in values)} | {statistics.median(values):.0f} |")
-print(f"\nTLS + auth overhead: {100 * (1 - secure / plain):.1f}% (target: below 10%)")
+    rates.setdefault(r["label"], []).append(r["mb_per_sec"])
+gb = mib * 1024 * 1024 / 1e9
+for line in open(cpu_file):
+    label, before, after, user, system = line.split()
+    broker_cpu.setdefault(label, []).append((float(after) - float(before)) / gb)
+    client_cpu.setdefault(label, []).append((float(user) + float(system)) / gb)
+print("| broker | MB/s per run | median MB/s | broker CPU s/GB (median) | client CPU s/GB (median) |")
+print("| --- | --- | --- | --- | --- |")
+for label, values in rates.items():
+    print(f"| {label} | {', '.join(f'{v:.0f}' for v in values)} | {statistics.median(values):.0f} "
+          f"| {statistics.median(broker_cpu[label]):.2f} | {statistics.median(client_cpu[label]):.2f} |")
+med = {label: statistics.median(v) for label, v in rates.items()}
+cpu = {label: statistics.median(v) for label, v in broker_cpu.items()}
+for label in ("auth", "tls+auth"):
+    print(f"\n{label}: throughput {100 * (1 - med[label] / med['plain']):+.1f}% below plain, "
+          f"broker CPU per GB {100 * (cpu[label] / cpu['plain'] - 1):+.1f}% (target: below 10% overhead)")
 PY

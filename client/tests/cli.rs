@@ -288,3 +288,77 @@ async fn dlq_settings_and_redrive_from_the_command_line() {
     assert!(!ok);
     assert!(err.contains("already redriven"), "{err}");
 }
+
+/// Users, tokens and rules from the command line, against a broker with
+/// authentication required.
+#[test]
+fn users_tokens_and_acls_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let bootstrap = "cli-bootstrap-token-0123456789abcdef";
+    let broker = Broker::start_with_env(
+        &broker_binary(),
+        dir.path(),
+        &["--auth", "required"],
+        &[("SLUICE_BOOTSTRAP_TOKEN", bootstrap)],
+    );
+    let root = |args: &[&str]| {
+        let mut all = vec!["--token", bootstrap];
+        all.extend_from_slice(args);
+        sluice(&broker, &all, None)
+    };
+    let (ok, out, err) = root(&["whoami"]);
+    assert!(
+        ok && out.starts_with("admin\tsuperuser=true\tauthenticated_by=token"),
+        "{out}{err}"
+    );
+    let (ok, _, err) = sluice(&broker, &["topic", "list"], None);
+    assert!(!ok && err.contains("no credentials"), "{err}");
+
+    assert!(root(&["topic", "create", "orders"]).0);
+    assert!(root(&["user", "create", "bob"]).0);
+    let (ok, token, err) = root(&["token", "create", "bob", "--ttl", "1h"]);
+    assert!(ok, "{err}");
+    assert!(err.contains("shown only now"), "{err}");
+    let token = token.trim().to_owned();
+    assert!(token.starts_with("sluice_"), "{token}");
+    let (ok, out, err) = root(&[
+        "acl",
+        "add",
+        "--principal",
+        "bob",
+        "--topic",
+        "orders",
+        "--operation",
+        "write",
+    ]);
+    assert!(ok && out.contains("added"), "{out}{err}");
+    let (ok, out, _) = root(&["acl", "list", "--principal", "bob"]);
+    assert!(
+        ok && out.contains("bob\ttopic\torders\tliteral\twrite\tallow"),
+        "{out}"
+    );
+
+    let bob = |args: &[&str], stdin: Option<&str>| {
+        let mut all = vec!["--token", token.as_str()];
+        all.extend_from_slice(args);
+        sluice(&broker, &all, stdin)
+    };
+    let (ok, out, _) = bob(&["whoami"], None);
+    assert!(ok && out.starts_with("bob\tsuperuser=false"), "{out}");
+    let (ok, _, err) = bob(&["produce", "orders"], Some("one\ntwo\n"));
+    assert!(ok, "{err}");
+    let (ok, _, err) = bob(&["consume", "orders"], None);
+    assert!(
+        !ok && err.contains("may not read topic \"orders\""),
+        "{err}"
+    );
+    let (ok, out, _) = root(&["user", "list"]);
+    assert!(
+        ok && out.contains("bob\tsuperuser=false\ttokens=1"),
+        "{out}"
+    );
+    let id = token.split('_').nth(1).unwrap();
+    assert!(root(&["token", "revoke", id]).0);
+    let (ok, _, err) = bob(&["whoami"], None);
+    assert!(!ok && err.contains("unknown or revoked token"), "{err}");
+}

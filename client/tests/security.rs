@@ -29,6 +29,32 @@ fn start_secure(dir: &std::path::Path, args: &[&str]) -> Broker {
     )
 }
 
+/// A broker with authentication required, the bootstrap superuser's
+/// client, and `topics` made (one partition each).
+struct Secured {
+    broker: Broker,
+    url: String,
+    root_config: ClientConfig,
+    root: SecurityAdmin,
+}
+
+async fn secured(dir: &std::path::Path, topics: &[&str]) -> Secured {
+    let broker = start_secure(dir, &[]);
+    let url = broker.url();
+    let root_config = with_token(&url, BOOTSTRAP);
+    let root = SecurityAdmin::new(&root_config).unwrap();
+    let admin = Admin::new(&root_config).unwrap();
+    for topic in topics {
+        admin.create_topic(topic, 1).await.unwrap();
+    }
+    Secured {
+        broker,
+        url,
+        root_config,
+        root,
+    }
+}
+
 fn with_token(url: &str, token: &str) -> ClientConfig {
     ClientConfig::new(url).with_token(token)
 }
@@ -125,15 +151,12 @@ async fn missing_bad_revoked_and_expired_tokens_are_unauthenticated() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_only_principal_reads_but_cannot_produce() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = start_secure(dir.path(), &[]);
-    let url = broker.url();
-    let root_config = with_token(&url, BOOTSTRAP);
-    let root = SecurityAdmin::new(&root_config).unwrap();
-    Admin::new(&root_config)
-        .unwrap()
-        .create_topic("orders", 1)
-        .await
-        .unwrap();
+    let Secured {
+        broker,
+        url,
+        root_config,
+        root,
+    } = secured(dir.path(), &["orders"]).await;
     Producer::new(&root_config, ProducerConfig::default())
         .unwrap()
         .send("orders", Record::new("first"))
@@ -201,21 +224,20 @@ async fn a_read_only_principal_reads_but_cannot_produce() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prefix_grants_exactly_its_prefix_and_deny_beats_allow() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = start_secure(dir.path(), &[]);
-    let url = broker.url();
-    let root_config = with_token(&url, BOOTSTRAP);
-    let root = SecurityAdmin::new(&root_config).unwrap();
-    let admin = Admin::new(&root_config).unwrap();
-    for topic in [
-        "orders.eu",
-        "orders.us",
-        "orders",
-        "ordersx",
-        "payments",
-        "orders.secret",
-    ] {
-        admin.create_topic(topic, 1).await.unwrap();
-    }
+    let Secured {
+        broker, url, root, ..
+    } = secured(
+        dir.path(),
+        &[
+            "orders.eu",
+            "orders.us",
+            "orders",
+            "ordersx",
+            "payments",
+            "orders.secret",
+        ],
+    )
+    .await;
     let token = user(&root, "team").await;
     root.add_acl(rule(
         "team",
@@ -290,15 +312,12 @@ async fn a_prefix_grants_exactly_its_prefix_and_deny_beats_allow() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_needs_read_on_the_group_and_on_its_topics() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = start_secure(dir.path(), &[]);
-    let url = broker.url();
-    let root_config = with_token(&url, BOOTSTRAP);
-    let root = SecurityAdmin::new(&root_config).unwrap();
-    Admin::new(&root_config)
-        .unwrap()
-        .create_topic("orders", 1)
-        .await
-        .unwrap();
+    let Secured {
+        broker,
+        url,
+        root_config,
+        root,
+    } = secured(dir.path(), &["orders"]).await;
     Producer::new(&root_config, ProducerConfig::default())
         .unwrap()
         .send("orders", Record::new("r0"))
@@ -386,15 +405,12 @@ async fn end_of(stream: &mut tonic::Streaming<pb::SubscribeResponse>) -> (tonic:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscription_ends_when_its_rule_or_token_is_revoked() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = start_secure(dir.path(), &[]);
-    let url = broker.url();
-    let root_config = with_token(&url, BOOTSTRAP);
-    let root = SecurityAdmin::new(&root_config).unwrap();
-    Admin::new(&root_config)
-        .unwrap()
-        .create_topic("orders", 1)
-        .await
-        .unwrap();
+    let Secured {
+        broker,
+        url,
+        root_config,
+        root,
+    } = secured(dir.path(), &["orders"]).await;
     let producer = Producer::new(&root_config, ProducerConfig::default()).unwrap();
     producer.send("orders", Record::new("r0")).await.unwrap();
     let token = user(&root, "reader").await;
@@ -520,7 +536,23 @@ async fn mutual_tls_names_the_principal_and_plaintext_gets_a_clear_error() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replaced_certificate_serves_new_connections_and_keeps_open_ones() {
+async fn a_certificate_replaced_and_signalled_serves_new_connections_and_keeps_open_ones() {
+    rotate_certificate(Rotation::Sighup).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_file_replaced_is_picked_up_without_a_signal() {
+    rotate_certificate(Rotation::FileChange).await;
+}
+
+enum Rotation {
+    /// A long poll, so only SIGHUP can explain a quick reload.
+    Sighup,
+    /// A short poll and no signal.
+    FileChange,
+}
+
+async fn rotate_certificate(how: Rotation) {
     let dir = tempfile::tempdir().unwrap();
     let pki = tempfile::tempdir().unwrap();
     let old_ca = TestCa::new(pki.path(), "old");
@@ -535,7 +567,10 @@ async fn a_replaced_certificate_serves_new_connections_and_keeps_open_ones() {
         live_cert.display().to_string(),
         live_key.display().to_string(),
     );
-    // A long poll, so only SIGHUP can explain a quick reload.
+    let poll_ms = match how {
+        Rotation::Sighup => "600000",
+        Rotation::FileChange => "200",
+    };
     let broker = start_secure(
         dir.path(),
         &[
@@ -544,7 +579,7 @@ async fn a_replaced_certificate_serves_new_connections_and_keeps_open_ones() {
             "--tls-key",
             &key,
             "--tls-reload-poll-ms",
-            "600000",
+            poll_ms,
         ],
     );
     let url = format!("https://{}", broker.addr);
@@ -560,11 +595,13 @@ async fn a_replaced_certificate_serves_new_connections_and_keeps_open_ones() {
 
     std::fs::copy(&new.cert, &live_cert).unwrap();
     std::fs::copy(&new.key, &live_key).unwrap();
-    let status = std::process::Command::new("kill")
-        .args(["-HUP", &broker.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    if let Rotation::Sighup = how {
+        let status = std::process::Command::new("kill")
+            .args(["-HUP", &broker.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         if Admin::new(&new_trust).unwrap().list_topics().await.is_ok() {

@@ -182,29 +182,33 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        match self.layer.authenticate(&request) {
-            Ok(principal) => {
-                if let Some(principal) = principal {
-                    tracing::Span::current().record("principal", principal.name.as_str());
-                    request.extensions_mut().insert(Caller(Arc::new(principal)));
+        // The clone that was made ready serves this call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let layer = self.layer.clone();
+        // Inside the future: tonic enters the call's span only while
+        // polling it, and the principal belongs on that span.
+        Box::pin(async move {
+            match layer.authenticate(&request) {
+                Ok(principal) => {
+                    if let Some(principal) = principal {
+                        tracing::Span::current().record("principal", principal.name.as_str());
+                        request.extensions_mut().insert(Caller(Arc::new(principal)));
+                    }
+                    inner.call(request).await
                 }
-                // The clone that was made ready serves this call.
-                let clone = self.inner.clone();
-                let mut inner = std::mem::replace(&mut self.inner, clone);
-                Box::pin(inner.call(request))
+                Err(error) => {
+                    let peer = peer_addr(request.extensions());
+                    tracing::warn!(
+                        peer = ?peer,
+                        path = request.uri().path(),
+                        reason = %error,
+                        "authentication failed"
+                    );
+                    Ok(super::status::auth(error).into_http())
+                }
             }
-            Err(error) => {
-                let peer = peer_addr(request.extensions());
-                tracing::warn!(
-                    peer = ?peer,
-                    path = request.uri().path(),
-                    reason = %error,
-                    "authentication failed"
-                );
-                let status = super::status::auth(error);
-                Box::pin(std::future::ready(Ok(status.into_http())))
-            }
-        }
+        })
     }
 }
 
@@ -294,8 +298,8 @@ impl Access {
         resource_type: crate::auth::ResourceType,
         resource_name: String,
     ) -> impl Future<Output = Status> + Send + 'static {
-        let auth = Arc::clone(&self.auth);
-        let mut changes = auth.changes();
+        let access = self.clone();
+        let mut changes = access.auth.changes();
         async move {
             let mut ticks = tokio::time::interval(RECHECK_EVERY);
             loop {
@@ -313,12 +317,9 @@ impl Access {
                     kind: resource_type,
                     name: &resource_name,
                 };
-                if let Err(e) = auth.still_authenticated(&principal) {
-                    return super::status::auth(e);
-                }
-                if let Err(e) = auth.authorize(&principal, operation, resource) {
-                    tracing::info!(principal = %principal, reason = %e, "ending a call whose rights were revoked");
-                    return super::status::auth(e);
+                if let Err(status) = access.recheck(&principal, operation, resource) {
+                    tracing::info!(principal = %principal, reason = status.message(), "ending a call whose rights were revoked");
+                    return status;
                 }
             }
         }
