@@ -152,7 +152,7 @@ async fn missing_bad_revoked_and_expired_tokens_are_unauthenticated() {
 async fn a_read_only_principal_reads_but_cannot_produce() {
     let dir = tempfile::tempdir().unwrap();
     let Secured {
-        broker,
+        broker: _broker,
         url,
         root_config,
         root,
@@ -313,7 +313,7 @@ async fn a_prefix_grants_exactly_its_prefix_and_deny_beats_allow() {
 async fn a_group_needs_read_on_the_group_and_on_its_topics() {
     let dir = tempfile::tempdir().unwrap();
     let Secured {
-        broker,
+        broker: _broker,
         url,
         root_config,
         root,
@@ -406,7 +406,7 @@ async fn end_of(stream: &mut tonic::Streaming<pb::SubscribeResponse>) -> (tonic:
 async fn a_subscription_ends_when_its_rule_or_token_is_revoked() {
     let dir = tempfile::tempdir().unwrap();
     let Secured {
-        broker,
+        broker: _broker,
         url,
         root_config,
         root,
