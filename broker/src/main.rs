@@ -6,25 +6,43 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use sluice_broker::config::{Args, Config};
+use sluice_broker::config::{Args, Config, LogFormat};
 use sluice_broker::dlq::RetrySets;
 use sluice_broker::groups::{GroupCoordinator, GroupSettings, OffsetStore};
+use sluice_broker::metrics::{Metrics, serve_metrics};
 use sluice_broker::server;
 use sluice_broker::topics::TopicRegistry;
 use tracing_subscriber::EnvFilter;
 
+/// Logs to stdout through `tracing`, filtered by `RUST_LOG` (default
+/// `info`): text for people, or one JSON object per line (with the fields
+/// of every enclosing span: request id, peer, principal, topic) for a log
+/// pipeline.
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+            .init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(false)
+            .with_span_list(true)
+            .init(),
+    }
+}
+
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .init();
     if std::env::args_os().nth(1).is_some_and(|a| a == "check") {
+        init_logging(LogFormat::Text);
         return check(CheckArgs::parse_from(std::env::args_os().skip(1)));
     }
-    let config = Config::load(Args::parse())?;
+    let (args, sources) = Args::parse_with_sources();
+    let config = Config::load(args, &sources)?;
+    init_logging(config.log_format);
     // Every partition keeps a descriptor open.
     let open_files = sluice_broker::storage::raise_open_file_limit();
     tracing::info!(open_files, "open-file limit");
@@ -133,6 +151,29 @@ async fn run(config: Config) -> anyhow::Result<()> {
             tracing::warn!(error = %e, "dropping the offsets of deleted topics failed; maintenance tries again");
         }
     }
+    let metrics = match config.metrics_listen {
+        Some(address) => {
+            let metrics = Arc::new(Metrics::new(config.metrics));
+            metrics.watch_state(
+                Arc::clone(&topics),
+                Arc::clone(&groups),
+                Arc::clone(&retries),
+            );
+            metrics.observe_storage();
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("listening for metrics on {address}"))?;
+            let address = listener.local_addr()?;
+            tracing::info!(%address, per_partition = config.metrics.per_partition, "metrics at http://{address}/metrics");
+            tokio::spawn(serve_metrics(
+                Arc::clone(&metrics),
+                listener,
+                std::future::pending(),
+            ));
+            Some(metrics)
+        }
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
@@ -143,6 +184,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
         Arc::clone(&groups),
         Arc::clone(&retries),
         listener,
+        server::Observability {
+            metrics,
+            status: server::BrokerInfo::new(&config),
+        },
         config.server.clone(),
         shutdown_signal(),
     )

@@ -19,6 +19,7 @@ mod convert;
 mod dlq;
 mod groups;
 mod produce;
+mod request_span;
 mod shared;
 mod status;
 
@@ -41,7 +42,18 @@ use tonic::Status;
 
 use crate::dlq::RetrySets;
 use crate::groups::GroupCoordinator;
+use crate::metrics::{Metrics, RpcLayer};
 use crate::topics::TopicRegistry;
+
+pub use admin::BrokerInfo;
+
+/// What the server reports about itself: metrics (`None` when they are
+/// off) and what `BrokerStatus` answers.
+#[derive(Debug, Clone)]
+pub struct Observability {
+    pub metrics: Option<Arc<Metrics>>,
+    pub status: BrokerInfo,
+}
 
 /// HTTP/2 flow-control window of one stream. tonic's 64 KiB default caps
 /// a stream at 64 KiB per round trip; 4 MiB lets a produce stream or a
@@ -103,21 +115,28 @@ pub async fn serve(
     groups: Arc<GroupCoordinator>,
     retries: Arc<RetrySets>,
     listener: TcpListener,
+    observability: Observability,
     settings: ServerSettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let (stop, stopping) = watch::channel(false);
     let limit = settings.max_message_bytes;
+    let metrics = observability.metrics;
+    let rpc_metrics = metrics
+        .as_ref()
+        .map_or_else(RpcLayer::disabled, |m| m.rpc_layer());
     let admin = AdminServiceServer::new(admin::Admin {
         topics: Arc::clone(&topics),
         groups: Arc::clone(&groups),
         retries: Arc::clone(&retries),
+        info: observability.status,
     })
     .max_decoding_message_size(limit)
     .max_encoding_message_size(limit);
     let produce = ProduceServiceServer::new(produce::Produce {
         topics: Arc::clone(&topics),
         shutdown: stopping.clone(),
+        metrics: metrics.as_ref().map(|m| m.produce.clone()),
     })
     .max_decoding_message_size(limit)
     .max_encoding_message_size(limit);
@@ -141,6 +160,7 @@ pub async fn serve(
         groups: Arc::clone(&groups),
         retries: Arc::clone(&retries),
         redelivery_timeout: settings.redelivery_timeout,
+        metrics: metrics.as_ref().map(|m| m.dlq.clone()),
     })
     .max_decoding_message_size(limit)
     .max_encoding_message_size(limit);
@@ -190,7 +210,8 @@ pub async fn serve(
     let server = tonic::transport::Server::builder()
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
-        .trace_fn(|request| tracing::info_span!("grpc", path = %request.uri().path()))
+        .trace_fn(request_span::request_span)
+        .layer(rpc_metrics)
         .layer(tower::util::MapResponseLayer::new(
             status::remap_message_limit,
         ))

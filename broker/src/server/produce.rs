@@ -18,7 +18,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{now_ms, record_from_proto, record_size};
 use super::status;
-use crate::producers::ProducerAppend;
+use crate::metrics::ProduceMetrics;
+use crate::producers::{ProducerAppend, ProducerAppendError, SequenceError};
 use crate::storage::batch::{NO_PRODUCER_EPOCH, NO_PRODUCER_ID};
 use crate::storage::{BatchBuilder, EncodedBatch, ProducerInfo};
 use crate::topics::{Topic, TopicRegistry};
@@ -38,6 +39,7 @@ pub(crate) fn batch_limit(config: &crate::topics::TopicConfig) -> u64 {
 pub(crate) struct Produce {
     pub(crate) topics: Arc<TopicRegistry>,
     pub(crate) shutdown: watch::Receiver<bool>,
+    pub(crate) metrics: Option<ProduceMetrics>,
 }
 
 /// A request that passed validation: batches per partition, each with the
@@ -171,8 +173,17 @@ fn prepare(topics: &TopicRegistry, request: v1::ProduceRequest) -> Result<Prepar
 /// Checks and encodes a request, then writes its batches in order (no sync
 /// wait), all on the blocking pool: encoding copies and checksums up to a
 /// message's worth of bytes.
-async fn write(topics: Arc<TopicRegistry>, request: v1::ProduceRequest) -> Result<Written, Status> {
+async fn write(
+    topics: Arc<TopicRegistry>,
+    metrics: Option<ProduceMetrics>,
+    request: v1::ProduceRequest,
+) -> Result<Written, Status> {
     tokio::task::spawn_blocking(move || {
+        let fenced = |e: &SequenceError| {
+            if let (Some(m), SequenceError::Fenced { .. }) = (&metrics, e) {
+                m.fenced.inc();
+            }
+        };
         let prepared = prepare(&topics, request)?;
         // An older epoch of a named producer is refused on every partition
         // once a newer one was handed out, whether or not the newer one has
@@ -185,7 +196,10 @@ async fn write(topics: Arc<TopicRegistry>, request: v1::ProduceRequest) -> Resul
                 topics
                     .producer_ids()
                     .fence(prepared.producer.producer_id, prepared.producer.epoch)
-                    .map_err(status::sequence)?,
+                    .map_err(|e| {
+                        fenced(&e);
+                        status::sequence(e)
+                    })?,
             )
         };
         let now = now_ms();
@@ -197,7 +211,21 @@ async fn write(topics: Arc<TopicRegistry>, request: v1::ProduceRequest) -> Resul
                 .map_err(status::topic)?
                 .appender()
                 .write(&batch, now)
-                .map_err(status::producer_append)?;
+                .map_err(|e| {
+                    if let ProducerAppendError::Sequence(e) = &e {
+                        fenced(e);
+                    }
+                    status::producer_append(e)
+                })?;
+            if let Some(m) = &metrics {
+                if appended.duplicate {
+                    m.duplicates.inc();
+                } else {
+                    m.batch_records
+                        .observe(f64::from(batch.header().record_count));
+                    m.batch_bytes.observe(batch.len() as f64);
+                }
+            }
             written.push((partition, appended, indexes));
         }
         Ok(Written {
@@ -261,7 +289,12 @@ impl ProduceService for Produce {
         &self,
         request: Request<v1::ProduceRequest>,
     ) -> Result<Response<v1::ProduceResponse>, Status> {
-        let written = write(Arc::clone(&self.topics), request.into_inner()).await?;
+        let written = write(
+            Arc::clone(&self.topics),
+            self.metrics.clone(),
+            request.into_inner(),
+        )
+        .await?;
         Ok(Response::new(acknowledge(written).await?))
     }
 
@@ -304,6 +337,7 @@ impl ProduceService for Produce {
         let (pending, mut pending_rx) =
             mpsc::channel::<tokio::task::JoinHandle<v1::ProduceStreamResponse>>(STREAM_IN_FLIGHT);
         let topics = Arc::clone(&self.topics);
+        let metrics = self.metrics.clone();
         let mut shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             loop {
@@ -327,7 +361,7 @@ impl ProduceService for Produce {
                 let id = request.request_id;
                 // Writes happen here, one request after the other, so
                 // the stream's order is the log's order.
-                let written = write(Arc::clone(&topics), request).await;
+                let written = write(Arc::clone(&topics), metrics.clone(), request).await;
                 let handle = tokio::spawn(async move {
                     match written {
                         Ok(written) => match acknowledge(written).await {
