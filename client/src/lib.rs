@@ -40,9 +40,9 @@ mod producer;
 mod record;
 
 pub use admin::{
-    Admin, DeadLetterStatus, GroupInfo, GroupMember, GroupPartition, GroupSummary, LostRange,
-    OffsetChange, PartitionInfo, RedriveOptions, RedriveReport, RedriveTarget, ResetTo, TopicInfo,
-    TopicSettings,
+    Admin, BrokerSetting, BrokerStatus, DeadLetterStatus, GroupInfo, GroupMember, GroupPartition,
+    GroupSummary, LostRange, OffsetChange, PartitionInfo, RedriveOptions, RedriveReport,
+    RedriveTarget, ResetTo, TopicInfo, TopicSettings,
 };
 pub use connection::ClientConfig;
 pub use consumer::{Consumer, StartFrom};
