@@ -51,3 +51,4 @@ pub use group::{CommitMode, GroupConfig, GroupConsumer, GroupEvent, OffsetReset,
 pub use producer::{DeliveryFuture, Producer, ProducerConfig};
 pub use record::{ConsumedRecord, Header, Position, Record};
 pub use sluice_proto::partition_for_key;
+pub use sluice_proto::trace::{TRACEPARENT, TraceParent};
