@@ -99,6 +99,9 @@ pub struct Settings {
     /// Log line format: text or json (one JSON object per line) [default: text].
     #[arg(long, env = "SLUICE_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Export spans over OTLP/gRPC to this collector URL, e.g. http://127.0.0.1:4317 (brokers built with the `otlp` feature) [default: none].
+    #[arg(long, env = "SLUICE_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// How log lines are written.
@@ -192,6 +195,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     pub metrics: crate::metrics::MetricsSettings,
     pub log_format: LogFormat,
+    /// Where spans are exported (OTLP/gRPC), if anywhere.
+    pub otlp_endpoint: Option<String>,
     /// The TOML file read, if any.
     pub config_file: Option<PathBuf>,
     /// Every setting in effect with its source, by name.
@@ -254,6 +259,7 @@ impl Config {
             metrics_listen: Some(self.metrics_listen.unwrap_or_else(default_metrics_listen)),
             metrics_per_partition: Some(self.metrics.per_partition),
             log_format: Some(self.log_format),
+            otlp_endpoint: self.otlp_endpoint.clone(),
         }
     }
 
@@ -326,6 +332,14 @@ impl Config {
             ));
         }
         let metrics_listen = pick!(metrics_listen).unwrap_or_else(default_metrics_listen);
+        let otlp_endpoint = pick!(otlp_endpoint).filter(|e| !e.is_empty());
+        if otlp_endpoint.is_some() && !cfg!(feature = "otlp") {
+            return Err(ConfigError::Invalid(
+                "--otlp-endpoint needs a broker built with the `otlp` feature \
+                 (cargo build --release -p sluice-broker --features otlp)"
+                    .into(),
+            ));
+        }
         Ok(Config {
             listen: pick!(listen).unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default")),
             data_dir: pick!(data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
@@ -337,6 +351,7 @@ impl Config {
                 per_partition: pick!(metrics_per_partition).unwrap_or(true),
             },
             log_format: pick!(log_format).unwrap_or_default(),
+            otlp_endpoint,
             config_file: None,
             settings_in_effect: Vec::new(),
         })
@@ -464,9 +479,10 @@ mod tests {
         assert_eq!(find("log_format").value, "text");
         assert_eq!(
             config.settings_in_effect().len(),
-            20,
+            21,
             "every setting is listed"
         );
+        assert_eq!(find("otlp_endpoint").value, "(default)");
         assert!(!config.metrics.per_partition);
     }
 

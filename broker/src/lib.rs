@@ -10,6 +10,8 @@ pub mod config;
 pub mod dlq;
 pub mod groups;
 pub mod metrics;
+#[cfg(feature = "otlp")]
+pub mod otlp;
 pub mod producers;
 pub mod server;
 pub mod storage;
