@@ -4,7 +4,7 @@
 //! `traceparent` makes its `grpc` span a child of the caller's span.
 //!
 //! It owns the tracer provider and the exporter; the server only asks it
-//! to parent a span ([`set_parent`]). The SDK's batch processor exports
+//! to parent a span (`set_parent`). The SDK's batch processor exports
 //! from a thread of its own, while tonic's channel needs a tokio reactor:
 //! [`OnRuntime`] runs each export on the broker's runtime.
 
