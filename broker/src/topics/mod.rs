@@ -364,7 +364,17 @@ impl TopicRegistry {
                 reason: e.to_string(),
             })?;
             let id = stored.id.unwrap_or_else(|| TopicId::from_before_ids(&name));
-            let topic = registry.open_topic(&name, stored.config, id)?;
+            // A setting the file holds but no topic may have (a damaged
+            // or hand-edited file) names the file.
+            let topic = registry
+                .open_topic(&name, stored.config, id)
+                .map_err(|e| match e {
+                    TopicError::InvalidConfig(reason) => TopicError::Metadata {
+                        path: meta_path.clone(),
+                        reason: format!("topic {name:?}: {reason}"),
+                    },
+                    other => other,
+                })?;
             topics.insert(name, topic);
         }
         tracing::info!(data_dir = %registry.data_dir.display(), topics = topics.len(), "opened topics");
@@ -920,6 +930,37 @@ mod tests {
             panic!("opened a registry with a topic named ../escape");
         };
         assert!(error.to_string().contains("invalid topic name"), "{error}");
+    }
+
+    /// Found by `storage_damage_prop`: one byte of `topics.json` overwritten
+    /// made a setting no topic may have, refused without naming the file.
+    #[test]
+    fn a_settings_file_with_a_setting_no_topic_may_have_is_refused_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = TopicRegistry::open(dir.path(), defaults()).unwrap();
+        registry
+            .create("orders", &TopicConfigPatch::default())
+            .unwrap();
+        registry.close().unwrap();
+        drop(registry);
+        let path = dir.path().join(TOPICS_FILE);
+        let text = fs::read_to_string(&path).unwrap();
+        assert!(text.contains("{topic}.{group}.dlq"), "{text}");
+        fs::write(
+            &path,
+            text.replace("{topic}.{group}.dlq", " topic}.{group}.dlq"),
+        )
+        .unwrap();
+        fs::remove_file(previous_copy(&path)).unwrap();
+        let Err(error) = TopicRegistry::open(dir.path(), defaults()) else {
+            panic!("opened a registry with a bad DLQ template");
+        };
+        let message = error.to_string();
+        assert!(message.contains(path.to_str().unwrap()), "{message}");
+        assert!(
+            message.contains("\"orders\"") && message.contains("DLQ topic template"),
+            "{message}"
+        );
     }
 
     #[test]
