@@ -103,7 +103,7 @@ REDIS_PORT=$(free_port)
 mkdir -p "$DATA/sluice" "$DATA/nats" "$DATA/redis" "$OUT"
 
 RUST_LOG=warn "$BROKER" --data-dir "$DATA/sluice" --listen "127.0.0.1:$SLUICE_PORT" \
-  >"$DATA/sluice.log" 2>&1 &
+  --metrics-listen "127.0.0.1:$(free_port)" >"$DATA/sluice.log" 2>&1 &
 SLUICE_PID=$!; PIDS+=("$SLUICE_PID")
 nats-server -js -a 127.0.0.1 -p "$NATS_PORT" -sd "$DATA/nats" >"$DATA/nats.log" 2>&1 &
 NATS_PID=$!; PIDS+=("$NATS_PID")

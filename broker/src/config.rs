@@ -1,12 +1,14 @@
 //! The broker's settings: defaults, an optional TOML file, environment
-//! variables and flags, in increasing order of precedence.
+//! variables and flags, in increasing order of precedence. Where each
+//! setting in effect came from is kept ([`Config::settings_in_effect`]),
+//! for `sluice broker status`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
-use serde::Deserialize;
+use clap::{CommandFactory, FromArgMatches, Parser};
+use serde::{Deserialize, Serialize};
 
 use crate::auth::{AuthMode, AuthSettings, DEFAULT_BOOTSTRAP_USER};
 use crate::server::ServerSettings;
@@ -36,7 +38,7 @@ pub struct Args {
 }
 
 /// Every setting. Unset ones come from the file, then the defaults.
-#[derive(Debug, Clone, Default, Deserialize, clap::Args)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     /// Address to serve gRPC on [default: 127.0.0.1:7070]; port 0 picks a free one.
@@ -122,6 +124,23 @@ pub struct Settings {
     /// Server reflection: public, authenticated or off [default: public].
     #[arg(long, env = "SLUICE_REFLECTION")]
     pub reflection: Option<String>,
+
+    // Operations (docs/OPERATIONS.md).
+    /// Serve Prometheus metrics over HTTP at /metrics [default: true].
+    #[arg(long, env = "SLUICE_METRICS")]
+    pub metrics: Option<bool>,
+    /// Address of the metrics listener [default: 127.0.0.1:9644]; port 0 picks a free one.
+    #[arg(long, env = "SLUICE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Metric series per partition as well as per topic; false keeps one series per topic (for brokers with very many partitions) [default: true].
+    #[arg(long, env = "SLUICE_METRICS_PER_PARTITION")]
+    pub metrics_per_partition: Option<bool>,
+    /// Log line format: text or json (one JSON object per line) [default: text].
+    #[arg(long, env = "SLUICE_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// Export spans over OTLP/gRPC to this collector URL, e.g. http://127.0.0.1:4317 (brokers built with the `otlp` feature) [default: none].
+    #[arg(long, env = "SLUICE_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// Who may call, over what: resolved security settings.
@@ -131,6 +150,69 @@ pub struct SecurityConfig {
     pub tls: Option<TlsSettings>,
     pub tls_poll: Duration,
     pub reflection: Reflection,
+    /// `--auth off` beyond loopback was said to be intended.
+    pub allow_unauthenticated_remote: bool,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Where a setting in effect came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SettingSource {
+    Flag,
+    Environment,
+    File,
+    Default,
+}
+
+impl SettingSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SettingSource::Flag => "flag",
+            SettingSource::Environment => "environment",
+            SettingSource::File => "file",
+            SettingSource::Default => "default",
+        }
+    }
+}
+
+/// One setting in effect: its TOML key, its value and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettingInEffect {
+    pub name: String,
+    pub value: String,
+    pub source: SettingSource,
+}
+
+impl Args {
+    /// Parses the process's arguments, noting which settings came from a
+    /// flag and which from the environment.
+    pub fn parse_with_sources() -> (Args, Vec<(String, SettingSource)>) {
+        let matches = Args::command().get_matches();
+        let args = match Args::from_arg_matches(&matches) {
+            Ok(args) => args,
+            Err(e) => e.exit(),
+        };
+        let sources = matches
+            .ids()
+            .filter_map(|id| {
+                let source = match matches.value_source(id.as_str())? {
+                    clap::parser::ValueSource::CommandLine => SettingSource::Flag,
+                    clap::parser::ValueSource::EnvVariable => SettingSource::Environment,
+                    _ => return None,
+                };
+                Some((id.as_str().to_owned(), source))
+            })
+            .collect();
+        (args, sources)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -160,11 +242,25 @@ pub struct Config {
     /// (64 MiB, at most 5% of the file system).
     pub min_free_bytes: Option<u64>,
     pub security: SecurityConfig,
+    /// Where `/metrics` is served; `None` when metrics are off.
+    pub metrics_listen: Option<SocketAddr>,
+    pub metrics: crate::metrics::MetricsSettings,
+    pub log_format: LogFormat,
+    /// Where spans are exported (OTLP/gRPC), if anywhere.
+    pub otlp_endpoint: Option<String>,
+    /// The TOML file read, if any.
+    pub config_file: Option<PathBuf>,
+    /// Every setting in effect with its source, by name.
+    settings_in_effect: Vec<SettingInEffect>,
 }
 
 impl Config {
     /// Resolves flags and environment over the file over the defaults.
-    pub fn load(args: Args) -> Result<Config, ConfigError> {
+    /// `sources` says which of the flags' settings came from the
+    /// environment rather than the command line (see
+    /// [`Args::parse_with_sources`]); a setting it does not name but the
+    /// flags have counts as a flag.
+    pub fn load(args: Args, sources: &[(String, SettingSource)]) -> Result<Config, ConfigError> {
         let file = match &args.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -178,13 +274,68 @@ impl Config {
             }
             None => Settings::default(),
         };
-        let mut config = Config::resolve(args.settings, file)?;
+        let mut config = Config::resolve(args.settings.clone(), file.clone())?;
+        config.settings_in_effect = settings_in_effect(&args.settings, &file, &config, sources);
+        config.config_file = args.config;
         // A secret: from the environment only, never a flag (argv is
         // visible to every user of the machine) or the file.
         config.security.auth.bootstrap_token = std::env::var("SLUICE_BOOTSTRAP_TOKEN")
             .ok()
             .filter(|t| !t.is_empty());
         Ok(config)
+    }
+
+    /// Every setting in effect, with where it came from.
+    pub fn settings_in_effect(&self) -> &[SettingInEffect] {
+        &self.settings_in_effect
+    }
+
+    /// The resolved settings written back as [`Settings`]: what a file
+    /// would have to say to get this configuration.
+    fn as_settings(&self) -> Settings {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        Settings {
+            listen: Some(self.listen),
+            data_dir: Some(self.data_dir.clone()),
+            default_partitions: Some(self.topics.partitions),
+            max_partitions: Some(self.topics.max_partitions),
+            segment_bytes: Some(self.topics.segment_bytes),
+            flush: Some(self.topics.flush.to_string()),
+            retention_ms: Some(self.topics.retention_ms.unwrap_or(0)),
+            retention_bytes: Some(self.topics.retention_bytes.unwrap_or(0)),
+            max_record_bytes: Some(self.topics.max_record_bytes),
+            max_message_bytes: Some(self.server.max_message_bytes),
+            shutdown_timeout_ms: Some(ms(self.server.shutdown_timeout)),
+            producer_expiry_ms: Some(ms(self.topics.producer_expiry)),
+            maintenance_interval_ms: Some(ms(self.server.maintenance_interval)),
+            group_offset_retention_ms: Some(ms(self.server.group_offset_retention)),
+            min_free_bytes: self.min_free_bytes,
+            redelivery_timeout_ms: Some(ms(self.server.redelivery_timeout)),
+            metrics: Some(self.metrics_listen.is_some()),
+            metrics_listen: Some(self.metrics_listen.unwrap_or_else(default_metrics_listen)),
+            metrics_per_partition: Some(self.metrics.per_partition),
+            log_format: Some(self.log_format),
+            otlp_endpoint: self.otlp_endpoint.clone(),
+            auth: Some(
+                match self.security.auth.mode {
+                    AuthMode::Off => "off",
+                    AuthMode::Required => "required",
+                }
+                .to_owned(),
+            ),
+            superusers: Some(self.security.auth.superusers.clone()),
+            bootstrap_token_file: self.security.auth.bootstrap_token_file.clone(),
+            bootstrap_user: Some(self.security.auth.bootstrap_user.clone()),
+            allow_unauthenticated_remote: Some(self.security.allow_unauthenticated_remote),
+            tls_cert: self.security.tls.as_ref().map(|t| t.cert.clone()),
+            tls_key: self.security.tls.as_ref().map(|t| t.key.clone()),
+            tls_client_ca: self.security.tls.as_ref().and_then(|t| t.client_ca.clone()),
+            tls_client_auth: self.security.tls.as_ref().map(|t| {
+                if t.client_auth_optional { "optional" } else { "required" }.to_owned()
+            }),
+            tls_reload_poll_ms: Some(ms(self.security.tls_poll)),
+            reflection: Some(self.security.reflection.as_str().to_owned()),
+        }
     }
 
     fn resolve(flags: Settings, file: Settings) -> Result<Config, ConfigError> {
@@ -258,6 +409,15 @@ impl Config {
         let listen: SocketAddr =
             pick!(listen).unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default"));
         let security = resolve_security(&flags, &file, listen)?;
+        let metrics_listen = pick!(metrics_listen).unwrap_or_else(default_metrics_listen);
+        let otlp_endpoint = pick!(otlp_endpoint).filter(|e| !e.is_empty());
+        if otlp_endpoint.is_some() && !cfg!(feature = "otlp") {
+            return Err(ConfigError::Invalid(
+                "--otlp-endpoint needs a broker built with the `otlp` feature \
+                 (cargo build --release -p sluice-broker --features otlp)"
+                    .into(),
+            ));
+        }
         Ok(Config {
             listen,
             security,
@@ -265,6 +425,14 @@ impl Config {
             topics,
             server,
             min_free_bytes: pick!(min_free_bytes),
+            metrics_listen: pick!(metrics).unwrap_or(true).then_some(metrics_listen),
+            metrics: crate::metrics::MetricsSettings {
+                per_partition: pick!(metrics_per_partition).unwrap_or(true),
+            },
+            log_format: pick!(log_format).unwrap_or_default(),
+            otlp_endpoint,
+            config_file: None,
+            settings_in_effect: Vec::new(),
         })
     }
 }
@@ -281,12 +449,12 @@ fn resolve_security(
     }
     let invalid = |e: String| ConfigError::Invalid(e);
     let mode: AuthMode = pick!(auth).map_or(Ok(AuthMode::Off), |m| m.parse().map_err(invalid))?;
-    if mode == AuthMode::Off
-        && !listen.ip().is_loopback()
-        && !pick!(allow_unauthenticated_remote).unwrap_or(false)
-    {
+    let allow_unauthenticated_remote = pick!(allow_unauthenticated_remote).unwrap_or(false);
+    if mode == AuthMode::Off && !listen.ip().is_loopback() && !allow_unauthenticated_remote {
         return Err(ConfigError::Invalid(format!(
-            "refusing to listen on {listen} with --auth off: anyone who can reach it could read,              write and delete every topic. Use --auth required (see docs/SECURITY.md), listen on              127.0.0.1, or pass --allow-unauthenticated-remote to say this is intended"
+            "refusing to listen on {listen} with --auth off: anyone who can reach it could read, \
+             write and delete every topic. Use --auth required (see docs/SECURITY.md), listen on \
+             127.0.0.1, or pass --allow-unauthenticated-remote to say this is intended"
         )));
     }
     let tls = match (pick!(tls_cert), pick!(tls_key)) {
@@ -328,7 +496,57 @@ fn resolve_security(
         tls,
         tls_poll: Duration::from_millis(pick!(tls_reload_poll_ms).unwrap_or(2000).max(10)),
         reflection,
+        allow_unauthenticated_remote,
     })
+}
+
+fn default_metrics_listen() -> SocketAddr {
+    crate::metrics::DEFAULT_METRICS_LISTEN
+        .parse()
+        .expect("valid default")
+}
+
+/// Pairs each resolved setting with where it came from: a flag or the
+/// environment, else the file, else the default.
+fn settings_in_effect(
+    flags: &Settings,
+    file: &Settings,
+    config: &Config,
+    sources: &[(String, SettingSource)],
+) -> Vec<SettingInEffect> {
+    let as_map = |settings: &Settings| match serde_json::to_value(settings) {
+        Ok(serde_json::Value::Object(map)) => map,
+        _ => serde_json::Map::new(),
+    };
+    let (flags, file, effective) = (as_map(flags), as_map(file), as_map(&config.as_settings()));
+    let is_set = |map: &serde_json::Map<String, serde_json::Value>, key: &str| {
+        map.get(key).is_some_and(|v| !v.is_null())
+    };
+    effective
+        .into_iter()
+        .map(|(name, value)| {
+            let source = if is_set(&flags, &name) {
+                sources
+                    .iter()
+                    .find(|(id, _)| *id == name)
+                    .map_or(SettingSource::Flag, |(_, source)| *source)
+            } else if is_set(&file, &name) {
+                SettingSource::File
+            } else {
+                SettingSource::Default
+            };
+            let value = match value {
+                serde_json::Value::String(text) => text,
+                serde_json::Value::Null => "(default)".to_owned(),
+                other => other.to_string(),
+            };
+            SettingInEffect {
+                name,
+                value,
+                source,
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -358,6 +576,56 @@ mod tests {
         assert_eq!(config.topics.segment_bytes, 8388608);
         assert_eq!(config.min_free_bytes, Some(1048576));
         assert_eq!(config.data_dir, PathBuf::from("sluice-data"));
+    }
+
+    #[test]
+    fn every_setting_in_effect_says_where_it_came_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("sluice.toml");
+        std::fs::write(&file, "flush = \"os\"\nmetrics_per_partition = false\n").unwrap();
+        let args = Args {
+            config: Some(file),
+            settings: Settings {
+                listen: Some("127.0.0.1:9100".parse().unwrap()),
+                data_dir: Some("/tmp/d".into()),
+                ..Settings::default()
+            },
+        };
+        let sources = [("data_dir".to_owned(), SettingSource::Environment)];
+        let config = Config::load(args, &sources).unwrap();
+        let find = |name: &str| {
+            config
+                .settings_in_effect()
+                .iter()
+                .find(|s| s.name == name)
+                .unwrap_or_else(|| panic!("{name} missing"))
+                .clone()
+        };
+        let listen = find("listen");
+        assert_eq!(
+            (listen.value.as_str(), listen.source),
+            ("127.0.0.1:9100", SettingSource::Flag)
+        );
+        assert_eq!(find("data_dir").source, SettingSource::Environment);
+        let flush = find("flush");
+        assert_eq!(
+            (flush.value.as_str(), flush.source),
+            ("os", SettingSource::File)
+        );
+        assert_eq!(find("metrics_per_partition").value, "false");
+        let metrics = find("metrics_listen");
+        assert_eq!(
+            (metrics.value.as_str(), metrics.source),
+            ("127.0.0.1:9644", SettingSource::Default)
+        );
+        assert_eq!(find("log_format").value, "text");
+        assert_eq!(
+            config.settings_in_effect().len(),
+            21,
+            "every setting is listed"
+        );
+        assert_eq!(find("otlp_endpoint").value, "(default)");
+        assert!(!config.metrics.per_partition);
     }
 
     #[test]

@@ -7,35 +7,89 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use sluice_broker::auth::{AuthMode, Authorizer};
-use sluice_broker::config::{Args, Config};
+use sluice_broker::config::{Args, Config, LogFormat};
 use sluice_broker::dlq::RetrySets;
 use sluice_broker::groups::{GroupCoordinator, GroupSettings, OffsetStore};
+use sluice_broker::metrics::{Metrics, serve_metrics};
 use sluice_broker::server;
 use sluice_broker::server::tls::ReloadingTls;
 use sluice_broker::topics::TopicRegistry;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::{EnvFilter, Layer};
+
+/// Logs to stdout through `tracing`, filtered by `RUST_LOG` (default
+/// `info`): text for people, or one JSON object per line (with the fields
+/// of every enclosing span: request id, peer, principal, topic) for a log
+/// pipeline.
+///
+/// With the `otlp` feature and an endpoint, spans are exported too; the
+/// provider handed in comes back, to be shut down before exit (it sends
+/// what is left).
+fn init_logging(format: LogFormat, otlp: Option<OtlpProvider>) -> Option<OtlpProvider> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt::layer().with_target(false);
+    let fmt = match format {
+        LogFormat::Text => fmt
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+            .boxed(),
+        LogFormat::Json => fmt
+            .json()
+            .with_current_span(false)
+            .with_span_list(true)
+            .boxed(),
+    };
+    let registry = tracing_subscriber::registry().with(fmt).with(filter);
+    #[cfg(feature = "otlp")]
+    let registry = registry.with(otlp.as_ref().map(sluice_broker::otlp::layer));
+    registry.init();
+    otlp
+}
+
+#[cfg(feature = "otlp")]
+type OtlpProvider = opentelemetry_sdk::trace::SdkTracerProvider;
+#[cfg(not(feature = "otlp"))]
+type OtlpProvider = std::convert::Infallible;
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .init();
     if std::env::args_os().nth(1).is_some_and(|a| a == "check") {
+        init_logging(LogFormat::Text, None);
         return check(CheckArgs::parse_from(std::env::args_os().skip(1)));
     }
-    let config = Config::load(Args::parse())?;
-    // Every partition keeps a descriptor open.
-    let open_files = sluice_broker::storage::raise_open_file_limit();
-    tracing::info!(open_files, "open-file limit");
+    let (args, sources) = Args::parse_with_sources();
+    let config = Config::load(args, &sources)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("sluice-worker")
         .build()
         .context("starting the async runtime")?;
+    #[cfg(feature = "otlp")]
+    let otlp = match &config.otlp_endpoint {
+        Some(endpoint) => Some(sluice_broker::otlp::provider(
+            endpoint,
+            runtime.handle().clone(),
+        )?),
+        None => None,
+    };
+    #[cfg(not(feature = "otlp"))]
+    let otlp = None;
+    let otlp = init_logging(config.log_format, otlp);
+    if let Some(endpoint) = &config.otlp_endpoint {
+        tracing::info!(%endpoint, "exporting spans over OTLP");
+    }
+    // Every partition keeps a descriptor open.
+    let open_files = sluice_broker::storage::raise_open_file_limit();
+    tracing::info!(open_files, "open-file limit");
     let result = runtime.block_on(run(config));
+    // Off the runtime's threads: the exporter blocks on the runtime.
+    #[cfg(feature = "otlp")]
+    if let Some(provider) = otlp
+        && let Err(e) = provider.shutdown()
+    {
+        tracing::warn!(error = %e, "sending the last spans failed");
+    }
+    #[cfg(not(feature = "otlp"))]
+    let _: Option<OtlpProvider> = otlp;
     // Every partition is closed by now. A blocking task still running (a
     // call abandoned at the shutdown deadline) must not hold up the exit,
     // which dropping the runtime would wait for without bound.
@@ -136,6 +190,29 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     let security = open_security(&config)?;
+    let metrics = match config.metrics_listen {
+        Some(address) => {
+            let metrics = Arc::new(Metrics::new(config.metrics));
+            metrics.watch_state(
+                Arc::clone(&topics),
+                Arc::clone(&groups),
+                Arc::clone(&retries),
+            );
+            metrics.observe_storage();
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("listening for metrics on {address}"))?;
+            let address = listener.local_addr()?;
+            tracing::info!(%address, per_partition = config.metrics.per_partition, "metrics at http://{address}/metrics");
+            tokio::spawn(serve_metrics(
+                Arc::clone(&metrics),
+                listener,
+                std::future::pending(),
+            ));
+            Some(metrics)
+        }
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
@@ -160,6 +237,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
         Arc::clone(&groups),
         Arc::clone(&retries),
         listener,
+        server::Observability {
+            metrics,
+            status: server::BrokerInfo::new(&config),
+        },
         config.server.clone(),
         security,
         shutdown_signal(),

@@ -272,6 +272,40 @@ pub struct DeadLetterStatus {
     pub undeliverable_reason: Option<String>,
 }
 
+/// What the broker reports about itself ([`Admin::broker_status`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerStatus {
+    /// The broker's version.
+    pub version: String,
+    /// The git commit it was built from; "unknown" outside a checkout.
+    pub git_commit: String,
+    /// Time since the broker started.
+    pub uptime: std::time::Duration,
+    /// The data directory, as configured.
+    pub data_dir: String,
+    /// Disk space taken by the data directory's files.
+    pub data_dir_bytes: u64,
+    /// Free and total bytes of the data directory's file system.
+    pub disk_free_bytes: u64,
+    /// Size of the data directory's file system.
+    pub disk_total_bytes: u64,
+    /// The TOML file the broker read, if any.
+    pub config_file: Option<String>,
+    /// Every setting in effect, by name.
+    pub settings: Vec<BrokerSetting>,
+}
+
+/// One broker setting in effect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerSetting {
+    /// Its TOML key.
+    pub name: String,
+    /// Its value in effect, as text.
+    pub value: String,
+    /// "flag", "environment", "file" or "default".
+    pub source: String,
+}
+
 /// Creates, inspects, changes and deletes topics; looks up offsets;
 /// inspects groups and resets their offsets.
 #[derive(Debug, Clone)]
@@ -362,6 +396,35 @@ impl Admin {
                 max_batch_bytes: None,
             })
             .collect())
+    }
+
+    /// The broker's version, commit, uptime, disk and settings in effect.
+    pub async fn broker_status(&self) -> Result<BrokerStatus> {
+        let r = self
+            .admin
+            .clone()
+            .broker_status(self.request(v1::BrokerStatusRequest {}))
+            .await?
+            .into_inner();
+        Ok(BrokerStatus {
+            version: r.version,
+            git_commit: r.git_commit,
+            uptime: std::time::Duration::from_millis(r.uptime_ms),
+            data_dir: r.data_dir,
+            data_dir_bytes: r.data_dir_bytes,
+            disk_free_bytes: r.disk_free_bytes,
+            disk_total_bytes: r.disk_total_bytes,
+            config_file: (!r.config_file.is_empty()).then_some(r.config_file),
+            settings: r
+                .settings
+                .into_iter()
+                .map(|s| BrokerSetting {
+                    name: s.name,
+                    value: s.value,
+                    source: s.source,
+                })
+                .collect(),
+        })
     }
 
     /// A topic's settings and each partition's offsets and size.

@@ -41,9 +41,9 @@ mod record;
 pub mod security;
 
 pub use admin::{
-    Admin, DeadLetterStatus, GroupInfo, GroupMember, GroupPartition, GroupSummary, LostRange,
-    OffsetChange, PartitionInfo, RedriveOptions, RedriveReport, RedriveTarget, ResetTo, TopicInfo,
-    TopicSettings,
+    Admin, BrokerSetting, BrokerStatus, DeadLetterStatus, GroupInfo, GroupMember, GroupPartition,
+    GroupSummary, LostRange, OffsetChange, PartitionInfo, RedriveOptions, RedriveReport,
+    RedriveTarget, ResetTo, TopicInfo, TopicSettings,
 };
 pub use connection::{ClientConfig, TlsConfig};
 pub use consumer::{Consumer, StartFrom};
@@ -52,3 +52,4 @@ pub use group::{CommitMode, GroupConfig, GroupConsumer, GroupEvent, OffsetReset,
 pub use producer::{DeliveryFuture, Producer, ProducerConfig};
 pub use record::{ConsumedRecord, Header, Position, Record};
 pub use sluice_proto::partition_for_key;
+pub use sluice_proto::trace::{TRACEPARENT, TraceParent};

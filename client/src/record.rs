@@ -1,6 +1,7 @@
 //! Records as the client hands them in and gets them back.
 
 use bytes::Bytes;
+use sluice_proto::trace::{TRACEPARENT, TraceParent};
 use sluice_proto::v1;
 
 /// A header: a UTF-8 key and a binary value.
@@ -49,6 +50,33 @@ impl Record {
             value: value.into(),
         });
         self
+    }
+
+    /// Stamps a W3C trace context into the record's `traceparent` header
+    /// (replacing one already there), so that whoever consumes the record
+    /// can continue the trace ([`ConsumedRecord::trace_parent`]).
+    pub fn with_trace_parent(mut self, parent: TraceParent) -> Self {
+        self.headers.retain(|h| h.key != TRACEPARENT);
+        self.with_header(TRACEPARENT, parent.to_string())
+    }
+
+    /// Stamps the current OpenTelemetry context's span as the record's
+    /// `traceparent` (feature `otel`); a record made outside a valid span
+    /// is left as it is.
+    #[cfg(feature = "otel")]
+    pub fn with_current_trace_context(self) -> Self {
+        use opentelemetry::trace::TraceContextExt;
+        let context = opentelemetry::Context::current();
+        let span = context.span();
+        let span = span.span_context();
+        if !span.is_valid() {
+            return self;
+        }
+        self.with_trace_parent(TraceParent {
+            trace_id: span.trace_id().to_bytes(),
+            parent_id: span.span_id().to_bytes(),
+            flags: span.trace_flags().to_u8(),
+        })
     }
 
     /// Sets the timestamp (ms since the epoch).
@@ -137,6 +165,18 @@ pub struct ConsumedRecord {
     pub redelivery: bool,
 }
 
+impl ConsumedRecord {
+    /// The trace context its producer stamped (the last valid
+    /// `traceparent` header), to continue the trace from.
+    pub fn trace_parent(&self) -> Option<TraceParent> {
+        self.headers
+            .iter()
+            .rev()
+            .filter(|h| h.key == TRACEPARENT)
+            .find_map(|h| TraceParent::parse(std::str::from_utf8(&h.value).ok()?))
+    }
+}
+
 impl From<v1::ConsumedRecord> for ConsumedRecord {
     fn from(r: v1::ConsumedRecord) -> Self {
         ConsumedRecord {
@@ -157,5 +197,71 @@ impl From<v1::ConsumedRecord> for ConsumedRecord {
             attempt: 1,
             redelivery: false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    fn consumed(record: Record) -> ConsumedRecord {
+        let proto = record.into_proto();
+        ConsumedRecord::from(v1::ConsumedRecord {
+            topic: "t".into(),
+            key: proto.key,
+            value: proto.value,
+            headers: proto.headers,
+            timestamp_ms: proto.timestamp_ms,
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn a_stamped_trace_parent_reaches_the_consumer() {
+        let parent = TraceParent::parse(PARENT).unwrap();
+        let record = Record::new("v")
+            .with_header(
+                TRACEPARENT,
+                "00-ffffffffffffffffffffffffffffffff-ffffffffffffffff-00",
+            )
+            .with_trace_parent(parent);
+        let headers: Vec<_> = record
+            .headers
+            .iter()
+            .filter(|h| h.key == TRACEPARENT)
+            .collect();
+        assert_eq!(headers.len(), 1, "the stamp replaces an older one");
+        assert_eq!(headers[0].value, PARENT.as_bytes());
+        assert_eq!(consumed(record).trace_parent(), Some(parent));
+        assert_eq!(consumed(Record::new("v")).trace_parent(), None);
+        let bad = Record::new("v").with_header(TRACEPARENT, "not a trace");
+        assert_eq!(consumed(bad).trace_parent(), None);
+    }
+
+    #[cfg(feature = "otel")]
+    #[test]
+    fn the_current_opentelemetry_span_is_stamped() {
+        use opentelemetry::trace::{
+            SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
+        };
+        let parent = TraceParent::parse(PARENT).unwrap();
+        assert_eq!(
+            Record::new("v").with_current_trace_context().headers,
+            vec![]
+        );
+        let span = SpanContext::new(
+            TraceId::from_bytes(parent.trace_id),
+            SpanId::from_bytes(parent.parent_id),
+            TraceFlags::SAMPLED,
+            true,
+            TraceState::default(),
+        );
+        let _guard = opentelemetry::Context::current()
+            .with_remote_span_context(span)
+            .attach();
+        let record = Record::new("v").with_current_trace_context();
+        assert_eq!(consumed(record).trace_parent(), Some(parent));
     }
 }

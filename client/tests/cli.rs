@@ -362,3 +362,48 @@ fn users_tokens_and_acls_from_the_command_line() {
     let (ok, _, err) = bob(&["whoami"], None);
     assert!(!ok && err.contains("unknown or revoked token"), "{err}");
 }
+
+#[test]
+fn broker_status_shows_version_uptime_disk_and_where_each_setting_came_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sluice.toml");
+    std::fs::write(&config, "retention_ms = 60000\n").unwrap();
+    let data = dir.path().join("data");
+    let broker = Broker::start_with_env(
+        &broker_binary(),
+        &data,
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--segment-bytes",
+            "8388608",
+        ],
+        &[("SLUICE_DEFAULT_PARTITIONS", "3")],
+    );
+    let (ok, out, err) = sluice(&broker, &["broker", "status"], None);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains(&format!("version     {}", env!("CARGO_PKG_VERSION"))),
+        "{out}"
+    );
+    assert!(out.contains("(commit "), "{out}");
+    assert!(out.contains("uptime      0d 00h 00m"), "{out}");
+    assert!(
+        out.contains(&format!("data dir    {}", data.display())),
+        "{out}"
+    );
+    assert!(out.contains("MiB free of"), "{out}");
+    let setting = |name: &str| {
+        out.lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .unwrap_or_else(|| panic!("no setting {name}:\n{out}"))
+            .split_whitespace()
+            .skip(1)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(setting("segment_bytes"), ["8388608", "(flag)"]);
+    assert_eq!(setting("default_partitions"), ["3", "(environment)"]);
+    assert_eq!(setting("retention_ms"), ["60000", "(file)"]);
+    assert_eq!(setting("max_partitions"), ["1024", "(default)"]);
+    assert_eq!(setting("log_format"), ["text", "(default)"]);
+}

@@ -3,7 +3,10 @@
 //! The `.proto` files under `proto/sluice/v1/` are the contract other
 //! languages read; this crate compiles them (with protox, so no `protoc` is
 //! needed), exposes the encoded descriptor set for server reflection, and
-//! holds the one key partitioner that the broker and every client share.
+//! holds the one key partitioner that the broker and every client share,
+//! and the W3C `traceparent` codec ([`trace`]) they share too.
+
+pub mod trace;
 
 #[allow(clippy::all, missing_docs)]
 pub mod v1 {

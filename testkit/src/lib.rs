@@ -18,6 +18,8 @@ pub mod pki;
 pub struct Broker {
     child: Child,
     pub addr: SocketAddr,
+    /// Where it serves `/metrics`, unless metrics are off.
+    pub metrics_addr: Option<SocketAddr>,
     pub data_dir: PathBuf,
     binary: PathBuf,
     args: Vec<String>,
@@ -48,6 +50,12 @@ impl Broker {
         if !args.iter().any(|a| a == "--listen") {
             command.arg("--listen").arg("127.0.0.1:0");
         }
+        // Brokers of parallel tests must not fight over the default port.
+        if !args.iter().any(|a| a == "--metrics-listen")
+            && !env.iter().any(|(k, _)| k == "SLUICE_METRICS_LISTEN")
+        {
+            command.arg("--metrics-listen").arg("127.0.0.1:0");
+        }
         let mut child = command
             .arg("--data-dir")
             .arg(data_dir)
@@ -60,13 +68,26 @@ impl Broker {
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         // Keep draining the log so the broker never blocks on a full pipe.
+        // An address at the start of `text` (text or JSON log lines).
+        fn address_at(text: &str) -> Option<SocketAddr> {
+            let end = text
+                .find(|c: char| !(c.is_ascii_hexdigit() || matches!(c, '.' | ':' | '[' | ']')))
+                .unwrap_or(text.len());
+            text[..end].parse().ok()
+        }
         std::thread::spawn(move || {
             let mut sent = false;
+            let mut metrics_addr = None;
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
+                if metrics_addr.is_none()
+                    && let Some(rest) = line.split("metrics at http://").nth(1)
+                {
+                    metrics_addr = address_at(rest);
+                }
                 if !sent && let Some(rest) = line.split("listening on ").nth(1) {
-                    let addr: SocketAddr = rest.split_whitespace().next().unwrap().parse().unwrap();
-                    let _ = tx.send(addr);
+                    let addr = address_at(rest).expect("the broker logs its address");
+                    let _ = tx.send((addr, metrics_addr));
                     sent = true;
                 }
                 if std::env::var_os("SLUICE_TEST_BROKER_LOG").is_some() {
@@ -74,17 +95,35 @@ impl Broker {
                 }
             }
         });
-        let addr = rx
+        let (addr, metrics_addr) = rx
             .recv_timeout(Duration::from_secs(30))
             .expect("the broker did not start listening within 30 s");
         Broker {
             child,
             addr,
+            metrics_addr,
             binary: binary.to_owned(),
             data_dir: data_dir.to_owned(),
             args,
             env,
         }
+    }
+
+    /// The broker's `/metrics` exposition, fetched over plain HTTP/1.1.
+    pub fn scrape_metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let addr = self.metrics_addr.expect("the broker serves metrics");
+        let mut stream = std::net::TcpStream::connect(addr).expect("connect to /metrics");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .expect("send the scrape");
+        let mut response = String::new();
+        stream
+            .read_to_string(&mut response)
+            .expect("read the scrape");
+        let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+        assert!(head.starts_with("HTTP/1.1 200"), "scrape failed: {head}");
+        body.to_owned()
     }
 
     pub fn url(&self) -> String {

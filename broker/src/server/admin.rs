@@ -1,6 +1,8 @@
-//! `AdminService`: topic administration.
+//! `AdminService`: topic administration, and the broker's own status.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
 
 use sluice_proto::v1::{self, admin_service_server::AdminService};
 use tonic::{Request, Response, Status};
@@ -17,6 +19,50 @@ pub(crate) struct Admin {
     pub(crate) topics: Arc<TopicRegistry>,
     pub(crate) groups: Arc<GroupCoordinator>,
     pub(crate) retries: Arc<RetrySets>,
+    pub(crate) info: BrokerInfo,
+}
+
+/// What `BrokerStatus` reports besides live figures: fixed at start-up.
+#[derive(Debug, Clone)]
+pub struct BrokerInfo {
+    started: Instant,
+    data_dir: PathBuf,
+    config_file: Option<PathBuf>,
+    settings: Vec<crate::config::SettingInEffect>,
+}
+
+impl BrokerInfo {
+    /// Takes the start time as now.
+    pub fn new(config: &crate::config::Config) -> BrokerInfo {
+        BrokerInfo {
+            started: Instant::now(),
+            data_dir: config.data_dir.clone(),
+            config_file: config.config_file.clone(),
+            settings: config.settings_in_effect().to_vec(),
+        }
+    }
+}
+
+/// Disk space taken by the files under `dir` (allocated blocks, so
+/// preallocated segments count at what they hold on disk).
+fn disk_used(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() {
+                pending.push(entry.path());
+            } else {
+                total += meta.blocks() * 512;
+            }
+        }
+    }
+    total
 }
 
 fn patch(config: Option<v1::TopicConfig>) -> TopicConfigPatch {
@@ -187,6 +233,40 @@ impl AdminService for Admin {
             .get(&request.into_inner().name)
             .map_err(status::topic)?;
         Ok(Response::new(describe(&topic)))
+    }
+
+    async fn broker_status(
+        &self,
+        _request: Request<v1::BrokerStatusRequest>,
+    ) -> Result<Response<v1::BrokerStatusResponse>, Status> {
+        let info = self.info.clone();
+        let dir = self.topics.data_dir().to_path_buf();
+        blocking(move || {
+            let (free, total) = crate::storage::free_space(&dir).map_err(status::storage)?;
+            Ok(Response::new(v1::BrokerStatusResponse {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                git_commit: crate::GIT_COMMIT.to_owned(),
+                uptime_ms: u64::try_from(info.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                data_dir: info.data_dir.display().to_string(),
+                data_dir_bytes: disk_used(&dir),
+                disk_free_bytes: free,
+                disk_total_bytes: total,
+                settings: info
+                    .settings
+                    .into_iter()
+                    .map(|s| v1::BrokerSetting {
+                        name: s.name,
+                        value: s.value,
+                        source: s.source.as_str().to_owned(),
+                    })
+                    .collect(),
+                config_file: info
+                    .config_file
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+            }))
+        })
+        .await
     }
 
     #[tracing::instrument(skip_all, fields(topic = %request.get_ref().name))]

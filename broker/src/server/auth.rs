@@ -33,6 +33,16 @@ pub enum Reflection {
     Off,
 }
 
+impl Reflection {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reflection::Public => "public",
+            Reflection::Authenticated => "authenticated",
+            Reflection::Off => "off",
+        }
+    }
+}
+
 impl std::str::FromStr for Reflection {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

@@ -68,7 +68,9 @@ async fn read(
 /// encoded bytes. The first record always fits unless it was written under
 /// a larger message limit than the broker has now (topics cap record sizes
 /// below the limit): that is RESOURCE_EXHAUSTED, naming the way out.
+/// The records kept are counted as read out of `log` (its traffic).
 fn to_wire(
+    log: &PartitionLog,
     topic: &str,
     partition: u32,
     records: Vec<StoredRecord>,
@@ -90,10 +92,12 @@ fn to_wire(
                     record.offset
                 )));
             }
+            used -= 1 + prost::length_delimiter_len(len) + len;
             break;
         }
         out.push(record);
     }
+    log.traffic().read_out(out.len() as u64, used as u64);
     Ok(out)
 }
 
@@ -147,6 +151,7 @@ impl ConsumeService for Consume {
             Resource::topic(&request.get_ref().topic),
         )?;
         let request = request.into_inner();
+        super::request_span::record_topic(&request.topic);
         let topic = self.topics.get(&request.topic).map_err(status::topic)?;
         let log = Arc::clone(
             topic
@@ -186,7 +191,7 @@ impl ConsumeService for Consume {
                 .await?
                 .map_err(status::storage)?;
         }
-        let records = to_wire(topic.name(), request.partition, records, budget)?;
+        let records = to_wire(&log, topic.name(), request.partition, records, budget)?;
         let next_offset = records.last().map_or(from, |r| r.offset + 1);
         Ok(Response::new(v1::FetchResponse {
             records,
@@ -394,13 +399,15 @@ impl PartitionReader {
             };
             match read {
                 Ok(records) if !records.is_empty() => {
-                    let records = match to_wire(&self.topic, self.partition, records, self.budget) {
-                        Ok(records) => records,
-                        Err(status) => {
-                            let _ = self.sender.send(Err(status)).await;
-                            return;
-                        }
-                    };
+                    let records =
+                        match to_wire(&self.log, &self.topic, self.partition, records, self.budget)
+                        {
+                            Ok(records) => records,
+                            Err(status) => {
+                                let _ = self.sender.send(Err(status)).await;
+                                return;
+                            }
+                        };
                     self.next = records.last().map_or(self.next, |r| r.offset + 1);
                     // Waits while the reader is behind: flow control. Fails
                     // once the stream is gone.
@@ -457,20 +464,30 @@ mod tests {
 
     #[test]
     fn answers_keep_to_the_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = PartitionLog::open(dir.path(), crate::storage::LogConfig::default()).unwrap();
         let records: Vec<_> = (0..10).map(|o| stored(o, 1000)).collect();
-        let wire = to_wire("t", 0, records.clone(), 3500).unwrap();
+        let wire = to_wire(&log, "t", 0, records.clone(), 3500).unwrap();
         assert_eq!(wire.len(), 3, "three records of ~1 KiB fit in 3500 bytes");
         let response = v1::FetchResponse {
             records: wire,
             ..Default::default()
         };
-        assert!(prost::Message::encoded_len(&response) <= 3500);
+        let encoded = prost::Message::encoded_len(&response);
+        assert!(encoded <= 3500);
+        // What was kept is counted as read out, in its wire size.
+        let counts = log.traffic().counts();
+        assert_eq!(counts.records_out, 3);
+        assert_eq!(counts.bytes_out, encoded as u64);
         assert_eq!(
-            to_wire("t", 0, records.clone(), usize::MAX).unwrap().len(),
+            to_wire(&log, "t", 0, records.clone(), usize::MAX)
+                .unwrap()
+                .len(),
             10
         );
+        assert_eq!(log.traffic().counts().records_out, 13);
         // A record larger than the whole budget cannot be sent at all.
-        let status = to_wire("t", 3, records[4..].to_vec(), 900).unwrap_err();
+        let status = to_wire(&log, "t", 3, records[4..].to_vec(), 900).unwrap_err();
         assert_eq!(status.code(), tonic::Code::ResourceExhausted);
         assert!(
             status.message().contains("offset 4 of \"t\" partition 3"),

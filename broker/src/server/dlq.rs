@@ -60,6 +60,7 @@ pub(crate) struct DeadLetters {
     pub(crate) groups: Arc<GroupCoordinator>,
     pub(crate) retries: Arc<RetrySets>,
     pub(crate) redelivery_timeout: Duration,
+    pub(crate) metrics: Option<crate::metrics::DlqMetrics>,
 }
 
 /// The record at `offset` of a partition, if the log still keeps it (and
@@ -455,6 +456,7 @@ impl DeadLetterService for DeadLetters {
         let topic_id = self.topics.get(&key.topic).map_err(status::topic)?.id();
         let topics = Arc::clone(&self.topics);
         let retries = Arc::clone(&self.retries);
+        let metrics = self.metrics.clone();
         blocking(move || {
             // Entries left by an earlier topic of this name go first.
             retries
@@ -476,6 +478,9 @@ impl DeadLetterService for DeadLetters {
                     now_ms(),
                 )
                 .map_err(status::storage)?;
+            if let Some(m) = &metrics {
+                m.nacks.inc();
+            }
             let dead = |deliveries, dlq_topic, dlq_offset| v1::NackResponse {
                 deliveries,
                 next_delivery_ms: 0,
@@ -500,6 +505,9 @@ impl DeadLetterService for DeadLetters {
                     let deliveries = letter.entry.deliveries;
                     match dead_letter_or_park(&topics, &retries, &letter, false)? {
                         DeadLetterResult::Written { dlq_topic, offset } => {
+                            if let Some(m) = &metrics {
+                                m.dead_letters.inc();
+                            }
                             dead(deliveries, dlq_topic, offset)
                         }
                         DeadLetterResult::Undeliverable(reason) => v1::NackResponse {
@@ -939,6 +947,9 @@ impl DeadLetterService for DeadLetters {
         }
         if !request.dry_run {
             tracing::info!(dlq = %request.dlq_topic, records = redriven.len(), from, to, "redrove dead letters");
+        }
+        if let Some(m) = self.metrics.as_ref().filter(|_| !request.dry_run) {
+            m.redriven.inc_by(redriven.len() as u64);
         }
         Ok(Response::new(v1::RedriveResponse {
             records: redriven,

@@ -18,9 +18,7 @@ use super::shared::{check_group_id, check_member_id};
 use super::{blocking, status};
 use crate::auth::{Operation, Principal, Resource};
 use crate::dlq::RetrySets;
-use crate::groups::{
-    CommittedOffset, GroupCoordinator, GroupDescription, GroupError, TopicPartition,
-};
+use crate::groups::{GroupCoordinator, GroupDescription, GroupError, TopicPartition};
 use crate::topics::TopicRegistry;
 
 const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(30);
@@ -52,60 +50,6 @@ fn duration_ms(d: Duration) -> u32 {
     u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
 }
 
-/// Lag of one partition for a group: what is left to read, and how old the
-/// oldest of it is.
-struct PartitionLag {
-    end_offset: u64,
-    log_start_offset: u64,
-    lag: Option<u64>,
-    time_lag_ms: Option<i64>,
-}
-
-/// Reads the partition's offsets, and the timestamp of the first record the
-/// group has not consumed (one small read; blocking).
-fn partition_lag(
-    topics: &TopicRegistry,
-    tp: &TopicPartition,
-    committed: Option<&CommittedOffset>,
-    now_ms: i64,
-) -> Option<PartitionLag> {
-    let topic = topics.get(&tp.topic).ok()?;
-    let log = topic.partition(tp.partition).ok()?.log().clone();
-    let end_offset = log.high_watermark();
-    let log_start_offset = log.log_start_offset();
-    let Some(committed) = committed else {
-        return Some(PartitionLag {
-            end_offset,
-            log_start_offset,
-            lag: None,
-            time_lag_ms: None,
-        });
-    };
-    // Records deleted by retention are not waiting for the group.
-    let next = committed.offset.max(log_start_offset);
-    let lag = end_offset.saturating_sub(next);
-    let time_lag_ms = if lag == 0 {
-        0
-    } else {
-        match log.read_records(next, 1) {
-            Ok(records) => records
-                .iter()
-                .find(|r| r.offset >= next)
-                .map_or(0, |r| now_ms.saturating_sub(r.record.timestamp).max(0)),
-            Err(e) => {
-                tracing::warn!(partition = %tp, error = %e, "reading the oldest unconsumed record for lag failed");
-                0
-            }
-        }
-    };
-    Some(PartitionLag {
-        end_offset,
-        log_start_offset,
-        lag: Some(lag),
-        time_lag_ms: Some(time_lag_ms),
-    })
-}
-
 /// A group as `DescribeGroup` answers: members, and every partition its
 /// members read or it has an offset for, with lag. Blocking (reads logs).
 fn describe_with_lag(
@@ -132,7 +76,7 @@ fn describe_with_lag(
     for tp in &partitions {
         let committed = description.offsets.get(tp);
         // Offsets of a topic deleted since are not shown.
-        let Some(lag) = partition_lag(topics, tp, committed, now) else {
+        let Some(lag) = topics.partition_lag(tp, committed.map(|c| c.offset), now) else {
             continue;
         };
         total_lag += lag.lag.unwrap_or(0);

@@ -21,6 +21,7 @@ mod dlq;
 mod groups;
 mod produce;
 mod security;
+mod request_span;
 mod shared;
 mod status;
 pub mod tls;
@@ -47,7 +48,18 @@ use tonic::Status;
 use crate::auth::Authorizer;
 use crate::dlq::RetrySets;
 use crate::groups::GroupCoordinator;
+use crate::metrics::{Metrics, RpcLayer};
 use crate::topics::TopicRegistry;
+
+pub use admin::BrokerInfo;
+
+/// What the server reports about itself: metrics (`None` when they are
+/// off) and what `BrokerStatus` answers.
+#[derive(Debug, Clone)]
+pub struct Observability {
+    pub metrics: Option<Arc<Metrics>>,
+    pub status: BrokerInfo,
+}
 
 /// HTTP/2 flow-control window of one stream. tonic's 64 KiB default caps
 /// a stream at 64 KiB per round trip; 4 MiB lets a produce stream or a
@@ -137,6 +149,7 @@ pub async fn serve(
     groups: Arc<GroupCoordinator>,
     retries: Arc<RetrySets>,
     listener: TcpListener,
+    observability: Observability,
     settings: ServerSettings,
     security: Security,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -144,11 +157,16 @@ pub async fn serve(
     let (stop, stopping) = watch::channel(false);
     let limit = settings.max_message_bytes;
     let access = auth::Access::new(Arc::clone(&security.auth));
+    let metrics = observability.metrics;
+    let rpc_metrics = metrics
+        .as_ref()
+        .map_or_else(RpcLayer::disabled, |m| m.rpc_layer());
     let admin = AdminServiceServer::new(admin::Admin {
         access: access.clone(),
         topics: Arc::clone(&topics),
         groups: Arc::clone(&groups),
         retries: Arc::clone(&retries),
+        info: observability.status,
     })
     .max_decoding_message_size(limit)
     .max_encoding_message_size(limit);
@@ -156,6 +174,7 @@ pub async fn serve(
         access: access.clone(),
         topics: Arc::clone(&topics),
         shutdown: stopping.clone(),
+        metrics: metrics.as_ref().map(|m| m.produce.clone()),
     })
     .max_decoding_message_size(limit)
     .max_encoding_message_size(limit);
@@ -182,6 +201,7 @@ pub async fn serve(
         groups: Arc::clone(&groups),
         retries: Arc::clone(&retries),
         redelivery_timeout: settings.redelivery_timeout,
+        metrics: metrics.as_ref().map(|m| m.dlq.clone()),
     })
     .max_decoding_message_size(limit)
     .max_encoding_message_size(limit);
@@ -237,13 +257,8 @@ pub async fn serve(
     let router = tonic::transport::Server::builder()
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
-        .trace_fn(|request| {
-            tracing::info_span!(
-                "grpc",
-                path = %request.uri().path(),
-                principal = tracing::field::Empty
-            )
-        })
+        .trace_fn(request_span::request_span)
+        .layer(rpc_metrics)
         .layer(tower::util::MapResponseLayer::new(
             status::remap_message_limit,
         ))

@@ -20,7 +20,8 @@ use super::auth::Access;
 use super::convert::{now_ms, record_from_proto, record_size};
 use super::status;
 use crate::auth::{Operation, Resource};
-use crate::producers::ProducerAppend;
+use crate::metrics::ProduceMetrics;
+use crate::producers::{ProducerAppend, ProducerAppendError, SequenceError};
 use crate::storage::batch::{NO_PRODUCER_EPOCH, NO_PRODUCER_ID};
 use crate::storage::{BatchBuilder, EncodedBatch, ProducerInfo};
 use crate::topics::{Topic, TopicRegistry};
@@ -41,6 +42,7 @@ pub(crate) struct Produce {
     pub(crate) access: Access,
     pub(crate) topics: Arc<TopicRegistry>,
     pub(crate) shutdown: watch::Receiver<bool>,
+    pub(crate) metrics: Option<ProduceMetrics>,
 }
 
 /// A request that passed validation: batches per partition, each with the
@@ -174,8 +176,17 @@ fn prepare(topics: &TopicRegistry, request: v1::ProduceRequest) -> Result<Prepar
 /// Checks and encodes a request, then writes its batches in order (no sync
 /// wait), all on the blocking pool: encoding copies and checksums up to a
 /// message's worth of bytes.
-async fn write(topics: Arc<TopicRegistry>, request: v1::ProduceRequest) -> Result<Written, Status> {
+async fn write(
+    topics: Arc<TopicRegistry>,
+    metrics: Option<ProduceMetrics>,
+    request: v1::ProduceRequest,
+) -> Result<Written, Status> {
     tokio::task::spawn_blocking(move || {
+        let fenced = |e: &SequenceError| {
+            if let (Some(m), SequenceError::Fenced { .. }) = (&metrics, e) {
+                m.fenced.inc();
+            }
+        };
         let prepared = prepare(&topics, request)?;
         // An older epoch of a named producer is refused on every partition
         // once a newer one was handed out, whether or not the newer one has
@@ -188,7 +199,10 @@ async fn write(topics: Arc<TopicRegistry>, request: v1::ProduceRequest) -> Resul
                 topics
                     .producer_ids()
                     .fence(prepared.producer.producer_id, prepared.producer.epoch)
-                    .map_err(status::sequence)?,
+                    .map_err(|e| {
+                        fenced(&e);
+                        status::sequence(e)
+                    })?,
             )
         };
         let now = now_ms();
@@ -200,7 +214,21 @@ async fn write(topics: Arc<TopicRegistry>, request: v1::ProduceRequest) -> Resul
                 .map_err(status::topic)?
                 .appender()
                 .write(&batch, now)
-                .map_err(status::producer_append)?;
+                .map_err(|e| {
+                    if let ProducerAppendError::Sequence(e) = &e {
+                        fenced(e);
+                    }
+                    status::producer_append(e)
+                })?;
+            if let Some(m) = &metrics {
+                if appended.duplicate {
+                    m.duplicates.inc();
+                } else {
+                    m.batch_records
+                        .observe(f64::from(batch.header().record_count));
+                    m.batch_bytes.observe(batch.len() as f64);
+                }
+            }
             written.push((partition, appended, indexes));
         }
         Ok(Written {
@@ -269,7 +297,12 @@ impl ProduceService for Produce {
             Operation::Write,
             Resource::topic(&request.get_ref().topic),
         )?;
-        let written = write(Arc::clone(&self.topics), request.into_inner()).await?;
+        let written = write(
+            Arc::clone(&self.topics),
+            self.metrics.clone(),
+            request.into_inner(),
+        )
+        .await?;
         Ok(Response::new(acknowledge(written).await?))
     }
 
@@ -336,6 +369,7 @@ impl ProduceService for Produce {
         let (pending, mut pending_rx) =
             mpsc::channel::<tokio::task::JoinHandle<v1::ProduceStreamResponse>>(STREAM_IN_FLIGHT);
         let topics = Arc::clone(&self.topics);
+        let metrics = self.metrics.clone();
         let mut shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             loop {
@@ -370,7 +404,7 @@ impl ProduceService for Produce {
                 }
                 // Writes happen here, one request after the other, so
                 // the stream's order is the log's order.
-                let written = write(Arc::clone(&topics), request).await;
+                let written = write(Arc::clone(&topics), metrics.clone(), request).await;
                 let handle = tokio::spawn(async move {
                     match written {
                         Ok(written) => match acknowledge(written).await {

@@ -43,6 +43,7 @@ use super::config::{FlushPolicy, LogConfig};
 use super::error::{Result, StorageError};
 use super::files::sync_dir;
 use super::segment::{self, IndexEntry, Segment, SegmentDamage, TornTail};
+use super::stats::{LogTraffic, observer};
 
 /// Where an appended batch landed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,6 +110,9 @@ struct Writer {
     active: Arc<Segment>,
     bytes_since_index: u64,
     next_offset: u64,
+    /// Batches appended since the last sync began: what the next sync
+    /// makes durable at once (group commit).
+    batches_since_sync: u64,
 }
 
 struct FlushState {
@@ -137,6 +141,7 @@ pub struct PartitionLog {
     /// Offsets lost to damage, in offset order; retention drops the ones
     /// it passes.
     lost: RwLock<Vec<LostRange>>,
+    traffic: LogTraffic,
 }
 
 impl std::fmt::Debug for PartitionLog {
@@ -281,6 +286,7 @@ impl PartitionLog {
                 // The next batch starts a fresh run of index entries.
                 bytes_since_index: u64::from(config.index_interval_bytes),
                 next_offset,
+                batches_since_sync: 0,
             }),
             dir,
             config: RwLock::new(config),
@@ -299,6 +305,7 @@ impl PartitionLog {
             closed: AtomicBool::new(false),
             torn_tail,
             lost: RwLock::new(lost),
+            traffic: LogTraffic::default(),
         })
     }
 
@@ -357,6 +364,11 @@ impl PartitionLog {
         self.segments.read().iter().map(|s| s.written_end()).sum()
     }
 
+    /// Records and bytes appended to and read from this log.
+    pub fn traffic(&self) -> &LogTraffic {
+        &self.traffic
+    }
+
     pub fn segment_count(&self) -> usize {
         self.segments.read().len()
     }
@@ -406,6 +418,8 @@ impl PartitionLog {
             .write_batch(header, batch.as_bytes(), base_offset)?;
         let next_offset = base_offset + u64::from(header.record_count);
         writer.next_offset = next_offset;
+        writer.batches_since_sync += 1;
+        self.traffic.appended(u64::from(header.record_count), len);
         self.end_offset.store(next_offset, Ordering::Release);
         if writer.bytes_since_index >= index_interval {
             let active = Arc::clone(&writer.active);
@@ -496,15 +510,20 @@ impl PartitionLog {
         // Segments rolled past under a lazier policy may still be sealing.
         self.finish_pending_seals();
         self.failure.check(&self.dir)?;
-        let (active, end, next_offset) = {
-            let writer = self.writer.lock();
+        let (active, end, next_offset, batches) = {
+            let mut writer = self.writer.lock();
             (
                 Arc::clone(&writer.active),
                 writer.active.written_end(),
                 writer.next_offset,
+                std::mem::take(&mut writer.batches_since_sync),
             )
         };
+        let started = Instant::now();
         active.sync_to(end)?;
+        if let Some(observer) = observer() {
+            observer.synced(started.elapsed(), batches);
+        }
         active.publish_visible(end);
         self.advance_high_watermark(next_offset);
         Ok(next_offset)
@@ -703,12 +722,18 @@ impl PartitionLog {
                 self.roll()?;
             }
         }
-        self.remove_oldest_segments(|oldest, total| {
+        let report = self.remove_oldest_segments(|oldest, total| {
             let by_age = cutoff.is_some_and(|c| oldest.max_timestamp() < c);
             let by_size =
                 retention_bytes.is_some_and(|limit| total - oldest.written_end() >= limit);
             by_age || by_size
-        })
+        })?;
+        if let Some(observer) = observer()
+            && !report.deleted_segments.is_empty()
+        {
+            observer.retention_deleted(report.deleted_segments.len() as u64, report.deleted_bytes);
+        }
+        Ok(report)
     }
 
     /// Deletes the whole sealed segments that hold only offsets below

@@ -17,6 +17,8 @@
 //! - [`write_atomically`], [`sync_dir`]: crash-safe replacement of small state files.
 //! - [`StateLog`]: a durable state machine (change log plus snapshots) for
 //!   broker state such as committed offsets.
+//! - [`LogTraffic`], [`StorageObserver`]: plain counters and a sync hook
+//!   that the broker's metrics read; storage knows no metrics format.
 //!
 //! On-disk layout of one partition directory:
 //!
@@ -36,6 +38,7 @@ mod lock;
 mod log;
 mod segment;
 mod state_log;
+mod stats;
 mod varint;
 
 pub use batch::{
@@ -53,3 +56,4 @@ pub use lock::{DataDirLock, LOCK_FILE};
 pub use log::{AppendInfo, DAMAGED_SUFFIX, LostRange, PartitionLog, ReadChunk, RetentionReport};
 pub use segment::TornTail;
 pub use state_log::{StateLog, StateMachine, check_state_snapshot};
+pub use stats::{LogTraffic, StorageObserver, TrafficCounts, set_observer};

@@ -81,6 +81,19 @@ pub enum TopicError {
     ProducerState(#[from] ProducerStateError),
 }
 
+/// A reader's position against a partition's offsets
+/// ([`TopicRegistry::partition_lag`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionLag {
+    pub end_offset: u64,
+    pub log_start_offset: u64,
+    /// Records from the reader's next offset to the end; `None` without a
+    /// committed offset.
+    pub lag: Option<u64>,
+    /// Now less the timestamp of the first record not read, 0 when caught up.
+    pub time_lag_ms: Option<i64>,
+}
+
 /// One partition: its log, behind the producer-sequence check.
 pub struct Partition {
     pub index: u32,
@@ -351,7 +364,17 @@ impl TopicRegistry {
                 reason: e.to_string(),
             })?;
             let id = stored.id.unwrap_or_else(|| TopicId::from_before_ids(&name));
-            let topic = registry.open_topic(&name, stored.config, id)?;
+            // A setting the file holds but no topic may have (a damaged
+            // or hand-edited file) names the file.
+            let topic = registry
+                .open_topic(&name, stored.config, id)
+                .map_err(|e| match e {
+                    TopicError::InvalidConfig(reason) => TopicError::Metadata {
+                        path: meta_path.clone(),
+                        reason: format!("topic {name:?}: {reason}"),
+                    },
+                    other => other,
+                })?;
             topics.insert(name, topic);
         }
         tracing::info!(data_dir = %registry.data_dir.display(), topics = topics.len(), "opened topics");
@@ -608,6 +631,54 @@ impl TopicRegistry {
         }
     }
 
+    /// Where a reader that next reads `committed` stands in a partition:
+    /// the partition's offsets, and (when `committed` is given) how many
+    /// records and how many milliseconds (by the timestamp of the first
+    /// record not yet read) it is behind. `None` for a topic or partition
+    /// that no longer exists. Blocking: one small read when behind.
+    pub fn partition_lag(
+        &self,
+        tp: &crate::groups::TopicPartition,
+        committed: Option<u64>,
+        now_ms: i64,
+    ) -> Option<PartitionLag> {
+        let topic = self.get(&tp.topic).ok()?;
+        let log = topic.partition(tp.partition).ok()?.log().clone();
+        let end_offset = log.high_watermark();
+        let log_start_offset = log.log_start_offset();
+        let Some(committed) = committed else {
+            return Some(PartitionLag {
+                end_offset,
+                log_start_offset,
+                lag: None,
+                time_lag_ms: None,
+            });
+        };
+        // Records deleted by retention are not waiting for the reader.
+        let next = committed.max(log_start_offset);
+        let lag = end_offset.saturating_sub(next);
+        let time_lag_ms = if lag == 0 {
+            0
+        } else {
+            match log.read_records(next, 1) {
+                Ok(records) => records
+                    .iter()
+                    .find(|r| r.offset >= next)
+                    .map_or(0, |r| now_ms.saturating_sub(r.record.timestamp).max(0)),
+                Err(e) => {
+                    tracing::warn!(partition = %tp, error = %e, "reading the oldest unconsumed record for lag failed");
+                    0
+                }
+            }
+        };
+        Some(PartitionLag {
+            end_offset,
+            log_start_offset,
+            lag: Some(lag),
+            time_lag_ms: Some(time_lag_ms),
+        })
+    }
+
     /// Syncs and closes every partition. Appends fail afterwards.
     pub fn close(&self) -> Result<(), TopicError> {
         let partitions: Vec<(Arc<Topic>, Arc<Partition>)> = self
@@ -859,6 +930,37 @@ mod tests {
             panic!("opened a registry with a topic named ../escape");
         };
         assert!(error.to_string().contains("invalid topic name"), "{error}");
+    }
+
+    /// Found by `storage_damage_prop`: one byte of `topics.json` overwritten
+    /// made a setting no topic may have, refused without naming the file.
+    #[test]
+    fn a_settings_file_with_a_setting_no_topic_may_have_is_refused_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = TopicRegistry::open(dir.path(), defaults()).unwrap();
+        registry
+            .create("orders", &TopicConfigPatch::default())
+            .unwrap();
+        registry.close().unwrap();
+        drop(registry);
+        let path = dir.path().join(TOPICS_FILE);
+        let text = fs::read_to_string(&path).unwrap();
+        assert!(text.contains("{topic}.{group}.dlq"), "{text}");
+        fs::write(
+            &path,
+            text.replace("{topic}.{group}.dlq", " topic}.{group}.dlq"),
+        )
+        .unwrap();
+        fs::remove_file(previous_copy(&path)).unwrap();
+        let Err(error) = TopicRegistry::open(dir.path(), defaults()) else {
+            panic!("opened a registry with a bad DLQ template");
+        };
+        let message = error.to_string();
+        assert!(message.contains(path.to_str().unwrap()), "{message}");
+        assert!(
+            message.contains("\"orders\"") && message.contains("DLQ topic template"),
+            "{message}"
+        );
     }
 
     #[test]

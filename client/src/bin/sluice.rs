@@ -102,6 +102,9 @@ enum Command {
     Acl(AclCommand),
     /// Print the principal the broker sees for this client.
     Whoami,
+    /// The broker itself: its status.
+    #[command(subcommand)]
+    Broker(BrokerCommand),
 }
 
 #[derive(Subcommand)]
@@ -211,6 +214,56 @@ enum AclCommand {
     },
     /// Remove a rule (every field must match).
     Remove(AclRuleArgs),
+}
+
+#[derive(Subcommand)]
+enum BrokerCommand {
+    /// Version and git commit, uptime, data directory and disk space, and
+    /// every setting in effect with where it came from (flag, environment,
+    /// file or default).
+    Status,
+}
+
+/// `sluice broker status`.
+async fn broker_status(config: &ClientConfig) -> anyhow::Result<()> {
+    let status = Admin::new(config)?.broker_status().await?;
+    let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+    let uptime = status.uptime.as_secs();
+    println!(
+        "version     {} (commit {})",
+        status.version, status.git_commit
+    );
+    println!(
+        "uptime      {}d {:02}h {:02}m {:02}s",
+        uptime / 86400,
+        uptime / 3600 % 24,
+        uptime / 60 % 60,
+        uptime % 60
+    );
+    println!("data dir    {}", status.data_dir);
+    println!(
+        "disk        {:.1} MiB used by the data dir; {:.1} MiB free of {:.1} MiB",
+        mib(status.data_dir_bytes),
+        mib(status.disk_free_bytes),
+        mib(status.disk_total_bytes)
+    );
+    if let Some(file) = &status.config_file {
+        println!("config file {file}");
+    }
+    println!("settings:");
+    let width = status
+        .settings
+        .iter()
+        .map(|s| s.name.len())
+        .max()
+        .unwrap_or(0);
+    for setting in &status.settings {
+        println!(
+            "  {:width$}  {:<24}  ({})",
+            setting.name, setting.value, setting.source
+        );
+    }
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -500,6 +553,7 @@ async fn main() -> anyhow::Result<()> {
         },
         Command::Group(command) => group(&config, command).await,
         Command::Dlq(command) => dlq(&config, command).await,
+        Command::Broker(BrokerCommand::Status) => broker_status(&config).await,
         Command::Offsets(args) => {
             let admin = Admin::new(&config)?;
             for (partition, offset) in admin.offsets(&args.topic, &[], args.at).await? {
