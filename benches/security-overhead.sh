@@ -64,7 +64,7 @@ start() {
   local name=$1; shift
   mkdir -p "$TMP/$name"
   SLUICE_BOOTSTRAP_TOKEN="$TOKEN" "$BROKER" --listen 127.0.0.1:0 --data-dir "$TMP/$name/data" \
-    --flush "$FLUSH" "$@" >"$TMP/$name/log" 2>&1 &
+    --flush "$FLUSH" --metrics-listen 127.0.0.1:0 "$@" >"$TMP/$name/log" 2>&1 &
   PIDS+=($!)
   echo $! >"$TMP/$name/pid"
   for _ in $(seq 1 300); do

@@ -125,6 +125,9 @@ async fn json_lines_carry_the_request_span_and_the_callers_trace() {
             .is_some_and(|p| p.starts_with("127.0.0.1:")),
         "{span}"
     );
+    // Authentication records who called (with --auth off, everyone is
+    // the anonymous superuser).
+    assert_eq!(span["principal"], "anonymous", "{span}");
     // The caller's trace: its trace id, and its span as the parent.
     assert_eq!(span["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
     assert_eq!(span["parent_span_id"], "00f067aa0ba902b7");

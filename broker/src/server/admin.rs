@@ -237,8 +237,11 @@ impl AdminService for Admin {
 
     async fn broker_status(
         &self,
-        _request: Request<v1::BrokerStatusRequest>,
+        request: Request<v1::BrokerStatusRequest>,
     ) -> Result<Response<v1::BrokerStatusResponse>, Status> {
+        // Settings and paths are the operator's business.
+        self.access
+            .check(&request, Operation::Describe, Resource::cluster())?;
         let info = self.info.clone();
         let dir = self.topics.data_dir().to_path_buf();
         blocking(move || {
