@@ -331,7 +331,12 @@ impl Config {
             tls_key: self.security.tls.as_ref().map(|t| t.key.clone()),
             tls_client_ca: self.security.tls.as_ref().and_then(|t| t.client_ca.clone()),
             tls_client_auth: self.security.tls.as_ref().map(|t| {
-                if t.client_auth_optional { "optional" } else { "required" }.to_owned()
+                if t.client_auth_optional {
+                    "optional"
+                } else {
+                    "required"
+                }
+                .to_owned()
             }),
             tls_reload_poll_ms: Some(ms(self.security.tls_poll)),
             reflection: Some(self.security.reflection.as_str().to_owned()),

@@ -233,9 +233,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
         );
     }
     server::serve(
-        Arc::clone(&topics),
-        Arc::clone(&groups),
-        Arc::clone(&retries),
+        server::BrokerState {
+            topics: Arc::clone(&topics),
+            groups: Arc::clone(&groups),
+            retries: Arc::clone(&retries),
+        },
         listener,
         server::Observability {
             metrics,

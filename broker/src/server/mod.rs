@@ -20,8 +20,8 @@ mod convert;
 mod dlq;
 mod groups;
 mod produce;
-mod security;
 mod request_span;
+mod security;
 mod shared;
 mod status;
 pub mod tls;
@@ -143,17 +143,28 @@ pub(crate) async fn blocking<T: Send + 'static>(
 
 pub use dlq::finish_pending_dead_letters;
 
+/// The broker's state the services stand on.
+#[derive(Clone)]
+pub struct BrokerState {
+    pub topics: Arc<TopicRegistry>,
+    pub groups: Arc<GroupCoordinator>,
+    pub retries: Arc<RetrySets>,
+}
+
 /// Serves the broker's API on `listener` until `shutdown` completes.
 pub async fn serve(
-    topics: Arc<TopicRegistry>,
-    groups: Arc<GroupCoordinator>,
-    retries: Arc<RetrySets>,
+    state: BrokerState,
     listener: TcpListener,
     observability: Observability,
     settings: ServerSettings,
     security: Security,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let BrokerState {
+        topics,
+        groups,
+        retries,
+    } = state;
     let (stop, stopping) = watch::channel(false);
     let limit = settings.max_message_bytes;
     let access = auth::Access::new(Arc::clone(&security.auth));
