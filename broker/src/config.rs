@@ -626,8 +626,13 @@ mod tests {
         assert_eq!(find("log_format").value, "text");
         assert_eq!(
             config.settings_in_effect().len(),
-            21,
+            32,
             "every setting is listed"
+        );
+        let auth = find("auth");
+        assert_eq!(
+            (auth.value.as_str(), auth.source),
+            ("off", SettingSource::Default)
         );
         assert_eq!(find("otlp_endpoint").value, "(default)");
         assert!(!config.metrics.per_partition);
