@@ -81,6 +81,25 @@ fn allow_topic(principal: &str, name: &str, op: Operation) -> AclRule {
     )
 }
 
+/// Appends one record to `topic` as the superuser.
+async fn produce_one(root_config: &ClientConfig, topic: &str, value: &'static str) {
+    Producer::new(root_config, ProducerConfig::default())
+        .unwrap()
+        .send(topic, Record::new(value))
+        .await
+        .unwrap();
+}
+
+/// A new user allowed to read `topic`; returns its token.
+async fn reader_of(admin: &SecurityAdmin, name: &str, topic: &str) -> String {
+    let token = user(admin, name).await;
+    admin
+        .add_acl(allow_topic(name, topic, Operation::Read))
+        .await
+        .unwrap();
+    token
+}
+
 /// A new user with a token; returns the token.
 async fn user(admin: &SecurityAdmin, name: &str) -> String {
     admin.create_user(name, false).await.unwrap();
@@ -157,15 +176,8 @@ async fn a_read_only_principal_reads_but_cannot_produce() {
         root_config,
         root,
     } = secured(dir.path(), &["orders"]).await;
-    Producer::new(&root_config, ProducerConfig::default())
-        .unwrap()
-        .send("orders", Record::new("first"))
-        .await
-        .unwrap();
-    let token = user(&root, "reader").await;
-    root.add_acl(allow_topic("reader", "orders", Operation::Read))
-        .await
-        .unwrap();
+    produce_one(&root_config, "orders", "first").await;
+    let token = reader_of(&root, "reader", "orders").await;
     let reader = with_token(&url, &token);
     let records = Admin::new(&reader)
         .unwrap()
@@ -318,15 +330,8 @@ async fn a_group_needs_read_on_the_group_and_on_its_topics() {
         root_config,
         root,
     } = secured(dir.path(), &["orders"]).await;
-    Producer::new(&root_config, ProducerConfig::default())
-        .unwrap()
-        .send("orders", Record::new("r0"))
-        .await
-        .unwrap();
-    let token = user(&root, "worker").await;
-    root.add_acl(allow_topic("worker", "orders", Operation::Read))
-        .await
-        .unwrap();
+    produce_one(&root_config, "orders", "r0").await;
+    let token = reader_of(&root, "worker", "orders").await;
     let worker = with_token(&url, &token);
     let mut consumer =
         GroupConsumer::new(&worker, GroupConfig::new("billing", ["orders"])).unwrap();
