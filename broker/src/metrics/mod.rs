@@ -40,6 +40,7 @@ use crate::topics::TopicRegistry;
 
 pub use http::serve_metrics;
 pub use rpc::RpcLayer;
+pub use state::process_start_time;
 
 /// The default metrics address; 9644 is not taken by a well-known exporter.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9644";

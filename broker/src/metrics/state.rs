@@ -367,19 +367,40 @@ impl Collector for StateCollector {
 /// The process: memory, descriptors, start time and uptime (from /proc).
 #[derive(Debug)]
 pub(super) struct ProcessCollector {
-    started: Instant,
     start_time_seconds: f64,
 }
 
 impl ProcessCollector {
     pub(super) fn new() -> ProcessCollector {
-        ProcessCollector {
-            started: Instant::now(),
-            start_time_seconds: SystemTime::now()
+        let now = || {
+            SystemTime::now()
                 .duration_since(UNIX_EPOCH)
-                .map_or(0.0, |d| d.as_secs_f64()),
+                .map_or(0.0, |d| d.as_secs_f64())
+        };
+        ProcessCollector {
+            start_time_seconds: process_start_time().unwrap_or_else(now),
         }
     }
+}
+
+/// When this process started, in seconds since the Unix epoch: the boot
+/// time (`btime` of /proc/stat) plus the process's start in clock ticks
+/// after boot (field 22 of /proc/self/stat).
+pub fn process_start_time() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let boot: f64 = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    let own = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name, which may hold spaces and ')'; the
+    // first of them is field 3 (state), so field 22 is the 20th.
+    let after_name = &own[own.rfind(')')? + 1..];
+    let ticks: f64 = after_name.split_whitespace().nth(19)?.parse().ok()?;
+    let per_second = rustix::param::clock_ticks_per_second() as f64;
+    Some(boot + ticks / per_second)
 }
 
 /// Resident memory from `/proc/self/status` (`VmRSS`, in kB).
@@ -429,11 +450,14 @@ impl Collector for ProcessCollector {
             "Start time of the process since the Unix epoch, in seconds",
             self.start_time_seconds,
         )?;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
         gauge(
             &mut encoder,
             "sluice_uptime_seconds",
-            "Seconds since the broker started",
-            self.started.elapsed().as_secs_f64(),
+            "Seconds since the broker process started",
+            (now - self.start_time_seconds).max(0.0),
         )?;
         let info = vec![
             ("version", env!("CARGO_PKG_VERSION").to_owned()),
@@ -447,5 +471,22 @@ impl Collector for ProcessCollector {
             std::iter::once((&info, 1.0)),
         )?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_process_start_time_is_read_from_proc() {
+        let start = process_start_time().expect("a start time from /proc");
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        // This test process started a moment ago, not now and not at boot.
+        assert!(start <= now + 1.0, "{start} after {now}");
+        assert!(now - start < 3600.0, "{start} is long before {now}");
     }
 }

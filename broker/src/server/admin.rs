@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sluice_proto::v1::{self, admin_service_server::AdminService};
 use tonic::{Request, Response, Status};
@@ -25,17 +25,21 @@ pub(crate) struct Admin {
 /// What `BrokerStatus` reports besides live figures: fixed at start-up.
 #[derive(Debug, Clone)]
 pub struct BrokerInfo {
-    started: Instant,
+    /// When the process started.
+    started: SystemTime,
     data_dir: PathBuf,
     config_file: Option<PathBuf>,
     settings: Vec<crate::config::SettingInEffect>,
 }
 
 impl BrokerInfo {
-    /// Takes the start time as now.
+    /// Reads the process's start time from /proc (now, if it cannot).
     pub fn new(config: &crate::config::Config) -> BrokerInfo {
+        let started = crate::metrics::process_start_time()
+            .and_then(|s| UNIX_EPOCH.checked_add(Duration::try_from_secs_f64(s).ok()?))
+            .unwrap_or_else(SystemTime::now);
         BrokerInfo {
-            started: Instant::now(),
+            started,
             data_dir: config.data_dir.clone(),
             config_file: config.config_file.clone(),
             settings: config.settings_in_effect().to_vec(),
@@ -249,7 +253,13 @@ impl AdminService for Admin {
             Ok(Response::new(v1::BrokerStatusResponse {
                 version: env!("CARGO_PKG_VERSION").to_owned(),
                 git_commit: crate::GIT_COMMIT.to_owned(),
-                uptime_ms: u64::try_from(info.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                uptime_ms: u64::try_from(
+                    SystemTime::now()
+                        .duration_since(info.started)
+                        .unwrap_or_default()
+                        .as_millis(),
+                )
+                .unwrap_or(u64::MAX),
                 data_dir: info.data_dir.display().to_string(),
                 data_dir_bytes: disk_used(&dir),
                 disk_free_bytes: free,

@@ -7,6 +7,12 @@
 //! Storage calls block (syncs, page faults), so they run on tokio's blocking
 //! pool, never on a runtime worker.
 //!
+//! Every call runs in the span `request_span` makes (request id, peer,
+//! method, `principal` for authentication to record, topic, trace
+//! context), and through [`crate::metrics::RpcLayer`] when metrics are on;
+//! [`Observability`] brings the metrics handles and what `BrokerStatus`
+//! reports.
+//!
 //! Shutdown: when the future given to [`serve`] completes, the server stops
 //! accepting, subscriptions and produce streams end (a subscription gets
 //! `UNAVAILABLE`), and in-flight unary calls finish; [`serve`] then returns,
