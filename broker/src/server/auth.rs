@@ -1,11 +1,11 @@
 //! Authentication at the gRPC door, and the per-call checks handlers make.
 //!
-//! [`AuthLayer`] wraps every service: it reads `authorization: Bearer
+//! `AuthLayer` wraps every service: it reads `authorization: Bearer
 //! <token>` (or, without one, the TLS client certificate the listener
-//! verified), asks [`crate::auth`] who that is, and puts the [`Caller`] in
+//! verified), asks [`crate::auth`] who that is, and puts the `Caller` in
 //! the request's extensions; a call that does not authenticate never
 //! reaches a handler (UNAUTHENTICATED). Health is always open, reflection
-//! when configured so. Handlers then ask [`Access`] whether the caller may
+//! when configured so. Handlers then ask `Access` whether the caller may
 //! do what the call does to the resources it names (PERMISSION_DENIED
 //! names the operation and the resource).
 
