@@ -71,31 +71,8 @@ BROKER=target/release/sluice-broker
 BENCH=target/release/sluice-bench
 
 # --- servers ---------------------------------------------------------------
-DATA=$(mktemp -d "${TMPDIR:-/tmp}/sluice-compare.XXXXXX")
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do
-    kill "$pid" 2>/dev/null || true
-  done
-  for pid in "${PIDS[@]}"; do
-    wait "$pid" 2>/dev/null || true
-  done
-  rm -rf "$DATA"
-}
-trap cleanup EXIT
-
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-wait_for_port() {
-  for _ in $(seq 200); do
-    if (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-    sleep 0.05
-  done
-  echo "nothing listens on 127.0.0.1:$1" >&2
-  return 1
-}
+. scripts/lib/services.sh
+services_init sluice-compare
 
 SLUICE_PORT=$(free_port)
 NATS_PORT=$(free_port)

@@ -39,49 +39,43 @@ cargo build --release --locked -p sluice-broker -p sluice-benches --bin sluice-b
 BROKER=target/release/sluice-broker
 BENCH=target/release/sluice-bench
 
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/sluice-security-bench.XXXXXX")
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
+. scripts/lib/services.sh
+services_init sluice-security-bench
 
 # A CA, and a broker certificate it signs (webpki refuses a CA certificate
 # as the server's own).
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 \
-  -keyout "$TMP/ca.key" -out "$TMP/ca.pem" -subj "/CN=sluice bench CA" 2>/dev/null
+  -keyout "$DATA/ca.key" -out "$DATA/ca.pem" -subj "/CN=sluice bench CA" 2>/dev/null
 openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-  -keyout "$TMP/key.pem" -out "$TMP/broker.csr" -subj /CN=localhost 2>/dev/null
-printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >"$TMP/ext"
-openssl x509 -req -in "$TMP/broker.csr" -CA "$TMP/ca.pem" -CAkey "$TMP/ca.key" -CAcreateserial \
-  -days 1 -extfile "$TMP/ext" -out "$TMP/cert.pem" 2>/dev/null
+  -keyout "$DATA/key.pem" -out "$DATA/broker.csr" -subj /CN=localhost 2>/dev/null
+printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >"$DATA/ext"
+openssl x509 -req -in "$DATA/broker.csr" -CA "$DATA/ca.pem" -CAkey "$DATA/ca.key" -CAcreateserial \
+  -days 1 -extfile "$DATA/ext" -out "$DATA/cert.pem" 2>/dev/null
 TOKEN="bench-$(openssl rand -hex 24)"
 
-# Starts a broker; prints its address once it listens.
+# Starts broker $1 on a free port, with the rest as its arguments. Not in
+# a subshell, so its pid reaches PIDS and it is stopped on exit.
 start() {
-  local name=$1; shift
-  mkdir -p "$TMP/$name"
-  SLUICE_BOOTSTRAP_TOKEN="$TOKEN" "$BROKER" --listen 127.0.0.1:0 --data-dir "$TMP/$name/data" \
-    --flush "$FLUSH" --metrics-listen 127.0.0.1:0 "$@" >"$TMP/$name/log" 2>&1 &
+  local name=$1 port; shift
+  port=$(free_port)
+  mkdir -p "$DATA/$name"
+  SLUICE_BOOTSTRAP_TOKEN="$TOKEN" "$BROKER" --listen "127.0.0.1:$port" --data-dir "$DATA/$name/data" \
+    --flush "$FLUSH" --metrics-listen 127.0.0.1:0 "$@" >"$DATA/$name/log" 2>&1 &
   PIDS+=($!)
-  echo $! >"$TMP/$name/pid"
-  for _ in $(seq 1 300); do
-    if addr=$(grep -o 'listening on [0-9.:]*' "$TMP/$name/log" | head -1 | cut -d' ' -f3) && [ -n "$addr" ]; then
-      echo "$addr"; return
-    fi
-    sleep 0.1
-  done
-  echo "broker $name did not start:" >&2; cat "$TMP/$name/log" >&2; exit 1
+  echo $! >"$DATA/$name/pid"
+  wait_for_port "$port" || { cat "$DATA/$name/log" >&2; exit 1; }
+  echo "$port" >"$DATA/$name/port"
 }
-PLAIN=$(start plain "${BROKER_ARGS[@]+"${BROKER_ARGS[@]}"}")
-AUTH=$(start auth --auth required)
-SECURE=$(start secure --auth required --tls-cert "$TMP/cert.pem" --tls-key "$TMP/key.pem")
+start plain
+start auth --auth required
+start secure --auth required --tls-cert "$DATA/cert.pem" --tls-key "$DATA/key.pem"
+PLAIN=127.0.0.1:$(cat "$DATA/plain/port")
+AUTH=127.0.0.1:$(cat "$DATA/auth/port")
+SECURE=127.0.0.1:$(cat "$DATA/secure/port")
 echo "== plaintext, auth off: $PLAIN; plaintext, auth required: $AUTH; TLS, auth required: $SECURE; flush=$FLUSH"
 
-RESULTS="$TMP/results.jsonl"
-CPU="$TMP/cpu.tsv"
+RESULTS="$DATA/results.jsonl"
+CPU="$DATA/cpu.tsv"
 COMMON=(--record-bytes 1024 --batch 1000 --producers 4 --partitions 8 --mib "$MIB" --flush "$FLUSH" --quiet --json "$RESULTS")
 TICKS=$(getconf CLK_TCK)
 # User + system CPU seconds a process has used so far.
@@ -91,7 +85,7 @@ cpu_of() { awk -v t="$TICKS" '{ print ($14 + $15) / t }' "/proc/$1/stat"; }
 run() {
   local name=$1 label=$2 url=$3; shift 3
   local pid before after client
-  pid=$(cat "$TMP/$name/pid")
+  pid=$(cat "$DATA/$name/pid")
   before=$(cpu_of "$pid")
   client=$( { TIMEFORMAT='%U %S'; time env "$@" "$BENCH" produce --url "$url" --label "$label" "${COMMON[@]}" >/dev/null 2>&1; } 2>&1 )
   after=$(cpu_of "$pid")
@@ -101,7 +95,7 @@ for rep in $(seq 1 "$REPS"); do
   echo "== rep $rep of $REPS"
   run plain plain "http://$PLAIN"
   run auth auth "http://$AUTH" SLUICE_TOKEN="$TOKEN"
-  run secure tls+auth "https://localhost:${SECURE##*:}" SLUICE_TOKEN="$TOKEN" SLUICE_TLS_CA="$TMP/ca.pem"
+  run secure tls+auth "https://localhost:${SECURE##*:}" SLUICE_TOKEN="$TOKEN" SLUICE_TLS_CA="$DATA/ca.pem"
 done
 
 python3 - "$RESULTS" "$CPU" "$MIB" <<'PY'

@@ -44,22 +44,8 @@ cargo build --locked -q -p sluice-broker -p sluice-client --bin sluice-broker --
 BROKER=target/debug/sluice-broker
 SLUICE=target/debug/sluice
 
-DATA=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do
-    kill "$pid" 2>/dev/null || true
-  done
-  for pid in "${PIDS[@]}"; do
-    wait "$pid" 2>/dev/null || true
-  done
-  rm -rf "$DATA"
-}
-trap cleanup EXIT
-
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
+. scripts/lib/services.sh
+services_init sluice-prometheus-check
 
 # GET a URL; prints the body (python3: no curl needed).
 get() {
