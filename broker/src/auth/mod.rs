@@ -45,7 +45,6 @@ mod users;
 use std::collections::HashSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use parking_lot::RwLock;
 use tokio::sync::watch;
@@ -432,9 +431,6 @@ impl Authorizer {
         self.acls.read().rules().to_vec()
     }
 }
-
-/// Shared for the front doors.
-pub type SharedAuthorizer = Arc<Authorizer>;
 
 /// The bootstrap token the settings give, reading (or making and writing)
 /// the bootstrap file.
