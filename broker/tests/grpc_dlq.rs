@@ -8,7 +8,9 @@ mod grpc_common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use grpc_common::{create_topic_with, expect_status, fetch_all, produce_request, record};
+use grpc_common::{
+    create_topic_with, expect_status, fetch_all, join_and_hold, produce_request, record,
+};
 use sluice_proto::v1::{
     self, dead_letter_service_client::DeadLetterServiceClient,
     group_service_client::GroupServiceClient,
@@ -52,36 +54,6 @@ fn header<'a>(record: &'a v1::ConsumedRecord, name: &str) -> Option<&'a str> {
         .rev()
         .find(|h| h.key == name)
         .map(|h| std::str::from_utf8(&h.value).unwrap())
-}
-
-/// Joins `group` on `topic` and reports holding what it was given, so
-/// that nacks and retry fetches are accepted. The member id.
-async fn join_and_hold(broker: &Broker, group: &str, topic: &str) -> String {
-    let mut client = GroupServiceClient::new(broker.channel().await);
-    let member = client
-        .join_group(v1::JoinGroupRequest {
-            group_id: group.into(),
-            instance_id: None,
-            topics: vec![topic.into()],
-            session_timeout_ms: 30_000,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .member_id;
-    let heartbeat = |owned: Vec<v1::TopicPartitions>| v1::HeartbeatRequest {
-        group_id: group.into(),
-        member_id: member.clone(),
-        owned,
-    };
-    let assigned = client
-        .heartbeat(heartbeat(vec![]))
-        .await
-        .unwrap()
-        .into_inner()
-        .assigned;
-    client.heartbeat(heartbeat(assigned)).await.unwrap();
-    member
 }
 
 fn nack(group: &str, member: &str, topic: &str, offset: u64) -> v1::NackRequest {
@@ -297,7 +269,7 @@ async fn concurrent_nacks_of_one_record_dead_letter_it_once() {
     )
     .await;
     produce(&broker, "t", 20).await;
-    let member = join_and_hold(&broker, "g", "t").await;
+    let (member, _) = join_and_hold(&broker, "g", "t").await;
     let client = DeadLetterServiceClient::new(broker.channel().await);
     let mut calls = Vec::new();
     for offset in 0..20 {
@@ -362,7 +334,7 @@ async fn a_retry_never_answered_counts_as_a_delivery_and_is_dead_lettered() {
     )
     .await;
     produce(&broker, "t", 1).await;
-    let member = join_and_hold(&broker, "g", "t").await;
+    let (member, _) = join_and_hold(&broker, "g", "t").await;
     let mut client = DeadLetterServiceClient::new(broker.channel().await);
     let first = client
         .nack(nack("g", &member, "t", 0))

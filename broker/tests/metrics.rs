@@ -7,7 +7,7 @@ mod grpc_common;
 
 use std::collections::BTreeMap;
 
-use grpc_common::{create_topic, produce_request, record, start_broker};
+use grpc_common::{create_topic, join_and_hold, produce_request, record, start_broker};
 use sluice_proto::v1::{
     self, dead_letter_service_client::DeadLetterServiceClient,
     group_service_client::GroupServiceClient,
@@ -35,41 +35,6 @@ fn value(samples: &BTreeMap<String, f64>, series: &str) -> f64 {
 /// counts as 0).
 fn moved(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>, series: &str) -> f64 {
     value(after, series) - before.get(series).copied().unwrap_or(0.0)
-}
-
-/// Joins `group` on `topic`, reports holding its assignment; the member id
-/// and epoch.
-async fn join_and_hold(broker: &Broker, group: &str, topic: &str) -> (String, u64) {
-    let mut client = GroupServiceClient::new(broker.channel().await);
-    let member = client
-        .join_group(v1::JoinGroupRequest {
-            group_id: group.into(),
-            instance_id: None,
-            topics: vec![topic.into()],
-            session_timeout_ms: 30_000,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .member_id;
-    let heartbeat = |owned: Vec<v1::TopicPartitions>| v1::HeartbeatRequest {
-        group_id: group.into(),
-        member_id: member.clone(),
-        owned,
-    };
-    let assigned = client
-        .heartbeat(heartbeat(vec![]))
-        .await
-        .unwrap()
-        .into_inner()
-        .assigned;
-    let epoch = client
-        .heartbeat(heartbeat(assigned))
-        .await
-        .unwrap()
-        .into_inner()
-        .member_epoch;
-    (member, epoch)
 }
 
 /// Produces 5 records to `orders` partition 0, fetches them, commits

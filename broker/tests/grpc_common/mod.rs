@@ -119,3 +119,39 @@ pub fn expect_status(status: &tonic::Status, code: tonic::Code, needle: &str) {
 pub fn value_of(record: &v1::ConsumedRecord) -> String {
     String::from_utf8(record.value.to_vec()).unwrap()
 }
+
+/// Joins `group` on `topic` and reports holding what it was given, so
+/// that commits, nacks and retry fetches are accepted; the member id and
+/// epoch.
+pub async fn join_and_hold(broker: &Broker, group: &str, topic: &str) -> (String, u64) {
+    let mut client = v1::group_service_client::GroupServiceClient::new(broker.channel().await);
+    let member = client
+        .join_group(v1::JoinGroupRequest {
+            group_id: group.into(),
+            instance_id: None,
+            topics: vec![topic.into()],
+            session_timeout_ms: 30_000,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .member_id;
+    let heartbeat = |owned: Vec<v1::TopicPartitions>| v1::HeartbeatRequest {
+        group_id: group.into(),
+        member_id: member.clone(),
+        owned,
+    };
+    let assigned = client
+        .heartbeat(heartbeat(vec![]))
+        .await
+        .unwrap()
+        .into_inner()
+        .assigned;
+    let epoch = client
+        .heartbeat(heartbeat(assigned))
+        .await
+        .unwrap()
+        .into_inner()
+        .member_epoch;
+    (member, epoch)
+}
