@@ -284,8 +284,8 @@ impl Access {
     ) -> Result<(), Status> {
         self.auth
             .still_authenticated(principal)
-            .and_then(|()| self.auth.authorize(principal, operation, resource))
-            .map_err(super::status::auth)
+            .map_err(super::status::auth)?;
+        self.check_principal(principal, operation, resource)
     }
 
     pub(crate) fn allowed(
