@@ -83,6 +83,7 @@ fn patch(config: Option<v1::TopicConfig>) -> TopicConfigPatch {
         retry_backoff_multiplier: c.retry_backoff_multiplier,
         retry_backoff_max_ms: c.retry_backoff_max_ms,
         dlq_topic: c.dlq_topic,
+        compression: c.compression,
     }
 }
 
@@ -99,6 +100,7 @@ fn to_proto(config: &TopicConfig) -> v1::TopicConfig {
         retry_backoff_multiplier: Some(config.dead_letters.retry_backoff_multiplier),
         retry_backoff_max_ms: Some(config.dead_letters.retry_backoff_max_ms),
         dlq_topic: Some(config.dead_letters.dlq_topic.clone()),
+        compression: Some(config.compression.clone()),
     }
 }
 

@@ -5,6 +5,12 @@
 //! caught-up subscription sleep on the partition's high-watermark `watch`
 //! and wake when it moves. Every answer stays under the broker's message
 //! limit, so a consumer can always make progress.
+//!
+//! Two answers: decoded `ConsumedRecord`s (the default, for any language),
+//! or, with `RECORD_FORMAT_BATCHES`, the stored batches verbatim: a
+//! zero-copy slice of the segment's map, whole batches, with the offset to
+//! start from inside the first ([`read_batches`]). Compressed batches go
+//! out compressed; only the records answer decompresses.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +24,7 @@ use super::auth::Access;
 use super::convert::consumed;
 use super::{EndsWith, status};
 use crate::auth::{Operation, Resource, ResourceType};
-use crate::storage::{PartitionLog, StorageError, StoredRecord};
+use crate::storage::{BatchHeader, PartitionLog, StorageError, StoredRecord};
 use crate::topics::{Topic, TopicRegistry};
 
 const DEFAULT_MAX_RECORDS: usize = 500;
@@ -39,6 +45,34 @@ pub(crate) struct Consume {
 }
 
 impl Consume {
+    /// A long-polling fetch's wait for the high watermark to pass `from`:
+    /// true if it is worth reading again (it moved, or the wait ran out),
+    /// false if there is nothing to wait for (`wait` is zero or the broker
+    /// is shutting down). A deleted topic ends the fetch with NOT_FOUND.
+    async fn wait_past(
+        &self,
+        topic: &Topic,
+        log: &PartitionLog,
+        from: u64,
+        wait: Duration,
+    ) -> Result<bool, Status> {
+        if wait.is_zero() {
+            return Ok(false);
+        }
+        let mut watcher = log.subscribe();
+        let interrupted = interruption(topic, self.shutdown.clone());
+        tokio::select! {
+            _ = tokio::time::timeout(wait, watcher.wait_for(|hw| *hw > from)) => Ok(true),
+            status = interrupted => {
+                if topic.is_deleted() {
+                    return Err(status);
+                }
+                // Shutting down: answer with what there is (nothing).
+                Ok(false)
+            }
+        }
+    }
+
     /// Bytes of records one answer may carry.
     fn records_budget(&self) -> usize {
         self.max_message_bytes
@@ -99,6 +133,78 @@ fn to_wire(
     }
     log.traffic().read_out(out.len() as u64, used as u64);
     Ok(out)
+}
+
+/// Whole stored batches from the one holding `from`, as the log holds them.
+#[derive(Debug, Default)]
+struct Batches {
+    bytes: bytes::Bytes,
+    /// The offset after the last batch: where the next read starts.
+    next_offset: u64,
+}
+
+/// Reads whole batches from the one holding `from`, up to about
+/// `max_bytes`, on the blocking pool (a read can fault pages in), keeping
+/// to `budget` bytes: the first batch always, unless it alone is over the
+/// budget (written under a larger message limit than the broker has now),
+/// which is RESOURCE_EXHAUSTED. The records sent from `from` on are
+/// counted as read out of `log`.
+async fn read_batches(
+    log: Arc<PartitionLog>,
+    topic: String,
+    partition: u32,
+    from: u64,
+    max_bytes: usize,
+    budget: usize,
+) -> Result<Result<Batches, StorageError>, Status> {
+    tokio::task::spawn_blocking(move || {
+        let chunk = match log.read(from, max_bytes) {
+            Ok(chunk) => chunk.data,
+            Err(e) => return Ok(Err(e)),
+        };
+        let mut end = 0;
+        let mut next_offset = from;
+        let mut records = 0u64;
+        while end < chunk.len() {
+            // The log's own bytes, checked when they were written and when
+            // the log was opened; the consumer verifies each checksum.
+            let header = BatchHeader::parse(&chunk[end..])
+                .map_err(|e| Status::data_loss(format!("partition {partition}: {e}")))?;
+            if end + header.total_len() > budget {
+                if end == 0 {
+                    return Err(Status::resource_exhausted(format!(
+                        "the batch at offset {} of {topic:?} partition {partition} takes {} \
+                         bytes, more than the broker's message limit allows; restart the broker \
+                         with a larger --max-message-bytes to read it",
+                        header.base_offset,
+                        header.total_len()
+                    )));
+                }
+                break;
+            }
+            end += header.total_len();
+            records += header.next_offset() - header.base_offset.max(from);
+            next_offset = header.next_offset();
+        }
+        log.traffic().read_out(records, end as u64);
+        Ok(Ok(Batches {
+            bytes: chunk.slice(..end),
+            next_offset,
+        }))
+    })
+    .await
+    .map_err(status::join)?
+}
+
+/// Whether a request asked for stored batches rather than records.
+fn wants_batches(format: i32) -> Result<bool, Status> {
+    match v1::RecordFormat::try_from(format) {
+        Ok(v1::RecordFormat::Unspecified | v1::RecordFormat::Records) => Ok(false),
+        Ok(v1::RecordFormat::Batches) => Ok(true),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "record format {format} is not RECORDS (1) or BATCHES (2)"
+        ))),
+    }
 }
 
 fn partitions_of(topic: &Topic, requested: &[u32]) -> Result<Vec<u32>, Status> {
@@ -171,22 +277,36 @@ impl ConsumeService for Consume {
         .min(budget);
         let wait = Duration::from_millis(u64::from(request.max_wait_ms)).min(MAX_FETCH_WAIT);
         let from = request.offset;
+        if wants_batches(request.format)? {
+            let read = || {
+                read_batches(
+                    Arc::clone(&log),
+                    topic.name().to_owned(),
+                    request.partition,
+                    from,
+                    max_bytes,
+                    budget,
+                )
+            };
+            // Validates the offset (OUT_OF_RANGE) even when we go on to wait.
+            let mut batches = read().await?.map_err(status::storage)?;
+            if batches.bytes.is_empty() && self.wait_past(&topic, &log, from, wait).await? {
+                batches = read().await?.map_err(status::storage)?;
+            }
+            return Ok(Response::new(v1::FetchResponse {
+                records: Vec::new(),
+                next_offset: batches.next_offset,
+                high_watermark: log.high_watermark(),
+                log_start_offset: log.log_start_offset(),
+                batches: batches.bytes,
+                first_offset: from,
+            }));
+        }
         // Validates the offset (OUT_OF_RANGE) even when we go on to wait.
         let mut records = read(Arc::clone(&log), from, max_records, max_bytes)
             .await?
             .map_err(status::storage)?;
-        if records.is_empty() && !wait.is_zero() {
-            let mut watcher = log.subscribe();
-            let interrupted = interruption(&topic, self.shutdown.clone());
-            tokio::select! {
-                _ = tokio::time::timeout(wait, watcher.wait_for(|hw| *hw > from)) => {}
-                status = interrupted => {
-                    if topic.is_deleted() {
-                        return Err(status);
-                    }
-                    // Shutting down: answer with what there is (nothing).
-                }
-            }
+        if records.is_empty() && self.wait_past(&topic, &log, from, wait).await? {
             records = read(Arc::clone(&log), from, max_records, max_bytes)
                 .await?
                 .map_err(status::storage)?;
@@ -198,6 +318,7 @@ impl ConsumeService for Consume {
             next_offset,
             high_watermark: log.high_watermark(),
             log_start_offset: log.log_start_offset(),
+            ..Default::default()
         }))
     }
 
@@ -216,6 +337,7 @@ impl ConsumeService for Consume {
         let request = request.into_inner();
         let topic = self.topics.get(&request.topic).map_err(status::topic)?;
         let partitions = partitions_of(&topic, &request.partitions)?;
+        let batches = wants_batches(request.format)?;
         let max_records = match request.max_batch_records {
             0 => DEFAULT_MAX_RECORDS,
             n => n as usize,
@@ -251,6 +373,7 @@ impl ConsumeService for Consume {
                 next,
                 max_records,
                 budget,
+                batches,
                 sender: sender.clone(),
             };
             tokio::spawn(reader.run());
@@ -375,22 +498,55 @@ struct PartitionReader {
     next: u64,
     max_records: usize,
     budget: usize,
+    /// Send stored batches verbatim rather than records.
+    batches: bool,
     sender: mpsc::Sender<Result<v1::SubscribeResponse, Status>>,
 }
 
 impl PartitionReader {
+    /// Reads the next message's worth: `Ok(None)` when caught up.
+    async fn next_message(&self) -> Result<Result<Option<v1::SubscribeResponse>, StorageError>, Status> {
+        let max_bytes = DEFAULT_MAX_BYTES.min(self.budget);
+        if self.batches {
+            let read = read_batches(
+                Arc::clone(&self.log),
+                self.topic.clone(),
+                self.partition,
+                self.next,
+                max_bytes,
+                self.budget,
+            )
+            .await?;
+            return Ok(read.map(|b| {
+                (!b.bytes.is_empty()).then(|| v1::SubscribeResponse {
+                    records: Vec::new(),
+                    partition: self.partition,
+                    batches: b.bytes,
+                    first_offset: self.next,
+                    next_offset: b.next_offset,
+                })
+            }));
+        }
+        let read = read(Arc::clone(&self.log), self.next, self.max_records, max_bytes).await?;
+        match read {
+            Ok(records) if records.is_empty() => Ok(Ok(None)),
+            Ok(records) => {
+                let records = to_wire(&self.log, &self.topic, self.partition, records, self.budget)?;
+                let next_offset = records.last().map_or(self.next, |r| r.offset + 1);
+                Ok(Ok(Some(v1::SubscribeResponse {
+                    records,
+                    next_offset,
+                    ..Default::default()
+                })))
+            }
+            Err(e) => Ok(Err(e)),
+        }
+    }
+
     async fn run(mut self) {
         let mut watcher = self.log.subscribe();
-        let max_bytes = DEFAULT_MAX_BYTES.min(self.budget);
         loop {
-            let read = match read(
-                Arc::clone(&self.log),
-                self.next,
-                self.max_records,
-                max_bytes,
-            )
-            .await
-            {
+            let read = match self.next_message().await {
                 Ok(read) => read,
                 Err(status) => {
                     let _ = self.sender.send(Err(status)).await;
@@ -398,29 +554,15 @@ impl PartitionReader {
                 }
             };
             match read {
-                Ok(records) if !records.is_empty() => {
-                    let records =
-                        match to_wire(&self.log, &self.topic, self.partition, records, self.budget)
-                        {
-                            Ok(records) => records,
-                            Err(status) => {
-                                let _ = self.sender.send(Err(status)).await;
-                                return;
-                            }
-                        };
-                    self.next = records.last().map_or(self.next, |r| r.offset + 1);
+                Ok(Some(message)) => {
+                    self.next = message.next_offset;
                     // Waits while the reader is behind: flow control. Fails
                     // once the stream is gone.
-                    if self
-                        .sender
-                        .send(Ok(v1::SubscribeResponse { records }))
-                        .await
-                        .is_err()
-                    {
+                    if self.sender.send(Ok(message)).await.is_err() {
                         return;
                     }
                 }
-                Ok(_) => {
+                Ok(None) => {
                     // Caught up: sleep until the high watermark moves.
                     let next = self.next;
                     tokio::select! {

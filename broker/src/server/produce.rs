@@ -1,7 +1,11 @@
 //! `ProduceService`: validation, routing, batching and writes.
 //!
-//! A request is checked whole before anything is written, then encoded
-//! into one batch per partition and written on the blocking pool; the wait
+//! A request is checked whole before anything is written. Records sent as
+//! messages are encoded into one batch per partition; a batch a producer
+//! sent already encoded (`ProduceRequest.batch`, the Rust client's path) is
+//! checked without building its records ([`check_client_batch`]) and
+//! written byte for byte, so the hot path copies it only into the log.
+//! Writes run on the blocking pool; the wait
 //! for its sync (under `every-batch`) is a separate step, so a stream's
 //! next request is written while the previous one syncs and many producers
 //! share one sync.
@@ -17,14 +21,14 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::auth::Access;
-use super::convert::{now_ms, record_from_proto, record_size};
+use super::convert::{batch_record_size, now_ms, record_from_proto, record_size};
 use super::status;
 use crate::auth::{Operation, Resource};
 use crate::metrics::ProduceMetrics;
 use crate::producers::{ProducerAppend, ProducerAppendError, SequenceError};
 use crate::storage::batch::{NO_PRODUCER_EPOCH, NO_PRODUCER_ID};
-use crate::storage::{BatchBuilder, EncodedBatch, ProducerInfo};
-use crate::topics::{Topic, TopicRegistry};
+use crate::storage::{BatchBuilder, BatchError, Compression, EncodedBatch, ProducerInfo};
+use crate::topics::{Topic, TopicConfig, TopicRegistry};
 
 /// Requests of one stream written but not yet acknowledged, at most.
 const STREAM_IN_FLIGHT: usize = 64;
@@ -52,6 +56,9 @@ struct Prepared {
     producer: ProducerInfo,
     batches: Vec<(u32, EncodedBatch, Vec<usize>)>,
     records: usize,
+    /// The request sent one encoded batch: answered with its range, not
+    /// with a position per record.
+    sent_as_batch: bool,
 }
 
 /// Batches written, waiting for their sync.
@@ -59,6 +66,127 @@ struct Written {
     topic: Arc<Topic>,
     batches: Vec<(u32, ProducerAppend, Vec<usize>)>,
     records: usize,
+    sent_as_batch: bool,
+}
+
+/// Why a producer's batch is refused; every case is INVALID_ARGUMENT.
+enum Refusal {
+    Batch(BatchError),
+    Rule(String),
+}
+
+impl From<BatchError> for Refusal {
+    fn from(e: BatchError) -> Self {
+        Refusal::Batch(e)
+    }
+}
+
+impl Refusal {
+    fn into_status(self) -> Status {
+        let why = match self {
+            Refusal::Batch(e) => e.to_string(),
+            Refusal::Rule(why) => why,
+        };
+        Status::invalid_argument(format!("the batch is refused: {why}; nothing was written"))
+    }
+}
+
+/// Checks a batch a producer encoded itself, without building its records:
+/// size under the topic's batch limit, checksum, framing, record count
+/// (the records present must be exactly the count), codec, no control bit,
+/// producer fields equal to the request's, each record's size against the
+/// topic's limit (the same rule as for records sent as messages), no
+/// negative timestamp, and the header's first and largest timestamps
+/// true to the records. Returns the batch to write as it is.
+fn check_client_batch(
+    bytes: bytes::Bytes,
+    producer: ProducerInfo,
+    config: &TopicConfig,
+) -> Result<EncodedBatch, Status> {
+    let limit = batch_limit(config);
+    if bytes.len() as u64 > limit {
+        return Err(Refusal::Rule(format!(
+            "it is {} bytes, and the topic takes batches of at most {limit} bytes",
+            bytes.len()
+        ))
+        .into_status());
+    }
+    let batch = EncodedBatch::from_bytes(bytes).map_err(|e| Refusal::from(e).into_status())?;
+    let header = *batch.header();
+    let rule = |why: String| Err(Refusal::Rule(why).into_status());
+    if header.is_control() {
+        return rule("the control attribute is the broker's, not a producer's".into());
+    }
+    if header.producer != producer {
+        let p = header.producer;
+        return rule(format!(
+            "its producer fields (id {}, epoch {}, base sequence {}) are not the request's \
+             (id {}, epoch {}, base sequence {})",
+            p.producer_id,
+            p.epoch,
+            p.base_sequence,
+            producer.producer_id,
+            producer.epoch,
+            producer.base_sequence
+        ));
+    }
+    let max = config.max_record_bytes as usize;
+    let mut max_timestamp = i64::MIN;
+    batch
+        .as_record_batch()
+        .walk(|record| {
+            let index = record.offset_delta;
+            let timestamp = record.timestamp(&header);
+            if index == 0 && record.timestamp_delta != 0 {
+                return Err(Refusal::Rule(format!(
+                    "its first timestamp {} is not its first record's ({timestamp})",
+                    header.first_timestamp
+                )));
+            }
+            if timestamp < 0 {
+                return Err(Refusal::Rule(format!(
+                    "record {index} has the negative timestamp {timestamp}"
+                )));
+            }
+            let size = batch_record_size(record, &header);
+            if size > max {
+                return Err(Refusal::Rule(format!(
+                    "record {index} is {size} bytes; the topic accepts records of at most {max} \
+                     bytes (their encoded key, value and headers)"
+                )));
+            }
+            max_timestamp = max_timestamp.max(timestamp);
+            Ok(())
+        })
+        .map_err(Refusal::into_status)?;
+    if max_timestamp != header.max_timestamp {
+        return rule(format!(
+            "its largest timestamp {} is not its records' ({max_timestamp})",
+            header.max_timestamp
+        ));
+    }
+    Ok(batch)
+}
+
+/// The batch in the topic's forced codec, rebuilt only if the producer used
+/// another one.
+fn in_codec(batch: EncodedBatch, codec: Option<Compression>) -> Result<EncodedBatch, Status> {
+    let Some(codec) = codec else {
+        return Ok(batch);
+    };
+    let header = *batch.header();
+    if header.compression().ok() == Some(codec) {
+        return Ok(batch);
+    }
+    let records = batch
+        .as_record_batch()
+        .to_records()
+        .map_err(|e| Refusal::from(e).into_status())?;
+    let mut builder = BatchBuilder::with_capacity(batch.len());
+    for stored in &records {
+        builder.push(&stored.record);
+    }
+    Ok(builder.finish_compressed(header.producer, codec))
 }
 
 /// Checks everything about a request before anything is written: a bad
@@ -66,9 +194,20 @@ struct Written {
 fn prepare(topics: &TopicRegistry, request: v1::ProduceRequest) -> Result<Prepared, Status> {
     let topic = topics.get(&request.topic).map_err(status::topic)?;
     topics.check_free_space().map_err(status::topic)?;
-    if request.records.is_empty() {
+    let sent_as_batch = !request.batch.is_empty();
+    if sent_as_batch && !request.records.is_empty() {
+        return Err(Status::invalid_argument(
+            "a produce request carries records or one encoded batch, not both",
+        ));
+    }
+    if request.records.is_empty() && !sent_as_batch {
         return Err(Status::invalid_argument(
             "a produce request needs at least one record",
+        ));
+    }
+    if sent_as_batch && request.partition.is_none() {
+        return Err(Status::invalid_argument(
+            "a produce request with an encoded batch names its partition",
         ));
     }
     if let Some(partition) = request.partition {
@@ -108,6 +247,20 @@ fn prepare(topics: &TopicRegistry, request: v1::ProduceRequest) -> Result<Prepar
         }
     };
     let config = topic.config();
+    let forced = config.forced_compression().map_err(status::topic)?;
+    if sent_as_batch {
+        let partition = request.partition.expect("checked above");
+        let batch = check_client_batch(request.batch, producer, &config)?;
+        let batch = in_codec(batch, forced)?;
+        return Ok(Prepared {
+            topic,
+            producer,
+            records: batch.record_count() as usize,
+            batches: vec![(partition, batch, Vec::new())],
+            sent_as_batch,
+        });
+    }
+    let codec = forced.unwrap_or(Compression::None);
     let max = config.max_record_bytes as usize;
     if let Some((index, size)) = request
         .records
@@ -156,20 +309,21 @@ fn prepare(topics: &TopicRegistry, request: v1::ProduceRequest) -> Result<Prepar
                 let full = std::mem::take(&mut builder);
                 batches.push((
                     partition,
-                    full.finish(ProducerInfo::NONE),
+                    full.finish_compressed(ProducerInfo::NONE, codec),
                     std::mem::take(&mut indexes),
                 ));
             }
             builder.push(&record);
             indexes.push(index);
         }
-        batches.push((partition, builder.finish(producer), indexes));
+        batches.push((partition, builder.finish_compressed(producer, codec), indexes));
     }
     Ok(Prepared {
         topic,
         producer,
         batches,
         records,
+        sent_as_batch,
     })
 }
 
@@ -235,42 +389,72 @@ async fn write(
             topic: prepared.topic,
             batches: written,
             records: prepared.records,
+            sent_as_batch: prepared.sent_as_batch,
         })
     })
     .await
     .map_err(status::join)?
 }
 
-/// Waits for the writes' syncs and says where each record landed.
+/// Waits for the writes' syncs and says where each record landed. Writes
+/// that are visible already (flush `os` or `interval`, or a sync that
+/// finished meanwhile) are answered at once, without a trip through the
+/// blocking pool.
 async fn acknowledge(written: Written) -> Result<v1::ProduceResponse, Status> {
-    tokio::task::spawn_blocking(move || {
-        let mut positions = vec![v1::RecordPosition::default(); written.records];
-        for (partition, appended, indexes) in &written.batches {
-            written
-                .topic
-                .partition(*partition)
-                .map_err(status::topic)?
-                .appender()
-                .wait(appended)
-                .map_err(status::storage)?;
-            for (i, index) in indexes.iter().enumerate() {
-                positions[*index] = v1::RecordPosition {
-                    partition: *partition,
-                    offset: appended.info.base_offset + i as u64,
-                };
-            }
-        }
-        let duplicate = written
-            .batches
-            .iter()
-            .any(|(_, appended, _)| appended.duplicate);
-        Ok(v1::ProduceResponse {
-            positions,
+    let visible = written.batches.iter().all(|(partition, appended, _)| {
+        written
+            .topic
+            .partition(*partition)
+            .is_ok_and(|p| p.log().high_watermark() > appended.info.last_offset)
+    });
+    if visible {
+        return respond(&written);
+    }
+    tokio::task::spawn_blocking(move || respond(&written))
+        .await
+        .map_err(status::join)?
+}
+
+/// The answer to a written request, once each of its batches is synced
+/// (a wait only for those that are not yet).
+fn respond(written: &Written) -> Result<v1::ProduceResponse, Status> {
+    for (partition, appended, _) in &written.batches {
+        written
+            .topic
+            .partition(*partition)
+            .map_err(status::topic)?
+            .appender()
+            .wait(appended)
+            .map_err(status::storage)?;
+    }
+    let duplicate = written
+        .batches
+        .iter()
+        .any(|(_, appended, _)| appended.duplicate);
+    if written.sent_as_batch {
+        let (partition, appended, _) = &written.batches[0];
+        return Ok(v1::ProduceResponse {
+            positions: Vec::new(),
             duplicate,
-        })
+            partition: *partition,
+            base_offset: appended.info.base_offset,
+            record_count: (appended.info.last_offset - appended.info.base_offset + 1) as u32,
+        });
+    }
+    let mut positions = vec![v1::RecordPosition::default(); written.records];
+    for (partition, appended, indexes) in &written.batches {
+        for (i, index) in indexes.iter().enumerate() {
+            positions[*index] = v1::RecordPosition {
+                partition: *partition,
+                offset: appended.info.base_offset + i as u64,
+            };
+        }
+    }
+    Ok(v1::ProduceResponse {
+        positions,
+        duplicate,
+        ..Default::default()
     })
-    .await
-    .map_err(status::join)?
 }
 
 fn stream_error(request_id: u64, status: Status) -> v1::ProduceStreamResponse {

@@ -5,7 +5,8 @@
 //! gRPC, topics, groups or producers. Callers hand it encoded batches and get
 //! offsets back; they read whole batches back as zero-copy `Bytes`.
 //!
-//! - [`batch`]: the record batch codec (layout, checksum, record encoding).
+//! - [`batch`]: the record batch codec, which lives in the `sluice-format`
+//!   crate (shared with the client) and is re-exported here.
 //! - `segment`: one `.log` + `.idx` pair: preallocation, the map, the sparse
 //!   index, sealing, and recovery of a single segment.
 //! - [`PartitionLog`]: the chain of segments of one partition: appends,
@@ -28,7 +29,7 @@
 //! 00000000000000081920.log   the next segment, named by its base offset
 //! ```
 
-pub mod batch;
+pub use sluice_format::batch;
 mod check;
 mod config;
 mod error;
@@ -39,11 +40,10 @@ mod log;
 mod segment;
 mod state_log;
 mod stats;
-mod varint;
 
-pub use batch::{
-    BatchBuilder, BatchError, BatchHeader, BatchIter, EncodedBatch, Header, ProducerInfo, Record,
-    RecordBatch, StoredRecord, decode_records,
+pub use sluice_format::{
+    BatchBuilder, BatchError, BatchHeader, BatchIter, Compression, EncodedBatch, Header,
+    ProducerInfo, Record, RecordBatch, RecordView, StoredRecord, decode_records,
 };
 pub use check::{Finding, aside_path, check_log_dir};
 pub use config::{DEFAULT_SEGMENT_BYTES, FlushPolicy, LogConfig};

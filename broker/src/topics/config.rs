@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::TopicError;
-use crate::storage::{FlushPolicy, LogConfig};
+use crate::storage::{Compression, FlushPolicy, LogConfig};
 
 /// A topic's settings as stored in `meta/topics.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -24,6 +24,18 @@ pub struct TopicConfig {
     /// defaults).
     #[serde(default)]
     pub dead_letters: DeadLetterConfig,
+    /// `producer` (batches kept as their producers compressed them), or
+    /// `none`, `lz4` or `zstd` to force that codec on every stored batch.
+    /// Settings written before compression existed read as `producer`.
+    #[serde(default = "producer_compression")]
+    pub compression: String,
+}
+
+/// The `compression` setting that keeps each producer's choice.
+pub const PRODUCER_COMPRESSION: &str = "producer";
+
+fn producer_compression() -> String {
+    PRODUCER_COMPRESSION.to_owned()
 }
 
 /// Retry and dead-letter settings of a topic.
@@ -159,6 +171,7 @@ pub struct TopicConfigPatch {
     pub retry_backoff_multiplier: Option<f64>,
     pub retry_backoff_max_ms: Option<u64>,
     pub dlq_topic: Option<String>,
+    pub compression: Option<String>,
 }
 
 /// The broker-wide defaults and limits for topics.
@@ -207,6 +220,7 @@ impl TopicDefaults {
             max_record_bytes: self.max_record_bytes,
             segment_bytes: self.segment_bytes,
             dead_letters: DeadLetterConfig::default(),
+            compression: producer_compression(),
         };
         let mut config = base.apply(patch);
         config.partitions = patch.partitions.unwrap_or(self.partitions);
@@ -256,6 +270,10 @@ impl TopicConfig {
                 retry_backoff_max_ms: patch.retry_backoff_max_ms,
                 dlq_topic: patch.dlq_topic.clone(),
             }),
+            compression: patch
+                .compression
+                .clone()
+                .unwrap_or_else(|| self.compression.clone()),
         }
     }
 
@@ -281,9 +299,26 @@ impl TopicConfig {
             .map_err(|e: crate::storage::StorageError| TopicError::InvalidConfig(e.to_string()))
     }
 
+    /// The codec every stored batch must have, if the topic forces one;
+    /// `None` keeps each producer's choice.
+    pub fn forced_compression(&self) -> Result<Option<Compression>, TopicError> {
+        if self.compression == PRODUCER_COMPRESSION {
+            return Ok(None);
+        }
+        Compression::from_name(&self.compression)
+            .map(Some)
+            .ok_or_else(|| {
+                TopicError::InvalidConfig(format!(
+                    "compression {:?} is not one of \"producer\", \"none\", \"lz4\" or \"zstd\"",
+                    self.compression
+                ))
+            })
+    }
+
     /// The storage settings of each partition (and a check of the rest).
     pub fn log_config(&self) -> Result<LogConfig, TopicError> {
         self.dead_letters.validate()?;
+        self.forced_compression()?;
         if self.max_record_bytes == 0 {
             return Err(TopicError::InvalidConfig(
                 "the largest record size must be at least 1 byte".into(),

@@ -33,10 +33,20 @@
 //! knows where it goes, and the log stamps the offset under its write lock
 //! without recomputing a CRC over the whole batch. Recovery still catches a
 //! damaged base offset, because each batch's offset must continue the chain.
+//!
+//! # Compression
+//!
+//! Attribute bits 0-2 name the codec of the records section (see
+//! [`crate::compression`]). A compressed batch stores one lz4 or zstd frame
+//! where the records would be; `length` and `crc` cover what is stored,
+//! and every header field keeps its meaning. Readers ([`RecordBatch::records`],
+//! [`RecordBatch::walk`]) decompress transparently; nothing that only needs
+//! the header (recovery, the index, idempotence) ever does.
 
 use bytes::{Bytes, BytesMut};
 
-use super::varint::{get_uvarint, get_varint, put_uvarint, put_varint, uvarint_len, varint_len};
+use crate::compression::{ATTR_COMPRESSION_MASK, Compression, CompressionError, MAX_RECORDS_SECTION};
+use crate::varint::{get_uvarint, get_varint, put_uvarint, put_varint, uvarint_len, varint_len};
 
 /// "SLB1" read as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"SLB1");
@@ -59,9 +69,9 @@ const OFF_BASE_OFFSET: usize = 8;
 const OFF_CRC: usize = 16;
 /// Where the base offset sits: outside the checksummed range, so the log can
 /// stamp it without touching the checksum.
-pub(crate) const BASE_OFFSET_RANGE: std::ops::Range<usize> = OFF_BASE_OFFSET..OFF_CRC;
+pub const BASE_OFFSET_RANGE: std::ops::Range<usize> = OFF_BASE_OFFSET..OFF_CRC;
 /// The checksum covers everything from here to the end of the batch.
-pub(crate) const CRC_FROM: usize = 20;
+pub const CRC_FROM: usize = 20;
 const OFF_ATTRIBUTES: usize = 20;
 const OFF_PRODUCER_EPOCH: usize = 22;
 const OFF_RECORD_COUNT: usize = 24;
@@ -87,6 +97,8 @@ pub enum BatchError {
     MalformedRecord { index: u32, reason: &'static str },
     #[error("batch has {0} bytes after its last record")]
     TrailingBytes(usize),
+    #[error(transparent)]
+    Compression(#[from] CompressionError),
 }
 
 /// A header (key/value pair) attached to a record.
@@ -166,6 +178,16 @@ impl BatchHeader {
     #[inline]
     pub fn next_offset(&self) -> u64 {
         self.base_offset + u64::from(self.record_count)
+    }
+
+    /// The codec of the records section, from the attributes.
+    pub fn compression(&self) -> Result<Compression, BatchError> {
+        Ok(Compression::from_attributes(self.attributes)?)
+    }
+
+    /// Whether the batch holds control records rather than user data.
+    pub fn is_control(&self) -> bool {
+        self.attributes & ATTR_CONTROL != 0
     }
 
     /// Parses and sanity-checks the fixed header at the front of `buf`,
@@ -331,14 +353,26 @@ impl BatchBuilder {
     /// Writes the header and checksum. Panics on an empty builder: an empty
     /// batch cannot be told from a zeroed region, so it must never be built.
     pub fn finish(self, producer: ProducerInfo) -> EncodedBatch {
+        self.finish_compressed(producer, Compression::None)
+    }
+
+    /// Like [`BatchBuilder::finish`], with the records section compressed
+    /// by `codec` (none keeps the records as they are).
+    pub fn finish_compressed(self, producer: ProducerInfo, codec: Compression) -> EncodedBatch {
         assert!(self.record_count > 0, "a batch needs at least one record");
         let mut buf = self.buf;
+        if codec != Compression::None {
+            let packed = codec.compress(&buf[HEADER_LEN..]);
+            buf.truncate(HEADER_LEN);
+            buf.extend_from_slice(&packed);
+        }
+        let attributes = (self.attributes & !ATTR_COMPRESSION_MASK) | codec.attribute_bits();
         let length =
             u32::try_from(buf.len() - LENGTH_PREFIX_LEN).expect("a batch is smaller than 4 GiB");
         write_u32(&mut buf, OFF_MAGIC, MAGIC);
         write_u32(&mut buf, OFF_LENGTH, length);
         write_u64(&mut buf, OFF_BASE_OFFSET, 0);
-        write_u16(&mut buf, OFF_ATTRIBUTES, self.attributes);
+        write_u16(&mut buf, OFF_ATTRIBUTES, attributes);
         write_u16(&mut buf, OFF_PRODUCER_EPOCH, producer.epoch);
         write_u32(&mut buf, OFF_RECORD_COUNT, self.record_count);
         write_u64(&mut buf, OFF_FIRST_TIMESTAMP, self.first_timestamp as u64);
@@ -356,12 +390,21 @@ impl BatchBuilder {
 
     /// Encodes `records` into one batch.
     pub fn encode(records: &[Record], producer: ProducerInfo) -> EncodedBatch {
+        Self::encode_compressed(records, producer, Compression::None)
+    }
+
+    /// Encodes `records` into one batch compressed by `codec`.
+    pub fn encode_compressed(
+        records: &[Record],
+        producer: ProducerInfo,
+        codec: Compression,
+    ) -> EncodedBatch {
         let mut builder =
             BatchBuilder::with_capacity(records.iter().map(|r| r.value.len() + 16).sum::<usize>());
         for record in records {
             builder.push(record);
         }
-        builder.finish(producer)
+        builder.finish_compressed(producer, codec)
     }
 }
 
@@ -427,6 +470,19 @@ impl EncodedBatch {
     pub fn record_count(&self) -> u32 {
         self.header.record_count
     }
+
+    /// The batch as a reader sees it (a cheap handle on the same bytes).
+    pub fn as_record_batch(&self) -> RecordBatch {
+        RecordBatch {
+            header: self.header,
+            bytes: self.bytes.clone(),
+        }
+    }
+
+    /// The batch's bytes, handed over without a copy.
+    pub fn into_bytes(self) -> Bytes {
+        self.bytes
+    }
 }
 
 /// Writes `base_offset` into an encoded batch in place (the field is outside
@@ -467,18 +523,62 @@ impl RecordBatch {
         &self.bytes
     }
 
-    /// The records, in offset order.
+    /// The records section, decompressed if the batch is compressed (a
+    /// zero-copy slice if it is not).
+    pub fn records_section(&self) -> Result<Bytes, BatchError> {
+        let stored = self.bytes.slice(HEADER_LEN..);
+        match self.header.compression()? {
+            Compression::None => Ok(stored),
+            codec => Ok(Bytes::from(
+                codec.decompress(&stored, MAX_RECORDS_SECTION)?,
+            )),
+        }
+    }
+
+    /// The records, in offset order. A compressed batch is decompressed
+    /// first; a batch that does not decompress yields that error.
     pub fn records(&self) -> RecordIter {
-        RecordIter {
-            header: self.header,
-            rest: self.bytes.slice(HEADER_LEN..),
-            index: 0,
+        match self.records_section() {
+            Ok(rest) => RecordIter {
+                header: self.header,
+                rest,
+                index: 0,
+                failed: None,
+            },
+            Err(e) => RecordIter {
+                header: self.header,
+                rest: Bytes::new(),
+                index: self.header.record_count,
+                failed: Some(e),
+            },
         }
     }
 
     /// Decodes every record, or reports the first malformed one.
     pub fn to_records(&self) -> Result<Vec<StoredRecord>, BatchError> {
         self.records().collect()
+    }
+
+    /// Checks every record of the batch without building any, handing each
+    /// one, borrowed, to `visit`: the record count must match the records
+    /// present, each record must be well formed (offset deltas in order,
+    /// lengths inside the batch, header keys UTF-8) and nothing may follow
+    /// the last one. The first error, the batch's or `visit`'s, ends it.
+    pub fn walk<E: From<BatchError>>(
+        &self,
+        mut visit: impl FnMut(&RecordView<'_>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let section = self.records_section()?;
+        let mut rest: &[u8] = &section;
+        for index in 0..self.header.record_count {
+            let (view, after) = parse_record(rest, index)?;
+            visit(&view)?;
+            rest = after;
+        }
+        if !rest.is_empty() {
+            return Err(BatchError::TrailingBytes(rest.len()).into());
+        }
+        Ok(())
     }
 }
 
@@ -489,12 +589,17 @@ pub struct RecordIter {
     header: BatchHeader,
     rest: Bytes,
     index: u32,
+    /// The records section could not be had (it does not decompress).
+    failed: Option<BatchError>,
 }
 
 impl Iterator for RecordIter {
     type Item = Result<StoredRecord, BatchError>;
 
     fn next(&mut self) -> Option<Self::Item> {
+        if let Some(e) = self.failed.take() {
+            return Some(Err(e));
+        }
         if self.index >= self.header.record_count {
             if !self.rest.is_empty() {
                 let left = self.rest.len();
@@ -505,31 +610,107 @@ impl Iterator for RecordIter {
         }
         let index = self.index;
         self.index += 1;
-        let result = decode_record(&self.header, &mut self.rest, index);
-        if result.is_err() {
-            // Stop after the first error; the rest is not trustworthy.
-            self.index = self.header.record_count;
-            self.rest.clear();
+        let result = parse_record(&self.rest, index).map(|(view, after)| {
+            let record = view.to_stored(&self.header, &self.rest);
+            let consumed = self.rest.len() - after.len();
+            (record, consumed)
+        });
+        match result {
+            Ok((record, consumed)) => {
+                self.rest = self.rest.slice(consumed..);
+                Some(Ok(record))
+            }
+            Err(e) => {
+                // Stop after the first error; the rest is not trustworthy.
+                self.index = self.header.record_count;
+                self.rest.clear();
+                Some(Err(e))
+            }
         }
-        Some(result)
     }
 }
 
-fn decode_record(
-    header: &BatchHeader,
-    rest: &mut Bytes,
-    index: u32,
-) -> Result<StoredRecord, BatchError> {
+/// One record of a batch, borrowed from the records section and already
+/// checked: what [`RecordBatch::walk`] hands out.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordView<'a> {
+    /// Position in the batch: 0 for the first record.
+    pub offset_delta: u32,
+    /// Milliseconds from the batch's `first_timestamp`.
+    pub timestamp_delta: i64,
+    pub key: Option<&'a [u8]>,
+    pub value: &'a [u8],
+    header_count: usize,
+    /// The encoded headers, checked when the view was made.
+    headers: &'a [u8],
+}
+
+impl<'a> RecordView<'a> {
+    /// The record's timestamp, given its batch's header.
+    pub fn timestamp(&self, header: &BatchHeader) -> i64 {
+        header.first_timestamp.wrapping_add(self.timestamp_delta)
+    }
+
+    pub fn header_count(&self) -> usize {
+        self.header_count
+    }
+
+    /// The headers, in order.
+    pub fn headers(&self) -> impl Iterator<Item = (&'a str, &'a [u8])> + 'a {
+        let mut cursor = Cursor {
+            buf: self.headers,
+            pos: 0,
+        };
+        (0..self.header_count).map(move |_| {
+            let (key, value) = cursor
+                .header()
+                .expect("headers were checked when the view was made");
+            let key = std::str::from_utf8(key).expect("header keys were checked as UTF-8");
+            (key, value)
+        })
+    }
+
+    /// Key, value and header bytes: what a record carries, without framing.
+    pub fn payload_len(&self) -> usize {
+        self.key.map_or(0, <[u8]>::len)
+            + self.value.len()
+            + self.headers().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+    }
+
+    /// The owned record, its bytes zero-copy slices of `owner` (the
+    /// records section this view borrows from).
+    fn to_stored(&self, header: &BatchHeader, owner: &Bytes) -> StoredRecord {
+        StoredRecord {
+            offset: header.base_offset + u64::from(self.offset_delta),
+            record: Record {
+                key: self.key.map(|k| owner.slice_ref(k)),
+                value: owner.slice_ref(self.value),
+                headers: self
+                    .headers()
+                    .map(|(key, value)| Header {
+                        key: key.to_owned(),
+                        value: owner.slice_ref(value),
+                    })
+                    .collect(),
+                timestamp: self.timestamp(header),
+            },
+        }
+    }
+}
+
+/// Parses and checks the record at the front of `rest`, the `index`th of
+/// its batch; returns it and what follows it.
+fn parse_record(rest: &[u8], index: u32) -> Result<(RecordView<'_>, &[u8]), BatchError> {
     let malformed = |reason| BatchError::MalformedRecord { index, reason };
     let (body_len, n) = get_uvarint(rest).ok_or_else(|| malformed("bad length"))?;
     let body_len = usize::try_from(body_len).map_err(|_| malformed("bad length"))?;
     if body_len > rest.len() - n {
         return Err(malformed("length past the end of the batch"));
     }
-    let body = rest.slice(n..n + body_len);
-    *rest = rest.slice(n + body_len..);
+    let body = &rest[n..n + body_len];
+    let after = &rest[n + body_len..];
 
-    let mut cursor = Cursor { buf: &body, pos: 0 };
+    let mut cursor = Cursor { buf: body, pos: 0 };
     let offset_delta = cursor
         .uvarint()
         .ok_or_else(|| malformed("bad offset delta"))?;
@@ -542,7 +723,7 @@ fn decode_record(
         -1 => None,
         len if len >= 0 => Some(
             cursor
-                .take(&body, len as u64)
+                .take(len as u64)
                 .ok_or_else(|| malformed("key past the end"))?,
         ),
         _ => return Err(malformed("negative key length")),
@@ -551,46 +732,38 @@ fn decode_record(
         .uvarint()
         .ok_or_else(|| malformed("bad value length"))?;
     let value = cursor
-        .take(&body, value_len)
+        .take(value_len)
         .ok_or_else(|| malformed("value past the end"))?;
     let header_count = cursor
         .uvarint()
         .ok_or_else(|| malformed("bad header count"))?;
-    // Each header takes at least two bytes: a count beyond that is corrupt
-    // and must not drive a huge allocation.
+    // Each header takes at least two bytes: a count beyond that is corrupt.
     if header_count > (body.len() - cursor.pos) as u64 / 2 {
         return Err(malformed("header count past the end"));
     }
-    let mut headers = Vec::with_capacity(header_count as usize);
+    let headers_from = cursor.pos;
     for _ in 0..header_count {
-        let key_len = cursor
-            .uvarint()
-            .ok_or_else(|| malformed("bad header key"))?;
-        let key = cursor
-            .take(&body, key_len)
-            .ok_or_else(|| malformed("header key past the end"))?;
-        let key =
-            String::from_utf8(key.to_vec()).map_err(|_| malformed("header key is not UTF-8"))?;
-        let value_len = cursor
-            .uvarint()
-            .ok_or_else(|| malformed("bad header value"))?;
-        let value = cursor
-            .take(&body, value_len)
-            .ok_or_else(|| malformed("header value past the end"))?;
-        headers.push(Header { key, value });
+        let (key, _) = cursor
+            .header()
+            .ok_or_else(|| malformed("header past the end"))?;
+        if std::str::from_utf8(key).is_err() {
+            return Err(malformed("header key is not UTF-8"));
+        }
     }
     if cursor.pos != body.len() {
         return Err(malformed("bytes left after the record's fields"));
     }
-    Ok(StoredRecord {
-        offset: header.base_offset + offset_delta,
-        record: Record {
+    Ok((
+        RecordView {
+            offset_delta: index,
+            timestamp_delta,
             key,
             value,
-            headers,
-            timestamp: header.first_timestamp.wrapping_add(timestamp_delta),
+            header_count: header_count as usize,
+            headers: &body[headers_from..],
         },
-    })
+        after,
+    ))
 }
 
 struct Cursor<'a> {
@@ -598,7 +771,7 @@ struct Cursor<'a> {
     pos: usize,
 }
 
-impl Cursor<'_> {
+impl<'a> Cursor<'a> {
     fn uvarint(&mut self) -> Option<u64> {
         let (value, n) = get_uvarint(&self.buf[self.pos..])?;
         self.pos += n;
@@ -611,16 +784,24 @@ impl Cursor<'_> {
         Some(value)
     }
 
-    /// A zero-copy slice of the next `len` bytes of `owner` (the `Bytes` that
-    /// `self.buf` borrows from).
-    fn take(&mut self, owner: &Bytes, len: u64) -> Option<Bytes> {
+    /// The next `len` bytes.
+    fn take(&mut self, len: u64) -> Option<&'a [u8]> {
         let len = usize::try_from(len).ok()?;
         if len > self.buf.len() - self.pos {
             return None;
         }
-        let slice = owner.slice(self.pos..self.pos + len);
+        let slice = &self.buf[self.pos..self.pos + len];
         self.pos += len;
         Some(slice)
+    }
+
+    /// One header: key and value.
+    fn header(&mut self) -> Option<(&'a [u8], &'a [u8])> {
+        let key_len = self.uvarint()?;
+        let key = self.take(key_len)?;
+        let value_len = self.uvarint()?;
+        let value = self.take(value_len)?;
+        Some((key, value))
     }
 }
 
@@ -868,6 +1049,117 @@ mod tests {
             let bytes = Bytes::from(bytes);
             let (decoded, _) = RecordBatch::decode_front(&bytes).unwrap();
             assert!(decoded.to_records().is_err(), "count {count} accepted");
+        }
+    }
+
+    #[test]
+    fn compressed_batches_round_trip_and_keep_their_header() {
+        let records = sample_records();
+        let plain = BatchBuilder::encode(&records, producer());
+        for codec in Compression::ALL {
+            let batch = BatchBuilder::encode_compressed(&records, producer(), codec);
+            let h = *batch.header();
+            assert_eq!(h.compression().unwrap(), codec);
+            assert_eq!(h.record_count, 3);
+            assert_eq!(h.producer, producer());
+            assert_eq!(h.max_timestamp, plain.header().max_timestamp);
+            let stamped = stamped_copy(&batch, 7);
+            let (decoded, _) = RecordBatch::decode_front(&stamped).unwrap();
+            let got: Vec<Record> = decoded
+                .to_records()
+                .unwrap()
+                .into_iter()
+                .map(|r| r.record)
+                .collect();
+            assert_eq!(got, records, "{codec}");
+            assert_eq!(
+                decoded.records_section().unwrap(),
+                plain.as_bytes()[HEADER_LEN..],
+                "{codec}: the records section decompresses to the plain one"
+            );
+        }
+    }
+
+    #[test]
+    fn walk_sees_every_record_and_refuses_what_decoding_refuses() {
+        let records = sample_records();
+        for codec in Compression::ALL {
+            let batch = BatchBuilder::encode_compressed(&records, producer(), codec);
+            let view = batch.as_record_batch();
+            let mut seen = Vec::new();
+            view.walk(|r| {
+                seen.push((
+                    r.offset_delta,
+                    r.timestamp(view.header()),
+                    r.key.map(<[u8]>::to_vec),
+                    r.value.len(),
+                    r.headers()
+                        .map(|(k, v)| (k.to_owned(), v.to_vec()))
+                        .collect::<Vec<_>>(),
+                    r.payload_len(),
+                ));
+                Ok::<(), BatchError>(())
+            })
+            .unwrap();
+            let expected: Vec<_> = records
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    (
+                        i as u32,
+                        r.timestamp,
+                        r.key.as_ref().map(|k| k.to_vec()),
+                        r.value.len(),
+                        r.headers
+                            .iter()
+                            .map(|h| (h.key.clone(), h.value.to_vec()))
+                            .collect::<Vec<_>>(),
+                        r.key.as_ref().map_or(0, |k| k.len())
+                            + r.value.len()
+                            + r.headers
+                                .iter()
+                                .map(|h| h.key.len() + h.value.len())
+                                .sum::<usize>(),
+                    )
+                })
+                .collect();
+            assert_eq!(seen, expected, "{codec}");
+        }
+        // A count that lies, re-checksummed: the walk refuses it too.
+        let batch = BatchBuilder::encode(&records, ProducerInfo::NONE);
+        for count in [1u32, 2, 4] {
+            let mut bytes = batch.as_bytes().to_vec();
+            write_u32(&mut bytes, OFF_RECORD_COUNT, count);
+            let crc = crc32fast::hash(&bytes[CRC_FROM..]);
+            write_u32(&mut bytes, OFF_CRC, crc);
+            let batch = EncodedBatch::from_bytes(Bytes::from(bytes)).unwrap();
+            assert!(
+                batch
+                    .as_record_batch()
+                    .walk(|_| Ok::<(), BatchError>(()))
+                    .is_err(),
+                "count {count} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn an_unknown_codec_or_a_broken_frame_is_an_error() {
+        let batch = BatchBuilder::encode_compressed(&sample_records(), producer(), Compression::Lz4);
+        for (attributes, damage) in [(1u16, false), (2, false), (7, false), (3, true)] {
+            let mut bytes = batch.as_bytes().to_vec();
+            write_u16(&mut bytes, OFF_ATTRIBUTES, attributes);
+            if damage {
+                let n = bytes.len();
+                bytes[n - 6] ^= 0x55;
+            }
+            let crc = crc32fast::hash(&bytes[CRC_FROM..]);
+            write_u32(&mut bytes, OFF_CRC, crc);
+            let batch = EncodedBatch::from_bytes(Bytes::from(bytes)).unwrap();
+            assert!(matches!(
+                batch.as_record_batch().to_records(),
+                Err(BatchError::Compression(_))
+            ));
         }
     }
 
