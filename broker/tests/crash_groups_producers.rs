@@ -38,6 +38,7 @@ fn idempotent(
             epoch,
             base_sequence,
         }),
+        ..Default::default()
     }
 }
 

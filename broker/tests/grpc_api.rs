@@ -34,6 +34,7 @@ async fn keyed_records_come_back_in_order_and_survive_a_restart() {
                 records,
                 request_id: round,
                 producer: None,
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -105,6 +106,7 @@ async fn a_subscription_receives_records_appended_after_it_started() {
             records: vec![record(None, "before")],
             request_id: 0,
             producer: None,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -118,6 +120,7 @@ async fn a_subscription_receives_records_appended_after_it_started() {
                 v1::StartPosition::Latest as i32,
             )),
             max_batch_records: 0,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -131,6 +134,7 @@ async fn a_subscription_receives_records_appended_after_it_started() {
                 records: vec![record(None, &format!("after-{i}"))],
                 request_id: 0,
                 producer: None,
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -165,6 +169,7 @@ async fn a_subscription_receives_records_appended_after_it_started() {
                 v1::StartPosition::Earliest as i32,
             )),
             max_batch_records: 0,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -195,6 +200,7 @@ async fn pipelined_stream_produce_acknowledges_in_order() {
             ],
             request_id: id,
             producer: None,
+            ..Default::default()
         })
         .collect();
     let mut responses = broker
@@ -264,6 +270,7 @@ async fn fetch_long_polls_and_list_offsets_answers_by_time() {
             records,
             request_id: 0,
             producer: None,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -354,6 +361,7 @@ async fn sigterm_ends_open_subscriptions_and_exits_promptly() {
             partitions: vec![],
             start: Some(v1::subscribe_request::Start::Offset(0)),
             max_batch_records: 0,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -469,6 +477,7 @@ async fn answers_stay_under_the_message_limit() {
                 v1::StartPosition::Earliest as i32,
             )),
             max_batch_records: 0,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -506,6 +515,7 @@ async fn deleting_a_topic_ends_its_subscriptions_and_long_polls() {
             partitions: vec![],
             start: Some(v1::subscribe_request::Start::Offset(0)),
             max_batch_records: 0,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -601,6 +611,7 @@ async fn topic_settings_can_be_altered_and_survive_a_restart() {
         retry_backoff_multiplier: Some(2.0),
         retry_backoff_max_ms: Some(300_000),
         dlq_topic: Some("{topic}.{group}.dlq".into()),
+        compression: Some("producer".into()),
     };
     assert_eq!(altered, expected);
     // The new record limit applies at once.
@@ -746,6 +757,7 @@ async fn a_stalled_subscriber_does_not_hold_up_shutdown_or_lose_data() {
             partitions: vec![],
             start: Some(v1::subscribe_request::Start::Offset(0)),
             max_batch_records: 0,
+            ..Default::default()
         })
         .await
         .unwrap()

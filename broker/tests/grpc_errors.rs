@@ -55,6 +55,7 @@ async fn an_unknown_topic_is_not_found() {
                 partitions: vec![],
                 start: Some(v1::subscribe_request::Start::Offset(0)),
                 max_batch_records: 0,
+                ..Default::default()
             })
             .await,
     );
@@ -128,6 +129,7 @@ async fn an_unknown_partition_is_not_found_and_nothing_is_written() {
                 partitions: vec![0, 2],
                 start: Some(v1::subscribe_request::Start::Offset(0)),
                 max_batch_records: 0,
+                ..Default::default()
             })
             .await,
     );
@@ -493,6 +495,7 @@ async fn a_missing_or_unknown_start_or_spec_is_invalid() {
         partitions: vec![],
         start,
         max_batch_records: 0,
+        ..Default::default()
     };
     let s = status_of(consumer.subscribe(subscribe(None)).await);
     expect_status(&s, Code::InvalidArgument, "where to start");

@@ -194,6 +194,7 @@ async fn a_damaged_sealed_segment_loses_one_range_and_everything_else_serves() {
             partitions: vec![0],
             start: Some(v1::subscribe_request::Start::Offset(0)),
             max_batch_records: 0,
+            ..Default::default()
         })
         .await
         .unwrap()

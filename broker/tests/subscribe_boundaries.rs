@@ -40,6 +40,7 @@ async fn subscribers_cross_segment_boundaries_without_out_of_range() {
                 partitions: vec![0],
                 start: Some(v1::subscribe_request::Start::Offset(0)),
                 max_batch_records: 0,
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -36,6 +36,9 @@ pub struct TopicSettings {
     pub retry_backoff_max_ms: Option<u64>,
     /// DLQ topic name template (`{topic}`, `{group}`).
     pub dlq_topic: Option<String>,
+    /// `producer` (keep each batch's codec) or `none`, `lz4`, `zstd` to
+    /// force one.
+    pub compression: Option<String>,
 }
 
 impl TopicSettings {
@@ -52,6 +55,7 @@ impl TopicSettings {
             retry_backoff_multiplier: self.retry_backoff_multiplier,
             retry_backoff_max_ms: self.retry_backoff_max_ms,
             dlq_topic: self.dlq_topic,
+            compression: self.compression,
         }
     }
 
@@ -68,6 +72,7 @@ impl TopicSettings {
             retry_backoff_multiplier: c.retry_backoff_multiplier,
             retry_backoff_max_ms: c.retry_backoff_max_ms,
             dlq_topic: c.dlq_topic,
+            compression: c.compression,
         }
     }
 }

@@ -74,6 +74,7 @@ use crate::admin::Admin;
 use crate::connection::{ClientConfig, with_timeout};
 use crate::error::{Error, Result};
 use crate::record::{Position, Record};
+use sluice_format::{BatchBuilder, Compression, ProducerInfo};
 
 /// How the producer batches, buffers and retries.
 #[derive(Debug, Clone)]
@@ -105,6 +106,11 @@ pub struct ProducerConfig {
     /// limits) are trusted before they are looked up again (Kafka's
     /// `metadata.max.age.ms`). A refusal they govern drops them at once.
     pub metadata_max_age: Duration,
+    /// The codec of the batches this producer sends (Kafka's
+    /// `compression.type`): none, lz4 or zstd. A batch that would not get
+    /// smaller goes uncompressed. A topic may force its own codec; the
+    /// broker then recompresses.
+    pub compression: Compression,
 }
 
 impl Default for ProducerConfig {
@@ -120,6 +126,7 @@ impl Default for ProducerConfig {
             idempotence: true,
             producer_name: None,
             metadata_max_age: Duration::from_secs(300),
+            compression: Compression::None,
         }
     }
 }
@@ -157,7 +164,8 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// A record waiting for its acknowledgement. Settled exactly once: by
 /// [`Pending::settle`], or with [`Error::Closed`] when dropped unsettled.
 struct Pending {
-    record: v1::Record,
+    /// In the batch format, its timestamp stamped at `enqueue`.
+    record: sluice_format::Record,
     /// Bytes it holds in the buffer.
     size: usize,
     /// Bytes it may add to a batch in the broker's encoding.
@@ -413,7 +421,9 @@ impl Producer {
         let size = record.size();
         let explicit = record.partition;
         let key = record.key.clone();
-        let proto = record.into_proto();
+        // The producer stamps the time a record without one was accepted:
+        // the broker writes a producer's batch as it is.
+        let proto = record.into_proto_stamped(now_ms());
         // The broker counts the encoded record against the topic's limit.
         let record_bytes = prost::Message::encoded_len(&proto);
         if record_bytes > limits.max_record_bytes {
@@ -449,7 +459,7 @@ impl Producer {
         }
         let sender = self.sender(&mut registry, topic, partition);
         let pending = Pending {
-            record: proto,
+            record: crate::record::proto_into_format(proto),
             size,
             batch_cost: record_bytes + RECORD_OVERHEAD_BYTES,
             // A batch's estimate bounds its request's size too.
@@ -482,17 +492,26 @@ impl Producer {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = now_ms();
+        let mut builder = BatchBuilder::default();
+        for record in records {
+            builder.push(&crate::record::proto_into_format(
+                record.into_proto_stamped(now),
+            ));
+        }
         let request = v1::ProduceRequest {
             topic: topic.to_owned(),
             partition: Some(partition),
-            records: records.into_iter().map(Record::into_proto).collect(),
-            request_id: 0,
-            producer: None,
+            batch: builder
+                .finish_compressed(ProducerInfo::NONE, self.inner.config.compression)
+                .into_bytes(),
+            ..Default::default()
         };
         let response = self.inner.client.clone().produce(request).await?;
-        Ok(response
-            .into_inner()
-            .positions
+        Ok(positions_of(&response.into_inner())
             .into_iter()
             .map(Position::from)
             .collect())
@@ -938,16 +957,18 @@ impl PartitionSender {
             // The rest has waited already: it goes as soon as there is room.
             self.linger_until = Some(Instant::now());
         }
+        let producer = self.identity.map(|(producer_id, epoch)| v1::ProducerBatch {
+            producer_id,
+            epoch,
+            base_sequence: self.next_sequence,
+        });
         let request = v1::ProduceRequest {
             topic: self.topic.clone(),
             partition: Some(self.partition),
-            records: records.iter().map(|p| p.record.clone()).collect(),
+            records: Vec::new(),
             request_id: self.next_id,
-            producer: self.identity.map(|(producer_id, epoch)| v1::ProducerBatch {
-                producer_id,
-                epoch,
-                base_sequence: self.next_sequence,
-            }),
+            batch: encode_batch(&records, producer, self.config.compression),
+            producer,
         };
         self.next_sequence = sequence_add(self.next_sequence, records.len());
         self.next_id += 1;
@@ -978,7 +999,10 @@ impl PartitionSender {
         if response.error_code == 0 {
             if let Some(index) = index {
                 let batch = self.in_flight.remove(index).expect("index exists");
-                let positions = response.response.map(|r| r.positions).unwrap_or_default();
+                let positions = response
+                    .response
+                    .map(|r| positions_of(&r))
+                    .unwrap_or_default();
                 let (records, got) = (batch.records.len(), positions.len());
                 if records != got {
                     tracing::warn!(topic = %self.topic, partition = self.partition, records, positions = got, "broker acknowledged a batch with the wrong number of positions");
@@ -1094,7 +1118,7 @@ impl PartitionSender {
             self.in_flight.remove(index);
             return true;
         }
-        batch.request.records = kept.iter().map(|p| p.record.clone()).collect();
+        batch.request.batch = encode_batch(&kept, batch.request.producer, self.config.compression);
         batch.request.request_id = self.next_id;
         batch.records = kept;
         // Refused, so not written: if it times out, it plainly does.
@@ -1137,6 +1161,13 @@ impl PartitionSender {
                 epoch,
                 base_sequence: sequence,
             });
+            // The producer fields are inside the batch too: it is encoded
+            // again with them.
+            batch.request.batch = encode_batch(
+                &batch.records,
+                batch.request.producer,
+                self.config.compression,
+            );
             sequence = sequence_add(sequence, batch.records.len());
         }
         self.next_sequence = sequence;
@@ -1224,6 +1255,61 @@ impl PartitionSender {
     }
 }
 
+/// Encodes records in the batch format, with the producer fields of the
+/// request that carries them, compressed by `codec` unless that would not
+/// make it smaller.
+fn encode_batch(
+    records: &[Pending],
+    producer: Option<v1::ProducerBatch>,
+    codec: Compression,
+) -> bytes::Bytes {
+    let producer = producer.map_or(ProducerInfo::NONE, |p| ProducerInfo {
+        producer_id: p.producer_id,
+        // Epochs come from the broker, which hands out 16-bit ones.
+        epoch: u16::try_from(p.epoch).unwrap_or(u16::MAX),
+        base_sequence: p.base_sequence,
+    });
+    let mut builder = BatchBuilder::with_capacity(records.iter().map(|p| p.batch_cost).sum());
+    for pending in records {
+        builder.push(&pending.record);
+    }
+    let plain_len = builder.encoded_len();
+    if codec == Compression::None {
+        return builder.finish(producer).into_bytes();
+    }
+    let packed = builder.finish_compressed(producer, codec);
+    if packed.len() < plain_len {
+        return packed.into_bytes();
+    }
+    // Incompressible: the plain batch is smaller, and within the size the
+    // records were budgeted at.
+    let mut builder = BatchBuilder::with_capacity(plain_len);
+    for pending in records {
+        builder.push(&pending.record);
+    }
+    builder.finish(producer).into_bytes()
+}
+
+/// Where the records of an acknowledged request landed: its positions, or
+/// for a request that sent one encoded batch, its range.
+fn positions_of(response: &v1::ProduceResponse) -> Vec<v1::RecordPosition> {
+    if !response.positions.is_empty() || response.record_count == 0 {
+        return response.positions.clone();
+    }
+    (0..u64::from(response.record_count))
+        .map(|i| v1::RecordPosition {
+            partition: response.partition,
+            offset: response.base_offset + i,
+        })
+        .collect()
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
 /// Settles the records of a batch the broker wrote, each with its
 /// position; any it gave no position for fail rather than wait for ever.
 fn settle_written(records: Vec<Pending>, positions: Vec<v1::RecordPosition>) {
@@ -1272,7 +1358,7 @@ mod tests {
     ) -> (Pending, DeliveryFuture) {
         let (reply, receiver) = oneshot::channel();
         let pending = Pending {
-            record: v1::Record::default(),
+            record: sluice_format::Record::default(),
             size: 1,
             batch_cost: RECORD_OVERHEAD_BYTES,
             max_batch: usize::MAX,

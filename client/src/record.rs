@@ -102,6 +102,19 @@ impl Record {
                 .sum::<usize>()
     }
 
+    /// The record as a message, a timestamp of 0 replaced by `now_ms`.
+    pub(crate) fn into_proto_stamped(self, now_ms: i64) -> v1::Record {
+        let timestamp_ms = if self.timestamp_ms == 0 {
+            now_ms
+        } else {
+            self.timestamp_ms
+        };
+        v1::Record {
+            timestamp_ms,
+            ..self.into_proto()
+        }
+    }
+
     pub(crate) fn into_proto(self) -> v1::Record {
         v1::Record {
             key: self.key,
@@ -116,6 +129,23 @@ impl Record {
                 .collect(),
             timestamp_ms: self.timestamp_ms,
         }
+    }
+}
+
+/// A record message in the batch format's terms (fields moved, not copied).
+pub(crate) fn proto_into_format(record: v1::Record) -> sluice_format::Record {
+    sluice_format::Record {
+        key: record.key,
+        value: record.value,
+        headers: record
+            .headers
+            .into_iter()
+            .map(|h| sluice_format::Header {
+                key: h.key,
+                value: h.value,
+            })
+            .collect(),
+        timestamp: record.timestamp_ms,
     }
 }
 
@@ -198,6 +228,62 @@ impl From<v1::ConsumedRecord> for ConsumedRecord {
             redelivery: false,
         }
     }
+}
+
+/// The records of `batches` (whole stored batches, as a batch-format read
+/// returns them) at or after `from`, their keys, values and header values
+/// slices of `batches`. A batch that fails its check is data loss up to its
+/// end: the consumer stops there or, told to, skips it.
+pub(crate) fn consumed_from_batches(
+    topic: &str,
+    partition: u32,
+    batches: Bytes,
+    from: u64,
+) -> Result<Vec<ConsumedRecord>, crate::Error> {
+    let mut out = Vec::new();
+    let mut rest = batches;
+    while !rest.is_empty() {
+        let damaged = |error: sluice_format::BatchError, rest: &Bytes| {
+            let next_offset = sluice_format::BatchHeader::parse(rest)
+                .map(|header| header.next_offset())
+                .unwrap_or(from);
+            crate::Error::DataLoss {
+                message: format!("a batch of {topic}/{partition} failed its check: {error}"),
+                next_offset,
+            }
+        };
+        let (batch, after) =
+            sluice_format::RecordBatch::decode_front(&rest).map_err(|e| damaged(e, &rest))?;
+        if batch.header().next_offset() > from {
+            for stored in batch.records() {
+                let stored = stored.map_err(|e| damaged(e, &rest))?;
+                if stored.offset < from {
+                    continue;
+                }
+                out.push(ConsumedRecord {
+                    topic: topic.to_owned(),
+                    partition,
+                    offset: stored.offset,
+                    key: stored.record.key,
+                    value: stored.record.value,
+                    headers: stored
+                        .record
+                        .headers
+                        .into_iter()
+                        .map(|h| Header {
+                            key: h.key,
+                            value: h.value,
+                        })
+                        .collect(),
+                    timestamp_ms: stored.record.timestamp,
+                    attempt: 1,
+                    redelivery: false,
+                });
+            }
+        }
+        rest = after;
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -111,6 +111,7 @@ fn batch(producer_id: u64, epoch: u32, base_sequence: i32, values: &[&str]) -> v
             epoch,
             base_sequence,
         }),
+        ..Default::default()
     }
 }
 

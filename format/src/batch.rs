@@ -45,7 +45,9 @@
 
 use bytes::{Bytes, BytesMut};
 
-use crate::compression::{ATTR_COMPRESSION_MASK, Compression, CompressionError, MAX_RECORDS_SECTION};
+use crate::compression::{
+    ATTR_COMPRESSION_MASK, Compression, CompressionError, MAX_RECORDS_SECTION,
+};
 use crate::varint::{get_uvarint, get_varint, put_uvarint, put_varint, uvarint_len, varint_len};
 
 /// "SLB1" read as a little-endian u32.
@@ -529,9 +531,7 @@ impl RecordBatch {
         let stored = self.bytes.slice(HEADER_LEN..);
         match self.header.compression()? {
             Compression::None => Ok(stored),
-            codec => Ok(Bytes::from(
-                codec.decompress(&stored, MAX_RECORDS_SECTION)?,
-            )),
+            codec => Ok(Bytes::from(codec.decompress(&stored, MAX_RECORDS_SECTION)?)),
         }
     }
 
@@ -611,7 +611,7 @@ impl Iterator for RecordIter {
         let index = self.index;
         self.index += 1;
         let result = parse_record(&self.rest, index).map(|(view, after)| {
-            let record = view.to_stored(&self.header, &self.rest);
+            let record = view.into_stored(&self.header, &self.rest);
             let consumed = self.rest.len() - after.len();
             (record, consumed)
         });
@@ -674,12 +674,15 @@ impl<'a> RecordView<'a> {
     pub fn payload_len(&self) -> usize {
         self.key.map_or(0, <[u8]>::len)
             + self.value.len()
-            + self.headers().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+            + self
+                .headers()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
     }
 
     /// The owned record, its bytes zero-copy slices of `owner` (the
     /// records section this view borrows from).
-    fn to_stored(&self, header: &BatchHeader, owner: &Bytes) -> StoredRecord {
+    fn into_stored(self, header: &BatchHeader, owner: &Bytes) -> StoredRecord {
         StoredRecord {
             offset: header.base_offset + u64::from(self.offset_delta),
             record: Record {
@@ -1145,7 +1148,8 @@ mod tests {
 
     #[test]
     fn an_unknown_codec_or_a_broken_frame_is_an_error() {
-        let batch = BatchBuilder::encode_compressed(&sample_records(), producer(), Compression::Lz4);
+        let batch =
+            BatchBuilder::encode_compressed(&sample_records(), producer(), Compression::Lz4);
         for (attributes, damage) in [(1u16, false), (2, false), (7, false), (3, true)] {
             let mut bytes = batch.as_bytes().to_vec();
             write_u16(&mut bytes, OFF_ATTRIBUTES, attributes);

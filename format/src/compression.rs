@@ -211,7 +211,11 @@ mod tests {
             packed[n / 2] ^= 0xff;
             packed.truncate(n - 3);
             assert!(codec.decompress(&packed, MAX_RECORDS_SECTION).is_err());
-            assert!(codec.decompress(b"not a frame", MAX_RECORDS_SECTION).is_err());
+            assert!(
+                codec
+                    .decompress(b"not a frame", MAX_RECORDS_SECTION)
+                    .is_err()
+            );
         }
     }
 }

@@ -505,7 +505,9 @@ struct PartitionReader {
 
 impl PartitionReader {
     /// Reads the next message's worth: `Ok(None)` when caught up.
-    async fn next_message(&self) -> Result<Result<Option<v1::SubscribeResponse>, StorageError>, Status> {
+    async fn next_message(
+        &self,
+    ) -> Result<Result<Option<v1::SubscribeResponse>, StorageError>, Status> {
         let max_bytes = DEFAULT_MAX_BYTES.min(self.budget);
         if self.batches {
             let read = read_batches(
@@ -527,11 +529,18 @@ impl PartitionReader {
                 })
             }));
         }
-        let read = read(Arc::clone(&self.log), self.next, self.max_records, max_bytes).await?;
+        let read = read(
+            Arc::clone(&self.log),
+            self.next,
+            self.max_records,
+            max_bytes,
+        )
+        .await?;
         match read {
             Ok(records) if records.is_empty() => Ok(Ok(None)),
             Ok(records) => {
-                let records = to_wire(&self.log, &self.topic, self.partition, records, self.budget)?;
+                let records =
+                    to_wire(&self.log, &self.topic, self.partition, records, self.budget)?;
                 let next_offset = records.last().map_or(self.next, |r| r.offset + 1);
                 Ok(Ok(Some(v1::SubscribeResponse {
                     records,

@@ -316,7 +316,11 @@ fn prepare(topics: &TopicRegistry, request: v1::ProduceRequest) -> Result<Prepar
             builder.push(&record);
             indexes.push(index);
         }
-        batches.push((partition, builder.finish_compressed(producer, codec), indexes));
+        batches.push((
+            partition,
+            builder.finish_compressed(producer, codec),
+            indexes,
+        ));
     }
     Ok(Prepared {
         topic,

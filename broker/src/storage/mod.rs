@@ -41,10 +41,6 @@ mod segment;
 mod state_log;
 mod stats;
 
-pub use sluice_format::{
-    BatchBuilder, BatchError, BatchHeader, BatchIter, Compression, EncodedBatch, Header,
-    ProducerInfo, Record, RecordBatch, RecordView, StoredRecord, decode_records,
-};
 pub use check::{Finding, aside_path, check_log_dir};
 pub use config::{DEFAULT_SEGMENT_BYTES, FlushPolicy, LogConfig};
 pub use error::{Result, StorageError, raise_open_file_limit};
@@ -55,5 +51,9 @@ pub use flusher::IntervalFlusher;
 pub use lock::{DataDirLock, LOCK_FILE};
 pub use log::{AppendInfo, DAMAGED_SUFFIX, LostRange, PartitionLog, ReadChunk, RetentionReport};
 pub use segment::TornTail;
+pub use sluice_format::{
+    BatchBuilder, BatchError, BatchHeader, BatchIter, Compression, EncodedBatch, Header,
+    ProducerInfo, Record, RecordBatch, RecordView, StoredRecord, decode_records,
+};
 pub use state_log::{StateLog, StateMachine, check_state_snapshot};
 pub use stats::{LogTraffic, StorageObserver, TrafficCounts, set_observer};

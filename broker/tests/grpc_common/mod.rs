@@ -46,6 +46,7 @@ pub fn produce_request(
         records,
         request_id: 0,
         producer: None,
+        ..Default::default()
     }
 }
 
