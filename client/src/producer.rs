@@ -423,9 +423,8 @@ impl Producer {
         let key = record.key.clone();
         // The producer stamps the time a record without one was accepted:
         // the broker writes a producer's batch as it is.
-        let proto = record.into_proto_stamped(now_ms());
-        // The broker counts the encoded record against the topic's limit.
-        let record_bytes = prost::Message::encoded_len(&proto);
+        let record = record.into_format_stamped(now_ms());
+        let record_bytes = crate::record::limit_size(&record);
         if record_bytes > limits.max_record_bytes {
             // Refused here rather than by the broker, where it would take
             // down the whole batch it was sent in.
@@ -459,7 +458,7 @@ impl Producer {
         }
         let sender = self.sender(&mut registry, topic, partition);
         let pending = Pending {
-            record: crate::record::proto_into_format(proto),
+            record,
             size,
             batch_cost: record_bytes + RECORD_OVERHEAD_BYTES,
             // A batch's estimate bounds its request's size too.
@@ -498,9 +497,7 @@ impl Producer {
         let now = now_ms();
         let mut builder = BatchBuilder::default();
         for record in records {
-            builder.push(&crate::record::proto_into_format(
-                record.into_proto_stamped(now),
-            ));
+            builder.push(&record.into_format_stamped(now));
         }
         let request = v1::ProduceRequest {
             topic: topic.to_owned(),

@@ -4,14 +4,9 @@ use bytes::Bytes;
 use sluice_proto::trace::{TRACEPARENT, TraceParent};
 use sluice_proto::v1;
 
-/// A header: a UTF-8 key and a binary value.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Header {
-    /// The header's name.
-    pub key: String,
-    /// Its value.
-    pub value: Bytes,
-}
+/// A header: a UTF-8 key and a binary value. The batch format's own type,
+/// so a record's headers go into a batch and come out of one as they are.
+pub use sluice_format::Header;
 
 /// A record to produce.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -102,51 +97,32 @@ impl Record {
                 .sum::<usize>()
     }
 
-    /// The record as a message, a timestamp of 0 replaced by `now_ms`.
-    pub(crate) fn into_proto_stamped(self, now_ms: i64) -> v1::Record {
-        let timestamp_ms = if self.timestamp_ms == 0 {
-            now_ms
-        } else {
-            self.timestamp_ms
-        };
-        v1::Record {
-            timestamp_ms,
-            ..self.into_proto()
-        }
-    }
-
-    pub(crate) fn into_proto(self) -> v1::Record {
-        v1::Record {
+    /// The record in the batch format, a timestamp of 0 replaced by
+    /// `now_ms`: the producer stamps the time it accepted the record,
+    /// because the broker writes a producer's batch as it is.
+    pub(crate) fn into_format_stamped(self, now_ms: i64) -> sluice_format::Record {
+        sluice_format::Record {
             key: self.key,
             value: self.value,
-            headers: self
-                .headers
-                .into_iter()
-                .map(|h| v1::Header {
-                    key: h.key,
-                    value: h.value,
-                })
-                .collect(),
-            timestamp_ms: self.timestamp_ms,
+            headers: self.headers,
+            timestamp: if self.timestamp_ms == 0 {
+                now_ms
+            } else {
+                self.timestamp_ms
+            },
         }
     }
 }
 
-/// A record message in the batch format's terms (fields moved, not copied).
-pub(crate) fn proto_into_format(record: v1::Record) -> sluice_format::Record {
-    sluice_format::Record {
-        key: record.key,
-        value: record.value,
-        headers: record
-            .headers
-            .into_iter()
-            .map(|h| sluice_format::Header {
-                key: h.key,
-                value: h.value,
-            })
-            .collect(),
-        timestamp: record.timestamp_ms,
-    }
+/// Bytes `record` counts against a topic's `max_record_bytes`: the broker's
+/// rule ([`sluice_proto::record_message_len`]).
+pub(crate) fn limit_size(record: &sluice_format::Record) -> usize {
+    sluice_proto::record_message_len(
+        record.key.as_ref().map(Bytes::len),
+        record.value.len(),
+        record.headers.iter().map(|h| (h.key.len(), h.value.len())),
+        record.timestamp,
+    )
 }
 
 /// Where a produced record landed.
@@ -293,13 +269,19 @@ mod tests {
     const PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
     fn consumed(record: Record) -> ConsumedRecord {
-        let proto = record.into_proto();
         ConsumedRecord::from(v1::ConsumedRecord {
             topic: "t".into(),
-            key: proto.key,
-            value: proto.value,
-            headers: proto.headers,
-            timestamp_ms: proto.timestamp_ms,
+            key: record.key,
+            value: record.value,
+            headers: record
+                .headers
+                .into_iter()
+                .map(|h| v1::Header {
+                    key: h.key,
+                    value: h.value,
+                })
+                .collect(),
+            timestamp_ms: record.timestamp_ms,
             ..Default::default()
         })
     }

@@ -47,13 +47,16 @@ async fn lost_responses_never_write_a_record_twice() {
         .create_topic("payments", 4)
         .await
         .unwrap();
-    // Cut connections after 300 B to 4 KiB of responses, 40 times.
-    let proxy = ChaosProxy::start(broker.addr, 300, 4 * 1024, 40);
+    // Cut connections after 60 to 600 B of responses, 40 times. The answer
+    // to a batch is a few dozen bytes on the wire (no per-record positions):
+    // a small buffer keeps batches small, so there are answers to lose.
+    let proxy = ChaosProxy::start(broker.addr, 60, 600, 40);
     let producer = Producer::new(
         &ClientConfig::new(proxy.url()),
         ProducerConfig {
             linger: Duration::from_millis(1),
-            batch_bytes: 4 * 1024,
+            batch_bytes: 1024,
+            buffer_bytes: 512,
             retry_backoff: Duration::from_millis(10),
             ..ProducerConfig::default()
         },

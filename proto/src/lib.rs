@@ -43,6 +43,34 @@ pub mod v1 {
     }
 }
 
+/// Bytes a record counts against a topic's `max_record_bytes`: the length
+/// of the `sluice.v1.Record` message with these fields, as prost encodes it
+/// (proto3: empty scalars are left out, a present optional key is not), so
+/// the limit also bounds what a consumer receives for the record. One rule
+/// for the broker, which enforces it on records and on encoded batches
+/// alike, and the client, which refuses an oversized record before it
+/// can take down the batch it would be sent in.
+pub fn record_message_len(
+    key: Option<usize>,
+    value: usize,
+    headers: impl Iterator<Item = (usize, usize)>,
+    timestamp_ms: i64,
+) -> usize {
+    use prost::encoding::{encoded_len_varint, key_len};
+    let field = |tag, len: usize| key_len(tag) + encoded_len_varint(len as u64) + len;
+    let nonempty = |tag, len: usize| if len == 0 { 0 } else { field(tag, len) };
+    key.map_or(0, |len| field(1, len))
+        + nonempty(2, value)
+        + headers
+            .map(|(k, v)| field(3, nonempty(1, k) + nonempty(2, v)))
+            .sum::<usize>()
+        + if timestamp_ms == 0 {
+            0
+        } else {
+            key_len(4) + encoded_len_varint(timestamp_ms as u64)
+        }
+}
+
 /// Kafka's murmur2 hash (`org.apache.kafka.common.utils.Utils.murmur2`),
 /// bit for bit, so keys land where a Kafka client would put them.
 pub fn murmur2(data: &[u8]) -> i32 {

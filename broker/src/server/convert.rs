@@ -28,7 +28,7 @@ pub(crate) fn record_from_proto(record: v1::Record, now_ms: i64) -> Record {
 /// message (key, value, headers and their framing), so that the limit also
 /// bounds what a consumer receives for it.
 pub(crate) fn record_size(record: &v1::Record) -> usize {
-    record_message_len(
+    sluice_proto::record_message_len(
         record.key.as_ref().map(|k| k.len()),
         record.value.len(),
         record.headers.iter().map(|h| (h.key.len(), h.value.len())),
@@ -39,36 +39,12 @@ pub(crate) fn record_size(record: &v1::Record) -> usize {
 /// [`record_size`] of a record inside a batch a producer sent: the same
 /// rule, whichever way the record arrived.
 pub(crate) fn batch_record_size(record: &RecordView<'_>, batch: &BatchHeader) -> usize {
-    record_message_len(
+    sluice_proto::record_message_len(
         record.key.map(<[u8]>::len),
         record.value.len(),
         record.headers().map(|(k, v)| (k.len(), v.len())),
         record.timestamp(batch),
     )
-}
-
-/// The encoded length of a `sluice.v1.Record` with these fields, as prost
-/// encodes it (proto3: empty scalars are left out, a present optional key
-/// is not).
-fn record_message_len(
-    key: Option<usize>,
-    value: usize,
-    headers: impl Iterator<Item = (usize, usize)>,
-    timestamp_ms: i64,
-) -> usize {
-    use prost::encoding::{encoded_len_varint, key_len};
-    let field = |tag, len: usize| key_len(tag) + encoded_len_varint(len as u64) + len;
-    let nonempty = |tag, len: usize| if len == 0 { 0 } else { field(tag, len) };
-    key.map_or(0, |len| field(1, len))
-        + nonempty(2, value)
-        + headers
-            .map(|(k, v)| field(3, nonempty(1, k) + nonempty(2, v)))
-            .sum::<usize>()
-        + if timestamp_ms == 0 {
-            0
-        } else {
-            key_len(4) + encoded_len_varint(timestamp_ms as u64)
-        }
 }
 
 pub(crate) fn consumed(topic: &str, partition: u32, stored: StoredRecord) -> v1::ConsumedRecord {
