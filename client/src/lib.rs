@@ -51,5 +51,6 @@ pub use error::{Error, Result};
 pub use group::{CommitMode, GroupConfig, GroupConsumer, GroupEvent, OffsetReset, TopicPartition};
 pub use producer::{DeliveryFuture, Producer, ProducerConfig};
 pub use record::{ConsumedRecord, Header, Position, Record};
+pub use sluice_format::Compression;
 pub use sluice_proto::partition_for_key;
 pub use sluice_proto::trace::{TRACEPARENT, TraceParent};

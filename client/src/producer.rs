@@ -503,7 +503,7 @@ impl Producer {
             topic: topic.to_owned(),
             partition: Some(partition),
             batch: builder
-                .finish_compressed(ProducerInfo::NONE, self.inner.config.compression)
+                .finish_if_smaller(ProducerInfo::NONE, self.inner.config.compression)
                 .into_bytes(),
             ..Default::default()
         };
@@ -1270,21 +1270,7 @@ fn encode_batch(
     for pending in records {
         builder.push(&pending.record);
     }
-    let plain_len = builder.encoded_len();
-    if codec == Compression::None {
-        return builder.finish(producer).into_bytes();
-    }
-    let packed = builder.finish_compressed(producer, codec);
-    if packed.len() < plain_len {
-        return packed.into_bytes();
-    }
-    // Incompressible: the plain batch is smaller, and within the size the
-    // records were budgeted at.
-    let mut builder = BatchBuilder::with_capacity(plain_len);
-    for pending in records {
-        builder.push(&pending.record);
-    }
-    builder.finish(producer).into_bytes()
+    builder.finish_if_smaller(producer, codec).into_bytes()
 }
 
 /// Where the records of an acknowledged request landed: its positions, or

@@ -10,7 +10,8 @@
 //! ```text
 //! off len field
 //!   0   4 magic            "SLB1"; zero or anything else ends a log
-//!   4   4 length           bytes after this field; > 0
+//!   4   4 length           bytes after this field; at least 48 (the rest of
+//!                          the header)
 //!   8   8 base_offset      offset of the first record, stamped by the log
 //!  16   4 crc              crc32 (crc32fast) over bytes 20..8+length
 //!  20   2 attributes       bits 0-2 compression (0 = none), bit 4 control
@@ -361,10 +362,37 @@ impl BatchBuilder {
     /// Like [`BatchBuilder::finish`], with the records section compressed
     /// by `codec` (none keeps the records as they are).
     pub fn finish_compressed(self, producer: ProducerInfo, codec: Compression) -> EncodedBatch {
+        let packed = (codec != Compression::None).then(|| codec.compress(&self.buf[HEADER_LEN..]));
+        self.finish_with(producer, codec, packed)
+    }
+
+    /// Like [`BatchBuilder::finish_compressed`], but keeps the records
+    /// section as it is (codec none) when `codec` would not make it
+    /// smaller: what a producer sends, so that incompressible records cost
+    /// neither the broker nor a reader a decompression.
+    pub fn finish_if_smaller(self, producer: ProducerInfo, codec: Compression) -> EncodedBatch {
+        if codec == Compression::None {
+            return self.finish_with(producer, codec, None);
+        }
+        let packed = codec.compress(&self.buf[HEADER_LEN..]);
+        if packed.len() < self.buf.len() - HEADER_LEN {
+            self.finish_with(producer, codec, Some(packed))
+        } else {
+            self.finish_with(producer, Compression::None, None)
+        }
+    }
+
+    /// Writes the header in front of the records, or in front of `packed`
+    /// (the records section compressed by `codec`) in their place.
+    fn finish_with(
+        self,
+        producer: ProducerInfo,
+        codec: Compression,
+        packed: Option<Vec<u8>>,
+    ) -> EncodedBatch {
         assert!(self.record_count > 0, "a batch needs at least one record");
         let mut buf = self.buf;
-        if codec != Compression::None {
-            let packed = codec.compress(&buf[HEADER_LEN..]);
+        if let Some(packed) = packed {
             buf.truncate(HEADER_LEN);
             buf.extend_from_slice(&packed);
         }
@@ -1079,6 +1107,59 @@ mod tests {
                 decoded.records_section().unwrap(),
                 plain.as_bytes()[HEADER_LEN..],
                 "{codec}: the records section decompresses to the plain one"
+            );
+        }
+    }
+
+    #[test]
+    fn a_codec_is_kept_only_where_it_makes_the_batch_smaller() {
+        let compressible: Vec<Record> = (0..50)
+            .map(|i| Record {
+                value: Bytes::from(format!("{{\"order\":{i},\"state\":\"paid\"}}")),
+                timestamp: 1_000 + i,
+                ..Record::default()
+            })
+            .collect();
+        // An xorshift stream: bytes no codec can shrink.
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let noise: Vec<u8> = (0..4096)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect();
+        let incompressible = vec![Record {
+            value: Bytes::from(noise),
+            timestamp: 1_000,
+            ..Record::default()
+        }];
+        for codec in [Compression::Lz4, Compression::Zstd] {
+            let build = |records: &[Record]| {
+                let mut builder = BatchBuilder::default();
+                for record in records {
+                    builder.push(record);
+                }
+                builder.finish_if_smaller(producer(), codec)
+            };
+            let packed = build(&compressible);
+            assert_eq!(packed.header().compression(), Ok(codec));
+            assert!(
+                packed.as_bytes().len()
+                    < BatchBuilder::encode(&compressible, producer())
+                        .as_bytes()
+                        .len()
+            );
+            let plain = build(&incompressible);
+            assert_eq!(
+                plain.header().compression(),
+                Ok(Compression::None),
+                "{codec}"
+            );
+            assert_eq!(
+                plain.as_bytes(),
+                BatchBuilder::encode(&incompressible, producer()).as_bytes()
             );
         }
     }

@@ -111,7 +111,9 @@ impl Compression {
     }
 
     /// Decompresses a records section, refusing one that expands past
-    /// `limit` bytes.
+    /// `limit` bytes, and one that is not exactly one frame: bytes after
+    /// the frame (a second frame included) are refused, so every reader
+    /// of the format decodes a section the same way.
     pub fn decompress(self, section: &[u8], limit: usize) -> Result<Vec<u8>, CompressionError> {
         let corrupt = |reason: String| CompressionError::Corrupt {
             codec: self,
@@ -120,22 +122,30 @@ impl Compression {
         let mut out = Vec::new();
         // One byte past the limit tells "exactly at the limit" from "over".
         let bound = limit as u64 + 1;
+        // What the decoder left of the section once its frame ended.
+        let mut rest: &[u8] = section;
         let read = match self {
             Compression::None => return Ok(section.to_vec()),
-            Compression::Lz4 => lz4_flex::frame::FrameDecoder::new(section)
-                .take(bound)
-                .read_to_end(&mut out),
+            Compression::Lz4 => {
+                let mut decoder = lz4_flex::frame::FrameDecoder::new(&mut rest);
+                (&mut decoder).take(bound).read_to_end(&mut out)
+            }
             Compression::Zstd => {
-                let decoder = zstd::stream::read::Decoder::with_buffer(section)
-                    .map_err(|e| corrupt(e.to_string()))?;
-                // A zstd stream may hold trailing frames; one batch is one
-                // frame, so stop at its end.
-                decoder.single_frame().take(bound).read_to_end(&mut out)
+                let mut decoder = zstd::stream::read::Decoder::with_buffer(&mut rest)
+                    .map_err(|e| corrupt(e.to_string()))?
+                    .single_frame();
+                (&mut decoder).take(bound).read_to_end(&mut out)
             }
         };
         read.map_err(|e| corrupt(e.to_string()))?;
         if out.len() > limit {
             return Err(CompressionError::TooLarge { codec: self, limit });
+        }
+        if !rest.is_empty() {
+            return Err(corrupt(format!(
+                "{} bytes after the end of the frame",
+                rest.len()
+            )));
         }
         Ok(out)
     }
@@ -200,6 +210,26 @@ mod tests {
                 })
             );
             assert_eq!(codec.decompress(&packed, 1 << 20).unwrap().len(), 1 << 20);
+        }
+    }
+
+    #[test]
+    fn a_section_is_exactly_one_frame() {
+        let data = sample();
+        for codec in [Compression::Lz4, Compression::Zstd] {
+            let packed = codec.compress(&data);
+            let mut trailing = packed.clone();
+            trailing.extend_from_slice(b"junk");
+            let mut two_frames = packed.clone();
+            two_frames.extend_from_slice(&packed);
+            for section in [trailing, two_frames] {
+                match codec.decompress(&section, MAX_RECORDS_SECTION) {
+                    Err(CompressionError::Corrupt { reason, .. }) => {
+                        assert!(reason.contains("after the end of the frame"), "{reason}")
+                    }
+                    other => panic!("{codec}: {other:?}"),
+                }
+            }
         }
     }
 
