@@ -242,15 +242,7 @@ pub(crate) fn consumed_from_batches(
                     offset: stored.offset,
                     key: stored.record.key,
                     value: stored.record.value,
-                    headers: stored
-                        .record
-                        .headers
-                        .into_iter()
-                        .map(|h| Header {
-                            key: h.key,
-                            value: h.value,
-                        })
-                        .collect(),
+                    headers: stored.record.headers,
                     timestamp_ms: stored.record.timestamp,
                     attempt: 1,
                     redelivery: false,

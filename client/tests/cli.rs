@@ -140,6 +140,114 @@ fn errors_are_reported_with_a_non_zero_exit() {
 }
 
 #[test]
+fn topic_compression_is_set_shown_and_altered_and_produce_compresses() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(&broker_binary(), dir.path(), &[]);
+    let settings_line = |out: &str| {
+        out.lines()
+            .find(|l| l.trim_start().starts_with("partitions="))
+            .unwrap_or_else(|| panic!("no settings line in {out}"))
+            .to_owned()
+    };
+
+    // The broker's default keeps each producer's codec.
+    let (ok, out, err) = sluice(
+        &broker,
+        &["topic", "create", "as-sent", "--partitions", "1"],
+        None,
+    );
+    assert!(ok, "{err}");
+    assert!(
+        settings_line(&out).ends_with(" compression=producer"),
+        "{out}"
+    );
+
+    let (ok, out, err) = sluice(
+        &broker,
+        &[
+            "topic",
+            "create",
+            "forced",
+            "--partitions",
+            "1",
+            "--compression",
+            "zstd",
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+    assert!(settings_line(&out).ends_with(" compression=zstd"), "{out}");
+    let (ok, out, err) = sluice(&broker, &["topic", "describe", "forced"], None);
+    assert!(ok, "{err}");
+    assert!(settings_line(&out).ends_with(" compression=zstd"), "{out}");
+
+    let (ok, out, err) = sluice(
+        &broker,
+        &["topic", "alter", "forced", "--compression", "lz4"],
+        None,
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("altered forced"), "{out}");
+    assert!(settings_line(&out).ends_with(" compression=lz4"), "{out}");
+    let (ok, out, _) = sluice(&broker, &["topic", "describe", "forced"], None);
+    assert!(ok);
+    assert!(settings_line(&out).ends_with(" compression=lz4"), "{out}");
+    // Altering something else keeps the codec.
+    let (ok, out, err) = sluice(
+        &broker,
+        &["topic", "alter", "forced", "--retention-ms", "60000"],
+        None,
+    );
+    assert!(ok, "{err}");
+    assert!(settings_line(&out).ends_with(" compression=lz4"), "{out}");
+
+    let (ok, _, err) = sluice(
+        &broker,
+        &["topic", "create", "bad", "--compression", "gzip"],
+        None,
+    );
+    assert!(!ok);
+    assert!(err.contains("gzip") && err.contains("zstd"), "{err}");
+
+    // Records a producer compressed read back as they were sent, from a
+    // topic that keeps the producer's codec and one that recompresses.
+    let lines: String = (0..40)
+        .map(|i| format!("{{\"order\":{i},\"note\":\"leave it at the door\"}}\n"))
+        .collect();
+    for (topic, codec) in [("as-sent", "zstd"), ("forced", "lz4"), ("as-sent", "none")] {
+        let (ok, _, err) = sluice(
+            &broker,
+            &["produce", topic, "--compression", codec],
+            Some(&lines),
+        );
+        assert!(ok, "{topic} {codec}: {err}");
+        assert!(err.contains("40 record(s) produced"), "{err}");
+    }
+    let (ok, _, err) = sluice(
+        &broker,
+        &["produce", "as-sent", "--compression", "gzip"],
+        Some(&lines),
+    );
+    assert!(!ok);
+    assert!(err.contains("expected none, lz4 or zstd"), "{err}");
+    for (topic, copies) in [("as-sent", 2), ("forced", 1)] {
+        let (ok, out, err) = sluice(&broker, &["consume", topic, "--format", "json"], None);
+        assert!(ok, "{err}");
+        let values: Vec<String> = out
+            .lines()
+            .map(|l| {
+                let record: serde_json::Value = serde_json::from_str(l).unwrap();
+                record["value"].as_str().unwrap().to_owned()
+            })
+            .collect();
+        let expected: Vec<String> = (0..copies)
+            .flat_map(|_| lines.lines().map(str::to_owned))
+            .collect();
+        assert_eq!(values, expected, "{topic}");
+    }
+}
+
+#[test]
 fn groups_consume_list_describe_and_reset_offsets() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Broker::start(&broker_binary(), dir.path(), &[]);

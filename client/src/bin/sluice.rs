@@ -9,10 +9,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use sluice_client::security::{self, SecurityAdmin};
 use sluice_client::{
-    Admin, ClientConfig, ConsumedRecord, Consumer, GroupConfig, GroupConsumer, OffsetReset,
-    Producer, ProducerConfig, Record, RedriveOptions, RedriveTarget, ResetTo, StartFrom, TlsConfig,
-    TopicSettings,
+    Admin, ClientConfig, Compression, ConsumedRecord, Consumer, GroupConfig, GroupConsumer,
+    OffsetReset, Producer, ProducerConfig, Record, RedriveOptions, RedriveTarget, ResetTo,
+    StartFrom, TlsConfig, TopicSettings,
 };
+
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio_stream::StreamExt;
 
@@ -371,6 +372,10 @@ struct SettingsArgs {
     max_record_bytes: Option<u32>,
     #[arg(long)]
     segment_bytes: Option<u64>,
+    /// Codec of the stored batches: producer (keep each batch's own) or
+    /// none, lz4, zstd (the broker recompresses batches to it).
+    #[arg(long, value_parser = ["producer", "none", "lz4", "zstd"])]
+    compression: Option<String>,
     #[command(flatten)]
     dead_letters: DeadLetterArgs,
 }
@@ -416,6 +421,7 @@ impl SettingsArgs {
             flush: self.flush,
             max_record_bytes: self.max_record_bytes,
             segment_bytes: self.segment_bytes,
+            compression: self.compression,
             ..self.dead_letters.settings()
         }
     }
@@ -439,6 +445,13 @@ struct ProduceArgs {
     /// Send every record to this partition.
     #[arg(long)]
     partition: Option<u32>,
+    /// Compress each batch the producer sends: none, lz4 or zstd.
+    #[arg(long, default_value = "none", value_parser = parse_compression)]
+    compression: Compression,
+}
+
+fn parse_compression(name: &str) -> Result<Compression, String> {
+    Compression::from_name(name).ok_or_else(|| format!("{name:?}: expected none, lz4 or zstd"))
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -700,13 +713,14 @@ async fn acl(config: &ClientConfig, command: AclCommand) -> anyhow::Result<()> {
 fn print_settings(s: &TopicSettings) {
     let or = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
     println!(
-        "  partitions={} retention_ms={} retention_bytes={} flush={} max_record_bytes={} segment_bytes={}",
+        "  partitions={} retention_ms={} retention_bytes={} flush={} max_record_bytes={} segment_bytes={} compression={}",
         s.partitions.map_or("-".into(), |v| v.to_string()),
         or(s.retention_ms),
         or(s.retention_bytes),
         s.flush.as_deref().unwrap_or("-"),
         s.max_record_bytes.map_or("-".into(), |v| v.to_string()),
         or(s.segment_bytes),
+        s.compression.as_deref().unwrap_or("-"),
     );
 }
 
@@ -1025,7 +1039,13 @@ async fn produce(config: &ClientConfig, args: ProduceArgs) -> anyhow::Result<()>
         ),
         None => Box::new(tokio::io::stdin()),
     };
-    let producer = Producer::new(config, ProducerConfig::default())?;
+    let producer = Producer::new(
+        config,
+        ProducerConfig {
+            compression: args.compression,
+            ..ProducerConfig::default()
+        },
+    )?;
     let bar = progress(None, "records sent");
     let mut lines = BufReader::new(input).lines();
     let mut deliveries = Vec::new();
