@@ -4,6 +4,7 @@ use std::path::Path;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use sluice_proto::transport;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 use crate::error::{Error, Result};
@@ -154,8 +155,9 @@ impl ClientConfig {
                 .connect_timeout(self.connect_timeout)
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(Duration::from_secs(20))
-                .initial_stream_window_size(4 * 1024 * 1024)
-                .initial_connection_window_size(16 * 1024 * 1024)
+                .initial_stream_window_size(transport::STREAM_WINDOW_BYTES)
+                .initial_connection_window_size(transport::CONNECTION_WINDOW_BYTES)
+                .max_frame_size(transport::MAX_FRAME_BYTES)
                 .connect_lazy(),
             authorization,
         })

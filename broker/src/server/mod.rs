@@ -38,6 +38,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use sluice_proto::transport;
 use sluice_proto::v1::acl_service_server::AclServiceServer;
 use sluice_proto::v1::admin_service_server::AdminServiceServer;
 use sluice_proto::v1::consume_service_server::ConsumeServiceServer;
@@ -66,14 +67,6 @@ pub struct Observability {
     pub metrics: Option<Arc<Metrics>>,
     pub status: BrokerInfo,
 }
-
-/// HTTP/2 flow-control window of one stream. tonic's 64 KiB default caps
-/// a stream at 64 KiB per round trip; 4 MiB lets a produce stream or a
-/// subscription keep a few MiB in flight, while a reader that stops
-/// reading still stops the stream after 4 MiB (flow control).
-pub const STREAM_WINDOW_BYTES: u32 = 4 * 1024 * 1024;
-/// HTTP/2 flow-control window of one connection, shared by its streams.
-pub const CONNECTION_WINDOW_BYTES: u32 = 16 * 1024 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct ServerSettings {
@@ -272,8 +265,9 @@ pub async fn serve(
     };
     let serve_reflection = security.reflection != auth::Reflection::Off;
     let router = tonic::transport::Server::builder()
-        .initial_stream_window_size(STREAM_WINDOW_BYTES)
-        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+        .initial_stream_window_size(transport::STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(transport::CONNECTION_WINDOW_BYTES)
+        .max_frame_size(transport::MAX_FRAME_BYTES)
         .trace_fn(request_span::request_span)
         .layer(rpc_metrics)
         .layer(tower::util::MapResponseLayer::new(
