@@ -7,24 +7,12 @@ use sluice_client::{
     Admin, ClientConfig, Consumer, Error, Producer, ProducerConfig, Record, StartFrom,
 };
 use sluice_testkit::{Broker, broker_binary};
-use tokio_stream::StreamExt;
+
+mod common;
+use common::take;
 
 fn start(dir: &std::path::Path) -> Broker {
     Broker::start(&broker_binary(), dir, &[])
-}
-
-/// Reads `count` records from the consumer, failing after 30 s of silence.
-async fn take(consumer: &mut Consumer, count: usize) -> Vec<sluice_client::ConsumedRecord> {
-    let mut out = Vec::with_capacity(count);
-    while out.len() < count {
-        let record = tokio::time::timeout(Duration::from_secs(30), consumer.next())
-            .await
-            .unwrap_or_else(|_| panic!("only {} of {count} records arrived", out.len()))
-            .expect("assigned")
-            .expect("no error");
-        out.push(record);
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,6 @@
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -22,6 +21,9 @@ use sluice_client::{
 };
 use sluice_format::{BatchBuilder, Header, ProducerInfo};
 use sluice_testkit::{Broker, broker_binary};
+
+mod common;
+use common::take;
 
 /// The Python to run: `SLUICE_PYTHON` (scripts/test.sh points it at a
 /// virtual environment with the pinned packages), else `python3`.
@@ -119,16 +121,7 @@ async fn read_all(config: &ClientConfig, topic: &str, count: usize) -> Vec<Consu
         .assign(topic, &[0], StartFrom::Earliest)
         .await
         .unwrap();
-    let mut out = Vec::with_capacity(count);
-    while out.len() < count {
-        let record = tokio::time::timeout(Duration::from_secs(30), consumer.next_record())
-            .await
-            .unwrap_or_else(|_| panic!("only {} of {count} records arrived", out.len()))
-            .expect("assigned")
-            .expect("no error");
-        out.push(record);
-    }
-    out
+    take(&mut consumer, count).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

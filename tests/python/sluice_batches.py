@@ -311,20 +311,10 @@ def decode_records(section: bytes, header: BatchHeader) -> List[Record]:
             raise malformed("header count past the end")
         headers = []
         for _ in range(header_count):
-            got = uvarint(body, c)
-            if got is None:
-                raise malformed("header past the end")
-            n, c = got
-            if n > len(body) - c:
-                raise malformed("header past the end")
-            hkey, c = body[c : c + n], c + n
-            got = uvarint(body, c)
-            if got is None:
-                raise malformed("header past the end")
-            n, c = got
-            if n > len(body) - c:
-                raise malformed("header past the end")
-            hvalue, c = body[c : c + n], c + n
+            n, c = field(uvarint, c, "header past the end")
+            hkey, c = take(c, n, "header past the end")
+            n, c = field(uvarint, c, "header past the end")
+            hvalue, c = take(c, n, "header past the end")
             try:
                 headers.append((hkey.decode("utf-8"), hvalue))
             except UnicodeDecodeError:
