@@ -25,6 +25,15 @@
 #   e2e-interval      the same at the interval/everysec/file settings
 #   ceiling-loopback  the produce-os bytes through plain loopback TCP
 #   ceiling-disk      dd 1 GiB with conv=fdatasync into the data dir
+#   ceiling-page-cache  dd 1 GiB into a new file in the data dir, no sync:
+#                     the page cache's own write speed, flush = os's bound
+# Compression (Sluice only): 256 MiB of JSON order events (--payload json),
+# flush=os, each on a fresh topic, with the producers' batches compressed
+# by each codec; reports throughput, broker CPU s/GB and the bytes of the
+# topic's batches on disk per record (--data-dir):
+#   produce-json-none, produce-json-lz4, produce-json-zstd
+# Every run given a server pid also reports that server's CPU seconds per
+# GB of record values in its measured phase (a row under each workload).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,17 +45,18 @@ while [ $# -gt 0 ]; do
     --smoke) SMOKE=1; REPS=1 ;;
     --reps) REPS="$2"; shift ;;
     --out) OUT="$2"; shift ;;
-    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
   shift
 done
 
 if [ "$SMOKE" = 1 ]; then
-  BACKLOG_MIB=4; DURABLE_MIB=2; OS_MIB=4; E2E_MBPS=1; E2E_SECONDS=1; DD_MIB=16
+  BACKLOG_MIB=4; DURABLE_MIB=2; OS_MIB=4; E2E_MBPS=1; E2E_SECONDS=1; DD_MIB=16; JSON_MIB=2
 else
-  BACKLOG_MIB=1024; DURABLE_MIB=256; OS_MIB=1024; E2E_MBPS=20; E2E_SECONDS=10; DD_MIB=1024
+  BACKLOG_MIB=1024; DURABLE_MIB=256; OS_MIB=1024; E2E_MBPS=20; E2E_SECONDS=10; DD_MIB=1024; JSON_MIB=256
 fi
+CODECS=(none lz4 zstd)
 COMMON=(--record-bytes 1024 --producers 4 --partitions 8 --consumers 4)
 BULK=(--batch 1000)
 E2E=(--mb-per-sec "$E2E_MBPS" --duration "$E2E_SECONDS" --batch 100 --in-flight 64)
@@ -120,6 +130,15 @@ run_sluice() {
   bench end-to-end "${s[@]}" --label e2e-interval --flush 'interval(1000ms)' "${E2E[@]}"
 }
 
+run_compression() {
+  local s=(sluice "http://127.0.0.1:$SLUICE_PORT" "$SLUICE_PID")
+  local codec
+  for codec in "${CODECS[@]}"; do
+    bench produce "${s[@]}" "${BULK[@]}" --label "produce-json-$codec" --flush os \
+      --payload json --compression "$codec" --mib "$JSON_MIB" --data-dir "$DATA/sluice"
+  done
+}
+
 run_redis() {
   local r=(redis "redis://127.0.0.1:$REDIS_PORT" "$REDIS_PID")
   bench produce "${r[@]}" "${BULK[@]}" --label produce-durable --flush always --mib "$DURABLE_MIB"
@@ -137,25 +156,34 @@ run_nats() {
   bench end-to-end "${n[@]}" --label e2e-interval --flush file "${E2E[@]}"
 }
 
+# dd_ceiling LABEL DURABILITY [DD ARGS...]: $DD_MIB MiB of zeroes into a new
+# file in the data dir's filesystem, recorded as a "disk" result.
+dd_ceiling() {
+  local label=$1 durability=$2 line bytes seconds
+  shift 2
+  settle
+  line=$(dd if=/dev/zero of="$DATA/dd.bin" bs=1M count="$DD_MIB" "$@" 2>&1 | tail -1)
+  rm -f "$DATA/dd.bin"
+  bytes=$(echo "$line" | awk '{print $1}')
+  seconds=$(echo "$line" | awk '{for (i = 2; i <= NF; i++) if ($i == "s,") print $(i-1)}')
+  echo "$label: $line" >&2
+  awk -v b="$bytes" -v s="$seconds" -v l="$label" -v d="$durability" 'BEGIN {
+    printf "{\"label\":\"%s\",\"system\":\"disk\",\"mode\":\"produce\",\"durability\":\"%s\",\"record_bytes\":1024,\"batch\":1,\"producers\":1,\"consumers\":0,\"partitions\":1,\"records\":%d,\"seconds\":%f,\"records_per_sec\":%f,\"mb_per_sec\":%f}\n",
+      l, d, b / 1024, s, b / 1024 / s, b / s / 1e6 }' >>"$RESULTS"
+}
+
 run_ceilings() {
   settle
   "$BENCH" produce --system tcp "${COMMON[@]}" "${BULK[@]}" --mib "$OS_MIB" --label ceiling-loopback \
     --json "$RESULTS" >/dev/null
-  local line bytes seconds
-  settle
-  line=$(dd if=/dev/zero of="$DATA/dd.bin" bs=1M count="$DD_MIB" conv=fdatasync 2>&1 | tail -1)
-  rm -f "$DATA/dd.bin"
-  bytes=$(echo "$line" | awk '{print $1}')
-  seconds=$(echo "$line" | awk '{for (i = 2; i <= NF; i++) if ($i == "s,") print $(i-1)}')
-  echo "disk: $line" >&2
-  awk -v b="$bytes" -v s="$seconds" 'BEGIN {
-    printf "{\"label\":\"ceiling-disk\",\"system\":\"disk\",\"mode\":\"produce\",\"durability\":\"fdatasync\",\"record_bytes\":1024,\"batch\":1,\"producers\":1,\"consumers\":0,\"partitions\":1,\"records\":%d,\"seconds\":%f,\"records_per_sec\":%f,\"mb_per_sec\":%f}\n",
-      b / 1024, s, b / 1024 / s, b / s / 1e6 }' >>"$RESULTS"
+  dd_ceiling ceiling-disk fdatasync conv=fdatasync
+  # What flush = os can reach at best: new data into the page cache.
+  dd_ceiling ceiling-page-cache none
 }
 
 START=$(date +%s)
 for rep in $(seq "$REPS"); do
-  for system in ceilings sluice redis nats; do
+  for system in ceilings sluice compression redis nats; do
     echo "== repetition $rep/$REPS: $system"
     "run_$system"
   done
@@ -167,7 +195,7 @@ echo
 
 if [ "$SMOKE" = 1 ]; then
   # Every workload against every system produced a result.
-  expected=$((2 + 6 + 5 + 3))
+  expected=$((3 + 6 + ${#CODECS[@]} + 5 + 3))
   got=$(wc -l <"$RESULTS")
   [ "$got" -eq "$expected" ] || { echo "smoke: $got results, expected $expected" >&2; exit 1; }
   echo "smoke: $got results"

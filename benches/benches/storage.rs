@@ -1,5 +1,8 @@
 //! Hot-path benches of the storage engine: batch encode, decode, CRC,
-//! append (1 KiB records in batches of 1, 10, 100 and 1000) and reads.
+//! the check a produced batch gets (`validate`), append (1 KiB records in
+//! batches of 1, 10, 100 and 1000) and reads; and the codecs (`compression`:
+//! lz4 and zstd over a batch of 1000 JSON order events, as
+//! `sluice-bench --payload json` sends them).
 //!
 //! `cargo bench -p sluice-benches --bench storage` runs them all; add a
 //! filter such as `-- append/os` for one group. Appends run against a real
@@ -12,9 +15,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use sluice_benches::load::payload::Payload;
 use sluice_benches::{RECORD_BYTES, records};
 use sluice_broker::storage::{
-    BatchBuilder, EncodedBatch, FlushPolicy, LogConfig, PartitionLog, ProducerInfo, decode_records,
+    BatchBuilder, Compression, EncodedBatch, FlushPolicy, LogConfig, PartitionLog, ProducerInfo,
+    Record, decode_records,
 };
 
 const BATCH_SIZES: [usize; 4] = [1, 10, 100, 1000];
@@ -53,6 +58,56 @@ fn codec(c: &mut Criterion) {
         });
         group.bench_with_input(BenchmarkId::new("crc32", n), &encoded, |b, encoded| {
             b.iter(|| crc32fast::hash(&encoded[20..]))
+        });
+        // What the broker does with a batch a producer sent: header,
+        // checksum and a walk of every record, nothing materialized.
+        group.bench_with_input(BenchmarkId::new("validate", n), &encoded, |b, encoded| {
+            b.iter(|| validate(encoded))
+        });
+    }
+    group.finish();
+}
+
+/// The checks of the broker's produce path that belong to the format: one
+/// batch exactly, its checksum, and every record well formed (decompressed
+/// first when the batch is compressed).
+fn validate(bytes: &bytes::Bytes) -> EncodedBatch {
+    let batch = EncodedBatch::from_bytes(bytes.clone()).unwrap();
+    batch
+        .as_record_batch()
+        .walk(|_| Ok::<_, sluice_broker::storage::BatchError>(()))
+        .unwrap();
+    batch
+}
+
+/// lz4 and zstd over one batch of 1000 JSON order events of 1 KiB: the
+/// producer's compression, and the decompression a records-format reader
+/// (or a topic that recompresses) costs the broker.
+fn compression(c: &mut Criterion) {
+    let mut group = c.benchmark_group("compression");
+    let values = Payload::Json.values(1000, RECORD_BYTES as u64, 1);
+    let input: Vec<Record> = values
+        .into_iter()
+        .map(|value| Record {
+            value,
+            timestamp: 1_700_000_000_000,
+            ..Record::default()
+        })
+        .collect();
+    let plain = BatchBuilder::encode(&input, ProducerInfo::NONE);
+    group.throughput(Throughput::Bytes(plain.as_bytes().len() as u64));
+    for codec in [Compression::Lz4, Compression::Zstd] {
+        group.bench_function(BenchmarkId::new("compress", codec), |b| {
+            b.iter(|| BatchBuilder::encode_compressed(&input, ProducerInfo::NONE, codec))
+        });
+        let packed = bytes::Bytes::copy_from_slice(
+            BatchBuilder::encode_compressed(&input, ProducerInfo::NONE, codec).as_bytes(),
+        );
+        group.bench_with_input(BenchmarkId::new("validate", codec), &packed, |b, packed| {
+            b.iter(|| validate(packed))
+        });
+        group.bench_with_input(BenchmarkId::new("decode", codec), &packed, |b, packed| {
+            b.iter(|| decode_records(packed.clone(), 0).unwrap())
         });
     }
     group.finish();
@@ -173,6 +228,6 @@ criterion_group! {
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3))
         .sample_size(20);
-    targets = codec, append, read
+    targets = codec, compression, append, read
 }
 criterion_main!(benches);

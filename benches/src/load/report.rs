@@ -1,5 +1,6 @@
 //! What a run reports: throughput, latency percentiles from an HDR
-//! histogram, the server's anonymous memory, as one JSON object per run.
+//! histogram, the server's anonymous memory and the CPU time it spent on
+//! the measured phase, as one JSON object per run.
 
 use std::time::Duration;
 
@@ -90,6 +91,23 @@ pub struct RunResult {
     pub latency: Option<Latency>,
     /// The server's RssAnon at the end of the run, in KiB.
     pub server_rss_anon_kib: Option<u64>,
+    /// The server's CPU time (user + system, all threads) during the
+    /// measured phase, in seconds; given a `--server-pid` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_cpu_s: Option<f64>,
+    /// `server_cpu_s` per 10^9 bytes of record values moved in the phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_cpu_s_per_gb: Option<f64>,
+    /// Produce runs given the broker's `--data-dir`: bytes of the topic's
+    /// record batches in its segment files after the run, per record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_bytes_per_record: Option<f64>,
+    /// What the record values held (`fill`, `random` or `json`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<String>,
+    /// Sluice: the producer's batch compression (`none`, `lz4`, `zstd`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<String>,
     /// The latency distribution as (nines, ms) points, for plots (see
     /// [`crate::load::plot::percentile_curve`]); end-to-end runs only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -104,6 +122,15 @@ impl RunResult {
         self.seconds = seconds;
         self.records_per_sec = records as f64 / seconds;
         self.mb_per_sec = (records * self.record_bytes) as f64 / seconds / 1e6;
+    }
+
+    /// Charges the phase with `cpu_seconds` of the server's CPU time and
+    /// its cost per GB (10^9 bytes) of record values; after
+    /// [`RunResult::set_rates`], which sets the records moved.
+    pub fn set_server_cpu(&mut self, cpu_seconds: f64) {
+        let bytes = self.records * self.record_bytes;
+        self.server_cpu_s = Some(cpu_seconds);
+        self.server_cpu_s_per_gb = (bytes > 0).then(|| cpu_seconds / (bytes as f64 / 1e9));
     }
 }
 
@@ -165,6 +192,11 @@ mod tests {
             latency_kind: None,
             latency: None,
             server_rss_anon_kib: Some(12_345),
+            server_cpu_s: None,
+            server_cpu_s_per_gb: None,
+            disk_bytes_per_record: None,
+            payload: None,
+            compression: None,
             latency_curve: vec![],
         };
         run.set_rates(1_000_000, Duration::from_secs(4));
@@ -172,7 +204,49 @@ mod tests {
         assert_eq!(run.mb_per_sec, 256.0);
         let json = serde_json::to_string(&run).unwrap();
         assert!(json.contains("\"records_per_sec\":250000.0"), "{json}");
+        assert!(
+            !json.contains("server_cpu"),
+            "no pid, no CPU fields: {json}"
+        );
+        assert!(!json.contains("disk_bytes"), "no data dir, no disk: {json}");
         assert_eq!(serde_json::from_str::<RunResult>(&json).unwrap(), run);
+
+        // 1,000,000 records of 1024 bytes: 1.024 GB.
+        run.set_server_cpu(2.048);
+        assert_eq!(run.server_cpu_s, Some(2.048));
+        assert_eq!(run.server_cpu_s_per_gb, Some(2.0));
+        let json = serde_json::to_string(&run).unwrap();
+        assert!(json.contains("\"server_cpu_s_per_gb\":2.0"), "{json}");
+        assert_eq!(serde_json::from_str::<RunResult>(&json).unwrap(), run);
+
+        run.disk_bytes_per_record = Some(312.5);
+        run.payload = Some("json".into());
+        run.compression = Some("zstd".into());
+        let json = serde_json::to_string(&run).unwrap();
+        assert!(
+            json.contains(r#""disk_bytes_per_record":312.5,"payload":"json","compression":"zstd""#),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<RunResult>(&json).unwrap(), run);
+    }
+
+    #[test]
+    fn results_written_before_the_cpu_fields_still_read() {
+        let old = r#"{"label":"ceiling-disk","system":"disk","mode":"produce","durability":"fdatasync","record_bytes":1024,"batch":1,"producers":1,"consumers":0,"partitions":1,"records":10,"seconds":1.0,"records_per_sec":10.0,"mb_per_sec":0.01}"#;
+        let run: RunResult = serde_json::from_str(old).unwrap();
+        assert_eq!((run.server_cpu_s, run.server_cpu_s_per_gb), (None, None));
+        assert_eq!(run.disk_bytes_per_record, None);
+    }
+
+    #[test]
+    fn no_bytes_no_cost_per_gb() {
+        let mut run: RunResult = serde_json::from_str(
+            r#"{"label":"x","system":"sluice","mode":"consume","durability":"d","record_bytes":1024,"batch":1,"producers":1,"consumers":1,"partitions":1,"records":0,"seconds":1.0,"records_per_sec":0.0,"mb_per_sec":0.0}"#,
+        )
+        .unwrap();
+        run.set_server_cpu(0.5);
+        assert_eq!(run.server_cpu_s, Some(0.5));
+        assert_eq!(run.server_cpu_s_per_gb, None);
     }
 
     #[test]

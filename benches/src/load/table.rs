@@ -1,7 +1,9 @@
 //! The comparison table of `benches/compare.sh`: the runs of one
 //! invocation grouped by workload label, the median of each system's
-//! repetitions, the ratios Sluice/peer, the two ceilings (loopback TCP and
-//! the disk's synced sequential write) and the issue's targets, met or not.
+//! repetitions, the ratios Sluice/peer, the servers' CPU seconds per GB
+//! and the bytes on disk per record (a row under each workload that has
+//! them), the two ceilings (loopback TCP and the disk's synced sequential
+//! write) and the issue's targets, met or not.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -15,12 +17,18 @@ use super::report::{RunResult, median};
 pub const PEERS: [(&str, &str); 2] = [("nats", "NATS JetStream"), ("redis", "Redis Streams")];
 /// Label of the `flush = os` produce run, compared with the loopback ceiling.
 pub const PRODUCE_OS: &str = "produce-os";
-/// Label of the `flush = every-batch` produce run, compared with the disk.
+/// Label of the `flush = every-batch` produce run, compared with the disk
+/// and with the `flush = os` run.
 pub const PRODUCE_DURABLE: &str = "produce-durable";
+/// Label of the catch-up consume run, compared with the loopback ceiling.
+pub const CONSUME: &str = "consume";
 /// Label of the loopback TCP ceiling run.
 pub const CEILING_LOOPBACK: &str = "ceiling-loopback";
 /// Label of the disk ceiling (dd with fdatasync).
 pub const CEILING_DISK: &str = "ceiling-disk";
+/// Label of the page-cache ceiling (dd into a new file, no sync): how fast
+/// new data enters the page cache, which bounds `flush = os`.
+pub const CEILING_PAGE_CACHE: &str = "ceiling-page-cache";
 /// The broker's memory budget, in KiB.
 pub const RSS_BUDGET_KIB: u64 = 256 * 1024;
 
@@ -45,6 +53,14 @@ pub struct Cell {
     pub max_us: Option<f64>,
     /// Largest server RssAnon seen, KiB.
     pub max_rss_anon_kib: Option<u64>,
+    /// Median server CPU seconds per 10^9 bytes of record values, over
+    /// the repetitions that measured it.
+    pub server_cpu_s_per_gb: Option<f64>,
+    /// Bytes per record value.
+    pub record_bytes: u64,
+    /// Median bytes on disk per record, over the repetitions that
+    /// measured it.
+    pub disk_bytes_per_record: Option<f64>,
 }
 
 /// One workload: a cell per system.
@@ -79,6 +95,29 @@ impl Row {
         let (s, p) = (self.metric("sluice")?, self.metric(peer)?);
         (p > 0.0).then(|| s / p)
     }
+
+    /// A system's server CPU seconds per GB.
+    pub fn cpu_per_gb(&self, system: &str) -> Option<f64> {
+        self.cells.get(system)?.server_cpu_s_per_gb
+    }
+
+    /// Sluice's CPU seconds per GB over `peer`'s (lower is better).
+    pub fn cpu_ratio(&self, peer: &str) -> Option<f64> {
+        let (s, p) = (self.cpu_per_gb("sluice")?, self.cpu_per_gb(peer)?);
+        (p > 0.0).then(|| s / p)
+    }
+
+    /// Whether any system of the row has a CPU figure.
+    pub fn has_cpu(&self) -> bool {
+        self.cells.values().any(|c| c.server_cpu_s_per_gb.is_some())
+    }
+
+    /// Whether any system of the row has a disk figure.
+    pub fn has_disk(&self) -> bool {
+        self.cells
+            .values()
+            .any(|c| c.disk_bytes_per_record.is_some())
+    }
 }
 
 /// A target of the issue and whether this run met it.
@@ -101,6 +140,8 @@ pub struct Summary {
     pub loopback_mb_per_sec: Option<f64>,
     /// Disk sequential write with fdatasync, MB/s (median).
     pub disk_mb_per_sec: Option<f64>,
+    /// Sequential write of new data into the page cache, MB/s (median).
+    pub page_cache_mb_per_sec: Option<f64>,
     /// The targets.
     pub targets: Vec<Target>,
 }
@@ -128,9 +169,10 @@ pub fn summarize(runs: &[RunResult]) -> Summary {
     };
     let loopback = ceiling(CEILING_LOOPBACK);
     let disk = ceiling(CEILING_DISK);
+    let page_cache = ceiling(CEILING_PAGE_CACHE);
     let rows: Vec<Row> = order
         .iter()
-        .filter(|l| *l != CEILING_LOOPBACK && *l != CEILING_DISK)
+        .filter(|l| ![CEILING_LOOPBACK, CEILING_DISK, CEILING_PAGE_CACHE].contains(&l.as_str()))
         .map(|label| {
             let cells: BTreeMap<String, Cell> = groups
                 .iter()
@@ -154,6 +196,7 @@ pub fn summarize(runs: &[RunResult]) -> Summary {
         rows,
         loopback_mb_per_sec: loopback,
         disk_mb_per_sec: disk,
+        page_cache_mb_per_sec: page_cache,
         targets,
     }
 }
@@ -173,6 +216,9 @@ fn cell(runs: &[&RunResult]) -> Cell {
         p999_us: of(&|r| r.latency.map(|l| l.p999_us)),
         max_us: of(&|r| r.latency.map(|l| l.max_us)),
         max_rss_anon_kib: runs.iter().filter_map(|r| r.server_rss_anon_kib).max(),
+        server_cpu_s_per_gb: of(&|r| r.server_cpu_s_per_gb),
+        record_bytes: runs[0].record_bytes,
+        disk_bytes_per_record: of(&|r| r.disk_bytes_per_record),
     }
 }
 
@@ -224,6 +270,20 @@ fn targets(rows: &[Row], loopback: Option<f64>, disk: Option<f64>) -> Vec<Target
             what: "produce, flush = every-batch: >= 0.8 of the disk ceiling".into(),
             measured: format!("{:.2} ({s:.0} of {d:.0} MB/s)", s / d),
             met: s >= 0.8 * d,
+        });
+    }
+    if let (Some(s), Some(o)) = (sluice_mb(PRODUCE_DURABLE), sluice_mb(PRODUCE_OS)) {
+        out.push(Target {
+            what: "produce, flush = every-batch: >= 0.9 of flush = os".into(),
+            measured: format!("{:.2} ({s:.0} of {o:.0} MB/s)", s / o),
+            met: s >= 0.9 * o,
+        });
+    }
+    if let (Some(s), Some(l)) = (sluice_mb(CONSUME), loopback) {
+        out.push(Target {
+            what: "catch-up consume: >= 0.8 of the loopback ceiling".into(),
+            measured: format!("{:.2} ({s:.0} of {l:.0} MB/s)", s / l),
+            met: s >= 0.8 * l,
         });
     }
     let rss = rows
@@ -354,14 +414,56 @@ pub fn markdown(summary: &Summary) -> String {
             ratio(PEERS[0].0),
             ratio(PEERS[1].0)
         );
+        if row.has_cpu() {
+            let cpu = |system: &str| {
+                row.cpu_per_gb(system)
+                    .map_or("—".into(), |v| format!("{v:.2} s/GB"))
+            };
+            let cpu_ratio = |peer: &str| {
+                row.cpu_ratio(peer)
+                    .map_or("—".into(), |r| format!("{r:.2}x"))
+            };
+            let _ = writeln!(
+                out,
+                "| {}: broker CPU s/GB (lower is better) | {} | {} | {} | {} | {} |",
+                row.label,
+                cpu("sluice"),
+                cpu(PEERS[0].0),
+                cpu(PEERS[1].0),
+                cpu_ratio(PEERS[0].0),
+                cpu_ratio(PEERS[1].0)
+            );
+        }
+        if row.has_disk() {
+            let disk = |system: &str| match row.cells.get(system) {
+                Some(Cell {
+                    disk_bytes_per_record: Some(bytes),
+                    record_bytes,
+                    ..
+                }) => format!(
+                    "{bytes:.0} B ({:.2} of the {record_bytes} B value)",
+                    bytes / (*record_bytes).max(1) as f64
+                ),
+                _ => "—".into(),
+            };
+            let _ = writeln!(
+                out,
+                "| {}: disk bytes/record | {} | {} | {} | — | — |",
+                row.label,
+                disk("sluice"),
+                disk(PEERS[0].0),
+                disk(PEERS[1].0)
+            );
+        }
     }
     let _ = writeln!(out);
     let mb = |v: Option<f64>| v.map_or("not measured".into(), |v| format!("{v:.0} MB/s"));
     let _ = writeln!(
         out,
-        "Ceilings: loopback TCP {}, disk sequential write with fdatasync {}.",
+        "Ceilings: loopback TCP {}, disk sequential write with fdatasync {}, new data into the page cache (no sync) {}.",
         mb(summary.loopback_mb_per_sec),
-        mb(summary.disk_mb_per_sec)
+        mb(summary.disk_mb_per_sec),
+        mb(summary.page_cache_mb_per_sec)
     );
     let rss: Vec<String> = summary
         .rows
@@ -426,6 +528,11 @@ mod tests {
                 max_us: p99,
             }),
             server_rss_anon_kib: Some(1024),
+            server_cpu_s: None,
+            server_cpu_s_per_gb: None,
+            disk_bytes_per_record: None,
+            payload: None,
+            compression: None,
             latency_curve: p99.map_or(vec![], |p99| vec![(0.0, p99 / 2e3), (2.0, p99 / 1e3)]),
         }
     }
@@ -461,6 +568,89 @@ mod tests {
     }
 
     #[test]
+    fn cpu_per_gb_rows_follow_the_workloads_that_measured_it() {
+        let with_cpu = |mut r: RunResult, per_gb: f64| {
+            r.server_cpu_s = Some(per_gb);
+            r.server_cpu_s_per_gb = Some(per_gb);
+            r
+        };
+        let runs = vec![
+            with_cpu(
+                run("produce-interval", "sluice", "produce", 300.0, None),
+                3.0,
+            ),
+            with_cpu(
+                run("produce-interval", "sluice", "produce", 100.0, None),
+                1.0,
+            ),
+            with_cpu(
+                run("produce-interval", "sluice", "produce", 200.0, None),
+                2.0,
+            ),
+            with_cpu(
+                run("produce-interval", "redis", "produce", 100.0, None),
+                4.0,
+            ),
+            run("produce-interval", "nats", "produce", 100.0, None),
+            run("produce-os", "sluice", "produce", 100.0, None),
+        ];
+        let summary = summarize(&runs);
+        let row = &summary.rows[0];
+        assert_eq!(row.cpu_per_gb("sluice"), Some(2.0), "the median");
+        assert_eq!(row.cpu_per_gb("nats"), None);
+        assert_eq!(row.cpu_ratio("redis"), Some(0.5));
+        assert_eq!(row.cpu_ratio("nats"), None);
+        assert!(!summary.rows[1].has_cpu());
+        let table = markdown(&summary);
+        assert!(
+            table.contains(
+                "| produce-interval: broker CPU s/GB (lower is better) | 2.00 s/GB | — | 4.00 s/GB | — | 0.50x |"
+            ),
+            "{table}"
+        );
+        assert!(!table.contains("produce-os: broker CPU"), "{table}");
+        assert!(!table.contains("disk bytes/record"), "{table}");
+        // The throughput rows are as before.
+        assert!(
+            table.contains("| produce-interval (produce) | **200** rec/s (0 MB/s) [d; n=3] |"),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn disk_bytes_per_record_rows_for_the_runs_that_measured_them() {
+        let with_disk = |mut r: RunResult, bytes: f64| {
+            r.disk_bytes_per_record = Some(bytes);
+            r
+        };
+        let runs = vec![
+            with_disk(
+                run("produce-json-zstd", "sluice", "produce", 1.0, None),
+                300.0,
+            ),
+            with_disk(
+                run("produce-json-zstd", "sluice", "produce", 1.0, None),
+                250.0,
+            ),
+            run("produce-json-zstd", "sluice", "produce", 1.0, None),
+            run("produce-os", "sluice", "produce", 1.0, None),
+        ];
+        let summary = summarize(&runs);
+        assert_eq!(
+            summary.rows[0].cells["sluice"].disk_bytes_per_record,
+            Some(275.0)
+        );
+        let table = markdown(&summary);
+        assert!(
+            table.contains(
+                "| produce-json-zstd: disk bytes/record | 275 B (0.28 of the 1000 B value) | — | — | — | — |"
+            ),
+            "{table}"
+        );
+        assert!(!table.contains("produce-os: disk"), "{table}");
+    }
+
+    #[test]
     fn one_plot_per_end_to_end_workload_from_the_median_repetition() {
         let runs = vec![
             run("e2e", "sluice", "end-to-end", 1.0, Some(3_000.0)),
@@ -483,17 +673,22 @@ mod tests {
         let mut runs = vec![
             run(PRODUCE_OS, "sluice", "produce", 500_000.0, None),
             run(PRODUCE_DURABLE, "sluice", "produce", 300_000.0, None),
+            run(CONSUME, "sluice", "consume", 1_800_000.0, None),
             run(CEILING_LOOPBACK, "tcp", "produce", 2_000_000.0, None),
             run(CEILING_DISK, "disk", "produce", 400_000.0, None),
+            run(CEILING_PAGE_CACHE, "disk", "produce", 600_000.0, None),
         ];
         runs[1].server_rss_anon_kib = Some(300 * 1024);
         let summary = summarize(&runs);
-        assert_eq!(summary.rows.len(), 2, "ceilings are not workloads");
+        assert_eq!(summary.rows.len(), 3, "ceilings are not workloads");
         assert_eq!(summary.loopback_mb_per_sec, Some(2000.0));
+        assert_eq!(summary.page_cache_mb_per_sec, Some(600.0));
         let t = &summary.targets;
-        assert_eq!(t.len(), 3, "{t:?}");
+        assert_eq!(t.len(), 5, "{t:?}");
         assert!(!t[0].met && t[0].measured.starts_with("0.25"), "{t:?}");
         assert!(!t[1].met && t[1].measured.starts_with("0.75"), "{t:?}");
-        assert!(!t[2].met, "300 MiB is over budget: {t:?}");
+        assert!(!t[2].met && t[2].measured.starts_with("0.60"), "{t:?}");
+        assert!(t[3].met && t[3].measured.starts_with("0.90"), "{t:?}");
+        assert!(!t[4].met, "300 MiB is over budget: {t:?}");
     }
 }

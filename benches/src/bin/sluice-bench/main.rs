@@ -14,9 +14,23 @@
 //!   open-loop).
 //! - `table`: the comparison table of results written with `--json`.
 //!
+//! What the values hold is `--payload` (`fill`, the default: one repeated
+//! byte; `random`; `json`: compressible order events, see
+//! [`sluice_benches::load::payload`]); Sluice's producers compress their
+//! batches with `--compression` (`none`, `lz4`, `zstd`). Given the
+//! broker's `--data-dir`, produce results (and a consume run's backlog)
+//! carry `disk_bytes_per_record`: the bytes of the topic's batches in its
+//! segment files after the produce, per record.
+//!
 //! Each run prints one JSON object per result on stdout (and appends it to
 //! `--json FILE`), a progress bar on a terminal, and can draw its latency
-//! distribution as SVG (`--plot`). See `docs/BENCHMARKS.md` and
+//! distribution as SVG (`--plot`). Given the server's pid
+//! (`--server-pid`), each result also carries the server's RssAnon at the
+//! end and the CPU seconds it used during that result's measured phase
+//! (`server_cpu_s`, and `server_cpu_s_per_gb` per 10^9 bytes of record
+//! values): the timed produce, the timed read of a consume run (not its
+//! backlog, which is charged to the backlog's own produce result) or the
+//! whole timed end-to-end run. See `docs/BENCHMARKS.md` and
 //! `benches/compare.sh`.
 
 #[cfg(feature = "peers")]
@@ -29,13 +43,14 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
-use bytes::{BufMut as _, Bytes, BytesMut};
 use clap::{Parser, Subcommand};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use sluice_benches::load::pacing::{Plan, Schedule};
+use sluice_benches::load::payload::{self, Payload};
 use sluice_benches::load::report::{Latency, RunResult, latency_histogram, record_latency};
-use sluice_benches::load::{plot, procfs, table};
+use sluice_benches::load::{disk, plot, procfs, table};
+use sluice_client::Compression;
 use tokio::task::JoinSet;
 
 use crate::systems::{Api, Reader, Sender, System};
@@ -133,13 +148,26 @@ struct RunArgs {
     /// Sluice, --api record: the producer's linger in ms.
     #[arg(long, default_value_t = 5)]
     linger_ms: u64,
+    /// Sluice: the producers' batch compression (ProducerConfig::compression).
+    #[arg(long, default_value = "none", value_parser = parse_compression)]
+    compression: Compression,
+    /// What the record values hold: fill (8 zero bytes, then 0x5a: every
+    /// record the same), random (incompressible) or json (order events,
+    /// compressible, different in every record).
+    #[arg(long, value_enum, default_value_t = Payload::Fill)]
+    payload: Payload,
+    /// Sluice: the broker's data directory; produce runs then report the
+    /// bytes of the topic's batches on disk per record.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
     /// Topic (stream) name [default: a fresh bench-PID-MS name].
     #[arg(long)]
     topic: Option<String>,
     /// Keep the topic and its data after the run.
     #[arg(long)]
     keep_topic: bool,
-    /// Report this process's RssAnon at the end (the server's pid).
+    /// The server's pid: report its RssAnon at the end and the CPU seconds
+    /// (user + system, from /proc/PID/stat) it used in each measured phase.
     #[arg(long)]
     server_pid: Option<u32>,
     /// Label of the result in the comparison table [default: the mode].
@@ -192,10 +220,22 @@ fn main() -> Result<()> {
         args.batch > 0 && args.producers > 0 && args.partitions > 0,
         "batch, producers and partitions must be positive"
     );
+    ensure!(
+        args.system == "sluice" || args.compression == Compression::None,
+        "--compression is Sluice's producer setting (--system sluice)"
+    );
+    ensure!(
+        args.data_dir.is_none() || (args.system == "sluice" && mode != Mode::EndToEnd),
+        "--data-dir: Sluice's produce runs (produce, and the backlog of consume) only"
+    );
     let results = if args.system == "tcp" {
         ensure!(
             mode == Mode::Produce,
             "--system tcp is the loopback ceiling: produce only"
+        );
+        ensure!(
+            args.payload == Payload::Fill,
+            "--system tcp sends bytes, not records: no --payload"
         );
         vec![run_tcp(&args)?]
     } else {
@@ -320,7 +360,25 @@ impl RunArgs {
             latency_kind: None,
             latency: None,
             server_rss_anon_kib: None,
+            server_cpu_s: None,
+            server_cpu_s_per_gb: None,
+            disk_bytes_per_record: None,
+            payload: Some(self.payload.name().to_owned()),
+            compression: (self.system == "sluice").then(|| self.compression.name().to_owned()),
             latency_curve: Vec::new(),
+        }
+    }
+
+    /// The server's CPU time so far in clock ticks, when its pid is given
+    /// and readable.
+    fn server_cpu(&self) -> Option<u64> {
+        let pid = self.server_pid?;
+        match procfs::cpu_ticks(pid) {
+            Ok(ticks) => Some(ticks),
+            Err(error) => {
+                eprintln!("warning: {error}");
+                None
+            }
         }
     }
 
@@ -347,6 +405,7 @@ fn run_tcp(args: &RunArgs) -> Result<Outcome> {
     let (bytes, elapsed) = tcp::run(plan, args.record_bytes, &progress)?;
     progress.finish_and_clear();
     let mut result = args.result(Mode::Produce, None);
+    result.payload = None;
     result.set_rates(bytes / args.record_bytes, elapsed);
     Ok((result, None))
 }
@@ -357,6 +416,7 @@ async fn run(mode: Mode, args: &RunArgs) -> Result<Vec<Outcome>> {
         &args.url(),
         args.api,
         Duration::from_millis(args.linger_ms),
+        args.compression,
         systems::Credentials {
             token: args.token.clone(),
             tls_ca: args.tls_ca.clone(),
@@ -405,17 +465,29 @@ async fn run_on_topic(
     match mode {
         Mode::Produce => {
             let progress = args.progress(plan.count, "produce");
-            let (elapsed, acks) = produce(args, system, topic, plan, epoch, &progress).await?;
+            let Produced {
+                elapsed,
+                acks,
+                server_cpu,
+            } = produce(args, system, topic, plan, epoch, &progress).await?;
             progress.finish_and_clear();
             let mut result = args.result(mode, None);
             result.set_rates(plan.count, elapsed);
+            if let Some(cpu) = server_cpu {
+                result.set_server_cpu(cpu);
+            }
+            result.disk_bytes_per_record = disk_bytes_per_record(args, topic, plan.count)?;
             result.latency_kind = Some("ack".into());
             result.latency = Latency::of(&acks);
             Ok(vec![(result, Some(acks))])
         }
         Mode::Consume => {
             let progress = args.progress(plan.count, "backlog");
-            let (elapsed, acks) = produce(args, system, topic, plan, epoch, &progress).await?;
+            let Produced {
+                elapsed,
+                acks,
+                server_cpu,
+            } = produce(args, system, topic, plan, epoch, &progress).await?;
             progress.finish_and_clear();
             let label = args.backlog_label.clone().unwrap_or_else(|| {
                 format!("{}-backlog", args.label.as_deref().unwrap_or("consume"))
@@ -423,15 +495,25 @@ async fn run_on_topic(
             let mut backlog = args.result(Mode::Produce, Some(label));
             backlog.consumers = 0;
             backlog.set_rates(plan.count, elapsed);
+            if let Some(cpu) = server_cpu {
+                backlog.set_server_cpu(cpu);
+            }
+            backlog.disk_bytes_per_record = disk_bytes_per_record(args, topic, plan.count)?;
             backlog.latency_kind = Some("ack".into());
             backlog.latency = Latency::of(&acks);
             let progress = args.progress(plan.count, "consume");
             let readers = readers(args, system, topic, plan).await?;
+            // Only the read is charged: the backlog's CPU is its own result's.
+            let cpu_before = args.server_cpu();
             let start = Instant::now();
             let (_, last) = consume(readers, false, epoch, &progress).await?;
+            let server_cpu = cpu_used(cpu_before, args.server_cpu());
             progress.finish_and_clear();
             let mut result = args.result(mode, None);
             result.set_rates(plan.count, last.duration_since(start));
+            if let Some(cpu) = server_cpu {
+                result.set_server_cpu(cpu);
+            }
             Ok(vec![(backlog, Some(acks)), (result, None)])
         }
         Mode::EndToEnd => {
@@ -441,6 +523,9 @@ async fn run_on_topic(
             );
             let progress = args.progress(plan.count, "end-to-end");
             let readers = readers(args, system, topic, plan).await?;
+            // The whole timed run is charged: the producers' connections
+            // and the readers' subscriptions are made before it starts.
+            let cpu_before = args.server_cpu();
             let consumers = tokio::spawn({
                 let progress = progress.clone();
                 async move { consume(readers, true, epoch, &progress).await }
@@ -450,9 +535,13 @@ async fn run_on_topic(
             let produced = produce(args, system, topic, plan, epoch, &hidden).await;
             let (latencies, last) = consumers.await??;
             produced?;
+            let server_cpu = cpu_used(cpu_before, args.server_cpu());
             progress.finish_and_clear();
             let mut result = args.result(mode, None);
             result.set_rates(plan.count, last.duration_since(start));
+            if let Some(cpu) = server_cpu {
+                result.set_server_cpu(cpu);
+            }
             result.latency_kind = Some("end-to-end".into());
             result.latency = Latency::of(&latencies);
             result.latency_curve = plot::percentile_curve(&latencies);
@@ -461,19 +550,18 @@ async fn run_on_topic(
     }
 }
 
-/// A batch of `n` values of `record_bytes`, each starting with `stamp`
-/// (little-endian nanoseconds since the run's epoch), in one allocation.
-fn batch_values(n: u64, record_bytes: u64, stamp: u64) -> Vec<Bytes> {
-    let size = record_bytes as usize;
-    let mut buffer = BytesMut::with_capacity(n as usize * size);
-    for _ in 0..n {
-        buffer.put_u64_le(stamp);
-        buffer.put_bytes(0x5a, size - 8);
-    }
-    let all = buffer.freeze();
-    (0..n as usize)
-        .map(|i| all.slice(i * size..(i + 1) * size))
-        .collect()
+/// Given `--data-dir`: the bytes of `topic`'s batches in its segment
+/// files, per record of the `records` produced.
+fn disk_bytes_per_record(args: &RunArgs, topic: &str, records: u64) -> Result<Option<f64>> {
+    let Some(data_dir) = &args.data_dir else {
+        return Ok(None);
+    };
+    let usage = disk::topic_usage(data_dir, topic)?;
+    Ok((records > 0).then(|| usage.batch_bytes as f64 / records as f64))
+}
+
+fn parse_compression(name: &str) -> Result<Compression, String> {
+    Compression::from_name(name).ok_or_else(|| format!("{name:?}: expected none, lz4 or zstd"))
 }
 
 fn nanos_since(epoch: Instant, at: Instant) -> u64 {
@@ -487,15 +575,35 @@ struct Load {
     schedule: Schedule,
     in_flight: usize,
     record_bytes: u64,
+    payload: Payload,
     epoch: Instant,
-    /// Each batch carries its own due time (end-to-end); otherwise every
-    /// batch reuses one pre-built payload, so the load generator, which
-    /// shares the machine with the server, spends no time filling buffers.
+    /// Each batch carries its own due time (end-to-end: a copy of the
+    /// pre-built values with the time in their first 8 bytes); otherwise
+    /// every batch reuses the producer's pre-built values, so the load
+    /// generator, which shares the machine with the server, spends no
+    /// time filling buffers.
     stamped: bool,
 }
 
-/// Runs every producer of `plan`; returns the time from the first due
-/// send to the last acknowledgement and the acknowledgement latencies.
+/// The CPU seconds between two readings of the server's CPU time (clock
+/// ticks: 10 ms each, so a phase's figure is good to about 0.01 s), when
+/// both were read.
+fn cpu_used(before: Option<u64>, after: Option<u64>) -> Option<f64> {
+    Some(procfs::ticks_to_seconds(after?.saturating_sub(before?)))
+}
+
+/// What [`produce`] measured.
+struct Produced {
+    /// From the first due send to the last acknowledgement.
+    elapsed: Duration,
+    /// The acknowledgement latencies.
+    acks: Histogram<u64>,
+    /// The server's CPU seconds over the same span, given its pid.
+    server_cpu: Option<f64>,
+}
+
+/// Runs every producer of `plan`: the producers' connections are made
+/// first, then the timed sends.
 async fn produce(
     args: &RunArgs,
     system: &System,
@@ -503,18 +611,20 @@ async fn produce(
     plan: Plan,
     epoch: Instant,
     progress: &ProgressBar,
-) -> Result<(Duration, Histogram<u64>)> {
+) -> Result<Produced> {
     let stamped = args.rate().is_some();
     let mut senders = Vec::new();
     for _ in 0..plan.producers {
         senders.push(system.sender().await?);
     }
+    let cpu_before = args.server_cpu();
     let start = Instant::now();
     let load = Load {
         plan,
         schedule: Schedule::new(start, args.rate(), plan.batch),
         in_flight: args.in_flight.max(1),
         record_bytes: args.record_bytes,
+        payload: args.payload,
         epoch,
         stamped,
     };
@@ -532,7 +642,12 @@ async fn produce(
     while let Some(result) = tasks.join_next().await {
         acks.add(result??)?;
     }
-    Ok((start.elapsed(), acks))
+    let elapsed = start.elapsed();
+    Ok(Produced {
+        elapsed,
+        acks,
+        server_cpu: cpu_used(cpu_before, args.server_cpu()),
+    })
 }
 
 async fn producer(
@@ -547,10 +662,12 @@ async fn producer(
         schedule,
         in_flight,
         record_bytes,
+        payload,
         epoch,
         stamped,
     } = load;
-    let template = (!stamped).then(|| batch_values(plan.batch, record_bytes, 0));
+    // Built before the first send is due: payload generation is not timed.
+    let template = payload.values(plan.batch, record_bytes, p);
     let mut acks = latency_histogram();
     let mut pending: JoinSet<Result<Duration>> = JoinSet::new();
     for j in plan.producer_batches(p) {
@@ -566,9 +683,10 @@ async fn producer(
             None => Instant::now(),
         };
         let len = plan.batch_len(j);
-        let values = match &template {
-            Some(template) => template[..len as usize].to_vec(),
-            None => batch_values(len, record_bytes, nanos_since(epoch, due)),
+        let values = if stamped {
+            payload::stamp(&template[..len as usize], nanos_since(epoch, due))
+        } else {
+            template[..len as usize].to_vec()
         };
         let (sender, topic, progress) = (sender.clone(), topic.clone(), progress.clone());
         let partition = plan.partition_of(j);
@@ -684,8 +802,13 @@ fn report(args: &RunArgs, result: &RunResult) -> Result<()> {
     let rss = result.server_rss_anon_kib.map_or(String::new(), |k| {
         format!(", server RssAnon {:.1} MiB", k as f64 / 1024.0)
     });
+    let cpu = match (result.server_cpu_s, result.server_cpu_s_per_gb) {
+        (Some(s), Some(per_gb)) => format!(", server CPU {s:.2} s ({per_gb:.2} s/GB)"),
+        (Some(s), None) => format!(", server CPU {s:.2} s"),
+        _ => String::new(),
+    };
     eprintln!(
-        "{} {} [{}] {}: {} records in {:.2} s: {:.0} records/s, {:.1} MB/s{latency}{rss}",
+        "{} {} [{}] {}: {} records in {:.2} s: {:.0} records/s, {:.1} MB/s{latency}{rss}{cpu}",
         result.system,
         result.mode,
         result.durability,
@@ -747,8 +870,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn batch_values_carry_the_stamp_and_the_size() {
-        let values = batch_values(3, 64, 0x0102_0304_0506_0708);
+    fn stamped_fill_values_carry_the_stamp_and_the_size() {
+        let values = payload::stamp(&Payload::Fill.values(3, 64, 0), 0x0102_0304_0506_0708);
         assert_eq!(values.len(), 3);
         for v in &values {
             assert_eq!(v.len(), 64);
@@ -758,6 +881,40 @@ mod tests {
             );
             assert!(v[8..].iter().all(|b| *b == 0x5a));
         }
+    }
+
+    #[test]
+    fn compression_payload_and_data_dir_flags() {
+        let cli = |extra: &[&str]| -> Result<RunArgs, clap::Error> {
+            let mut argv = vec!["sluice-bench", "produce"];
+            argv.extend(extra);
+            match Cli::try_parse_from(argv)?.command {
+                Command::Produce(args) => Ok(args),
+                _ => unreachable!(),
+            }
+        };
+        let default = cli(&[]).unwrap();
+        assert_eq!(default.compression, Compression::None);
+        assert_eq!(default.payload, Payload::Fill);
+        assert_eq!(default.data_dir, None);
+        let args = cli(&[
+            "--compression",
+            "zstd",
+            "--payload",
+            "json",
+            "--data-dir",
+            "/tmp/d",
+        ])
+        .unwrap();
+        assert_eq!(args.compression, Compression::Zstd);
+        assert_eq!(args.payload, Payload::Json);
+        let result = args.result(Mode::Produce, None);
+        assert_eq!(result.compression.as_deref(), Some("zstd"));
+        assert_eq!(result.payload.as_deref(), Some("json"));
+        assert!(cli(&["--compression", "gzip"]).is_err());
+        assert!(cli(&["--payload", "zeros"]).is_err());
+        let redis = cli(&["--system", "redis"]).unwrap();
+        assert_eq!(redis.result(Mode::Produce, None).compression, None);
     }
 
     #[test]

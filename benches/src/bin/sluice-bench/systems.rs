@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use bytes::Bytes;
+use sluice_client::Compression;
 use sluice_client::{
     Admin, ClientConfig, Consumer, Producer, ProducerConfig, Record, StartFrom, TopicSettings,
 };
@@ -33,6 +34,8 @@ pub enum System {
         config: ClientConfig,
         api: Api,
         linger: Duration,
+        /// The producers' batch codec.
+        compression: Compression,
     },
     #[cfg(feature = "peers")]
     Nats(peers::Nats),
@@ -60,12 +63,14 @@ impl Credentials {
 }
 
 impl System {
-    /// Connects to `system` at `url`.
+    /// Connects to `system` at `url`; Sluice's producers compress their
+    /// batches with `compression`.
     pub async fn connect(
         system: &str,
         url: &str,
         api: Api,
         linger: Duration,
+        compression: Compression,
         credentials: Credentials,
     ) -> Result<System> {
         match system {
@@ -73,6 +78,7 @@ impl System {
                 config: credentials.apply(ClientConfig::new(url))?,
                 api,
                 linger,
+                compression,
             }),
             #[cfg(feature = "peers")]
             "nats" => Ok(System::Nats(peers::Nats::connect(url).await?)),
@@ -134,11 +140,13 @@ impl System {
                 config,
                 api,
                 linger,
+                compression,
             } => {
                 let producer = Producer::new(
                     config,
                     ProducerConfig {
                         linger: *linger,
+                        compression: *compression,
                         ..ProducerConfig::default()
                     },
                 )?;
