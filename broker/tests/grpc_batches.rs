@@ -19,6 +19,7 @@ use sluice_testkit::Broker;
 use tonic::Code;
 
 /// Offsets of fields a test tampers with (see docs/FORMAT.md).
+const OFF_LENGTH: usize = 4;
 const OFF_CRC: usize = 16;
 const OFF_RECORD_COUNT: usize = 24;
 
@@ -269,6 +270,20 @@ async fn tampered_batches_are_refused_and_nothing_is_written() {
         BatchBuilder::encode_compressed(&big, ProducerInfo::NONE, Compression::Zstd);
     assert!(oversized_zstd.len() < 512);
 
+    // A whole lz4 frame with bytes after it, under a valid length and
+    // checksum: one reader might stop at the frame's end, another read on.
+    let mut after_the_frame = BatchBuilder::encode_compressed(
+        &records("f", 5, 1_000),
+        ProducerInfo::NONE,
+        Compression::Lz4,
+    )
+    .as_bytes()
+    .to_vec();
+    after_the_frame.extend_from_slice(b"junk");
+    let length = (after_the_frame.len() - 8) as u32;
+    after_the_frame[OFF_LENGTH..OFF_LENGTH + 4].copy_from_slice(&length.to_le_bytes());
+    rechecksum(&mut after_the_frame);
+
     let claims_a_producer = BatchBuilder::encode(
         &records("p", 5, 1_000),
         ProducerInfo {
@@ -298,6 +313,11 @@ async fn tampered_batches_are_refused_and_nothing_is_written() {
             "producer fields",
         ),
         ("not a batch", b"hello, world".to_vec(), "batch"),
+        (
+            "bytes after the compressed frame",
+            after_the_frame,
+            "after the end of the frame",
+        ),
     ];
     for (what, bytes, needle) in cases {
         let status = status_of(
