@@ -7,8 +7,8 @@ use sluice_proto::v1::{
 };
 
 use crate::connection::{ClientConfig, with_timeout};
-use crate::consumer::StartFrom;
 use crate::error::Result;
+use crate::record::StartFrom;
 
 /// Settings of a topic. `None` leaves the broker's default (on create) or
 /// the current value (on alter). A retention of 0 means "none".

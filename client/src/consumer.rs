@@ -29,20 +29,7 @@ use tokio_stream::{Stream, StreamExt};
 use crate::admin::Admin;
 use crate::connection::ClientConfig;
 use crate::error::{Error, Result};
-use crate::record::ConsumedRecord;
-
-/// Where to start (or restart) reading a partition.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StartFrom {
-    /// The earliest record still kept.
-    Earliest,
-    /// Only records appended from now on.
-    Latest,
-    /// This offset (clamped to what the partition keeps).
-    Offset(u64),
-    /// The first record at or after this time (ms since the epoch).
-    Timestamp(i64),
-}
+use crate::record::{ConsumedRecord, StartFrom};
 
 /// Records handed from partition tasks to the application.
 const QUEUE: usize = 1024;

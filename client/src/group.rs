@@ -39,9 +39,10 @@ use tokio::time::Instant;
 
 use crate::admin::Admin;
 use crate::connection::{ClientConfig, with_timeout};
-use crate::consumer::{Consumer, StartFrom};
+use crate::consumer::Consumer;
 use crate::error::{Error, Result};
 use crate::record::ConsumedRecord;
+use crate::record::StartFrom;
 
 /// A topic and partition.
 pub type TopicPartition = (String, u32);

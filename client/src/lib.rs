@@ -46,11 +46,11 @@ pub use admin::{
     RedriveTarget, ResetTo, TopicInfo, TopicSettings,
 };
 pub use connection::{ClientConfig, TlsConfig};
-pub use consumer::{Consumer, StartFrom};
+pub use consumer::Consumer;
 pub use error::{Error, Result};
 pub use group::{CommitMode, GroupConfig, GroupConsumer, GroupEvent, OffsetReset, TopicPartition};
 pub use producer::{DeliveryFuture, Producer, ProducerConfig};
-pub use record::{ConsumedRecord, Header, Position, Record};
+pub use record::{ConsumedRecord, Header, Position, Record, StartFrom};
 pub use sluice_format::Compression;
 pub use sluice_proto::partition_for_key;
 pub use sluice_proto::trace::{TRACEPARENT, TraceParent};

@@ -1,4 +1,7 @@
-//! Records as the client hands them in and gets them back.
+//! Records as the client hands them in and gets them back, and the
+//! positions in a partition that the producer reports ([`Position`]) and
+//! that the consumer and the admin client read from ([`StartFrom`]). It is
+//! below both: `admin` and `consumer` take their shared types from here.
 
 use bytes::Bytes;
 use sluice_proto::trace::{TRACEPARENT, TraceParent};
@@ -123,6 +126,19 @@ pub(crate) fn limit_size(record: &sluice_format::Record) -> usize {
         record.headers.iter().map(|h| (h.key.len(), h.value.len())),
         record.timestamp,
     )
+}
+
+/// Where to start (or restart) reading a partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartFrom {
+    /// The earliest record still kept.
+    Earliest,
+    /// Only records appended from now on.
+    Latest,
+    /// This offset (clamped to what the partition keeps).
+    Offset(u64),
+    /// The first record at or after this time (ms since the epoch).
+    Timestamp(i64),
 }
 
 /// Where a produced record landed.
