@@ -8,8 +8,6 @@
 //!   every thread of the process, in clock ticks), to charge each measured
 //!   phase of a run with the server's CPU seconds.
 
-use std::sync::OnceLock;
-
 /// Why a figure could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum ProcError {
@@ -77,39 +75,11 @@ pub fn parse_cpu_ticks(stat: &str) -> Option<u64> {
     utime.checked_add(stime)
 }
 
-/// `AT_CLKTCK`, the auxiliary vector's entry for the clock tick.
-const AT_CLKTCK: usize = 17;
-/// `AT_NULL`, the end of the auxiliary vector.
-const AT_NULL: usize = 0;
-/// The kernel's `USER_HZ` on every Linux architecture in common use.
-const DEFAULT_CLOCK_TICKS: u64 = 100;
-
-/// Clock ticks per second, the unit of `/proc/<pid>/stat`'s times: what
-/// `sysconf(_SC_CLK_TCK)` returns. This crate does not depend on `libc`,
-/// so it reads the value that call reads (glibc answers it from the
-/// `AT_CLKTCK` entry the kernel puts in every process's auxiliary vector)
-/// from `/proc/self/auxv`, and assumes 100 when that cannot be read.
+/// Clock ticks per second, the unit of `/proc/<pid>/stat`'s times
+/// (`sysconf(_SC_CLK_TCK)`, through rustix as the broker's own process
+/// metrics read it).
 pub fn clock_ticks_per_second() -> u64 {
-    static TICKS: OnceLock<u64> = OnceLock::new();
-    *TICKS.get_or_init(|| {
-        std::fs::read("/proc/self/auxv")
-            .ok()
-            .and_then(|auxv| parse_auxv_clock_ticks(&auxv))
-            .filter(|ticks| *ticks > 0)
-            .unwrap_or(DEFAULT_CLOCK_TICKS)
-    })
-}
-
-/// The `AT_CLKTCK` value of an auxiliary vector: native-endian
-/// (type, value) pairs of machine words, up to an `AT_NULL` entry.
-pub fn parse_auxv_clock_ticks(auxv: &[u8]) -> Option<u64> {
-    const WORD: usize = std::mem::size_of::<usize>();
-    let word = |bytes: &[u8]| usize::from_ne_bytes(bytes.try_into().expect("one word"));
-    auxv.chunks_exact(2 * WORD)
-        .map(|entry| (word(&entry[..WORD]), word(&entry[WORD..])))
-        .take_while(|(kind, _)| *kind != AT_NULL)
-        .find(|(kind, _)| *kind == AT_CLKTCK)
-        .map(|(_, value)| value as u64)
+    rustix::param::clock_ticks_per_second()
 }
 
 #[cfg(test)]
@@ -179,23 +149,9 @@ mod tests {
     }
 
     #[test]
-    fn the_clock_tick_comes_from_the_auxiliary_vector() {
-        let entry = |kind: usize, value: usize| {
-            let mut bytes = kind.to_ne_bytes().to_vec();
-            bytes.extend_from_slice(&value.to_ne_bytes());
-            bytes
-        };
-        let auxv = [
-            entry(33, 0x7fff_0000),
-            entry(AT_CLKTCK, 250),
-            entry(AT_NULL, 0),
-        ]
-        .concat();
-        assert_eq!(parse_auxv_clock_ticks(&auxv), Some(250));
-        let after_the_end = [entry(AT_NULL, 0), entry(AT_CLKTCK, 250)].concat();
-        assert_eq!(parse_auxv_clock_ticks(&after_the_end), None);
-        assert_eq!(parse_auxv_clock_ticks(&[]), None);
+    fn the_clock_tick_is_known() {
         assert!(clock_ticks_per_second() > 0);
+        assert_eq!(ticks_to_seconds(clock_ticks_per_second() * 3), 3.0);
     }
 
     #[test]
