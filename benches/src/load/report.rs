@@ -126,8 +126,12 @@ impl RunResult {
 
     /// Charges the phase with `cpu_seconds` of the server's CPU time and
     /// its cost per GB (10^9 bytes) of record values; after
-    /// [`RunResult::set_rates`], which sets the records moved.
-    pub fn set_server_cpu(&mut self, cpu_seconds: f64) {
+    /// [`RunResult::set_rates`], which sets the records moved. `None` (not
+    /// measured) leaves both figures unset.
+    pub fn set_server_cpu(&mut self, cpu_seconds: Option<f64>) {
+        let Some(cpu_seconds) = cpu_seconds else {
+            return;
+        };
         let bytes = self.records * self.record_bytes;
         self.server_cpu_s = Some(cpu_seconds);
         self.server_cpu_s_per_gb = (bytes > 0).then(|| cpu_seconds / (bytes as f64 / 1e9));
@@ -212,7 +216,7 @@ mod tests {
         assert_eq!(serde_json::from_str::<RunResult>(&json).unwrap(), run);
 
         // 1,000,000 records of 1024 bytes: 1.024 GB.
-        run.set_server_cpu(2.048);
+        run.set_server_cpu(Some(2.048));
         assert_eq!(run.server_cpu_s, Some(2.048));
         assert_eq!(run.server_cpu_s_per_gb, Some(2.0));
         let json = serde_json::to_string(&run).unwrap();
@@ -244,7 +248,7 @@ mod tests {
             r#"{"label":"x","system":"sluice","mode":"consume","durability":"d","record_bytes":1024,"batch":1,"producers":1,"consumers":1,"partitions":1,"records":0,"seconds":1.0,"records_per_sec":0.0,"mb_per_sec":0.0}"#,
         )
         .unwrap();
-        run.set_server_cpu(0.5);
+        run.set_server_cpu(Some(0.5));
         assert_eq!(run.server_cpu_s, Some(0.5));
         assert_eq!(run.server_cpu_s_per_gb, None);
     }

@@ -382,6 +382,34 @@ impl RunArgs {
         }
     }
 
+    /// The server's CPU seconds since `before` (an earlier
+    /// [`RunArgs::server_cpu`]; clock ticks of 10 ms, so a phase's figure
+    /// is good to about 0.01 s), when both readings were made.
+    fn server_cpu_since(&self, before: Option<u64>) -> Option<f64> {
+        Some(procfs::ticks_to_seconds(
+            self.server_cpu()?.saturating_sub(before?),
+        ))
+    }
+
+    /// The result of a timed produce (a produce run, or a consume run's
+    /// backlog, labelled `label`): rates, the server's CPU, the bytes on
+    /// disk per record and the acknowledgement latencies.
+    fn produce_result(
+        &self,
+        label: Option<String>,
+        produced: &Produced,
+        topic: &str,
+        records: u64,
+    ) -> Result<RunResult> {
+        let mut result = self.result(Mode::Produce, label);
+        result.set_rates(records, produced.elapsed);
+        result.set_server_cpu(produced.server_cpu);
+        result.disk_bytes_per_record = disk_bytes_per_record(self, topic, records)?;
+        result.latency_kind = Some("ack".into());
+        result.latency = Latency::of(&produced.acks);
+        Ok(result)
+    }
+
     fn progress(&self, total: u64, what: &str) -> ProgressBar {
         if self.quiet {
             return ProgressBar::hidden();
@@ -465,56 +493,32 @@ async fn run_on_topic(
     match mode {
         Mode::Produce => {
             let progress = args.progress(plan.count, "produce");
-            let Produced {
-                elapsed,
-                acks,
-                server_cpu,
-            } = produce(args, system, topic, plan, epoch, &progress).await?;
+            let produced = produce(args, system, topic, plan, epoch, &progress).await?;
             progress.finish_and_clear();
-            let mut result = args.result(mode, None);
-            result.set_rates(plan.count, elapsed);
-            if let Some(cpu) = server_cpu {
-                result.set_server_cpu(cpu);
-            }
-            result.disk_bytes_per_record = disk_bytes_per_record(args, topic, plan.count)?;
-            result.latency_kind = Some("ack".into());
-            result.latency = Latency::of(&acks);
-            Ok(vec![(result, Some(acks))])
+            let result = args.produce_result(None, &produced, topic, plan.count)?;
+            Ok(vec![(result, Some(produced.acks))])
         }
         Mode::Consume => {
             let progress = args.progress(plan.count, "backlog");
-            let Produced {
-                elapsed,
-                acks,
-                server_cpu,
-            } = produce(args, system, topic, plan, epoch, &progress).await?;
+            let produced = produce(args, system, topic, plan, epoch, &progress).await?;
             progress.finish_and_clear();
             let label = args.backlog_label.clone().unwrap_or_else(|| {
                 format!("{}-backlog", args.label.as_deref().unwrap_or("consume"))
             });
-            let mut backlog = args.result(Mode::Produce, Some(label));
+            let mut backlog = args.produce_result(Some(label), &produced, topic, plan.count)?;
             backlog.consumers = 0;
-            backlog.set_rates(plan.count, elapsed);
-            if let Some(cpu) = server_cpu {
-                backlog.set_server_cpu(cpu);
-            }
-            backlog.disk_bytes_per_record = disk_bytes_per_record(args, topic, plan.count)?;
-            backlog.latency_kind = Some("ack".into());
-            backlog.latency = Latency::of(&acks);
             let progress = args.progress(plan.count, "consume");
             let readers = readers(args, system, topic, plan).await?;
             // Only the read is charged: the backlog's CPU is its own result's.
             let cpu_before = args.server_cpu();
             let start = Instant::now();
             let (_, last) = consume(readers, false, epoch, &progress).await?;
-            let server_cpu = cpu_used(cpu_before, args.server_cpu());
+            let server_cpu = args.server_cpu_since(cpu_before);
             progress.finish_and_clear();
             let mut result = args.result(mode, None);
             result.set_rates(plan.count, last.duration_since(start));
-            if let Some(cpu) = server_cpu {
-                result.set_server_cpu(cpu);
-            }
-            Ok(vec![(backlog, Some(acks)), (result, None)])
+            result.set_server_cpu(server_cpu);
+            Ok(vec![(backlog, Some(produced.acks)), (result, None)])
         }
         Mode::EndToEnd => {
             ensure!(
@@ -535,13 +539,11 @@ async fn run_on_topic(
             let produced = produce(args, system, topic, plan, epoch, &hidden).await;
             let (latencies, last) = consumers.await??;
             produced?;
-            let server_cpu = cpu_used(cpu_before, args.server_cpu());
+            let server_cpu = args.server_cpu_since(cpu_before);
             progress.finish_and_clear();
             let mut result = args.result(mode, None);
             result.set_rates(plan.count, last.duration_since(start));
-            if let Some(cpu) = server_cpu {
-                result.set_server_cpu(cpu);
-            }
+            result.set_server_cpu(server_cpu);
             result.latency_kind = Some("end-to-end".into());
             result.latency = Latency::of(&latencies);
             result.latency_curve = plot::percentile_curve(&latencies);
@@ -583,13 +585,6 @@ struct Load {
     /// generator, which shares the machine with the server, spends no
     /// time filling buffers.
     stamped: bool,
-}
-
-/// The CPU seconds between two readings of the server's CPU time (clock
-/// ticks: 10 ms each, so a phase's figure is good to about 0.01 s), when
-/// both were read.
-fn cpu_used(before: Option<u64>, after: Option<u64>) -> Option<f64> {
-    Some(procfs::ticks_to_seconds(after?.saturating_sub(before?)))
 }
 
 /// What [`produce`] measured.
@@ -646,7 +641,7 @@ async fn produce(
     Ok(Produced {
         elapsed,
         acks,
-        server_cpu: cpu_used(cpu_before, args.server_cpu()),
+        server_cpu: args.server_cpu_since(cpu_before),
     })
 }
 
