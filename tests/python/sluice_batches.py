@@ -355,37 +355,15 @@ def decode_batches(data: bytes, first_offset: int = 0) -> Tuple[List[BatchHeader
 def fetch(address: str, proto_root: str, topic: str, partition: int, offset: int) -> dict:
     """Reads a partition from `offset` with RECORD_FORMAT_BATCHES until
     caught up."""
-    import grpc
+    from sluice_smoke import fetch_pages
 
-    from sluice_smoke import generate_stubs
-
-    sys.path.insert(0, generate_stubs(proto_root))
-    from sluice.v1 import consume_pb2, consume_pb2_grpc  # noqa: E402  (generated above)
-
-    channel = grpc.insecure_channel(address)
-    grpc.channel_ready_future(channel).result(timeout=10)
-    consumer = consume_pb2_grpc.ConsumeServiceStub(channel)
     result = {"first_offsets": [], "batches": [], "records": []}
-    while True:
-        page = consumer.Fetch(
-            consume_pb2.FetchRequest(
-                topic=topic, partition=partition, offset=offset, format=consume_pb2.RECORD_FORMAT_BATCHES
-            ),
-            timeout=30,
-        )
-        if len(page.records) != 0:
-            raise BatchError(f"a BATCHES answer carried {len(page.records)} records")
-        if not page.batches:
-            if page.next_offset != page.high_watermark:
-                raise BatchError(f"no batches at {offset}, but the high watermark is {page.high_watermark}")
-            return result
+    for page in fetch_pages(address, proto_root, topic, partition, offset, batches=True):
         headers, records = decode_batches(page.batches, page.first_offset)
         result["first_offsets"].append(page.first_offset)
         result["batches"].extend(h.to_json() for h in headers)
         result["records"].extend(r.to_json() for r in records)
-        if page.next_offset <= offset:
-            raise BatchError(f"next_offset {page.next_offset} does not move past {offset}")
-        offset = page.next_offset
+    return result
 
 
 def main() -> None:

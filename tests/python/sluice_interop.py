@@ -24,11 +24,8 @@ import sys
 
 import grpc
 
-from sluice_smoke import generate_stubs
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
+from sluice_batches import Record
+from sluice_smoke import fetch_pages, generate_stubs
 
 
 def connect(address: str, proto_root: str):
@@ -66,37 +63,15 @@ def produce(address: str, proto_root: str, topic: str, partition: int) -> dict:
 
 
 def fetch(address: str, proto_root: str, topic: str, partition: int, offset: int) -> dict:
-    channel = connect(address, proto_root)
-    from sluice.v1 import consume_pb2, consume_pb2_grpc  # noqa: E402  (generated above)
-
-    consumer = consume_pb2_grpc.ConsumeServiceStub(channel)
     records = []
-    while True:
-        page = consumer.Fetch(
-            consume_pb2.FetchRequest(
-                topic=topic, partition=partition, offset=offset, format=consume_pb2.RECORD_FORMAT_RECORDS
-            ),
-            timeout=30,
-        )
-        if page.batches:
-            raise SystemExit(f"sluice_interop: a RECORDS answer carried {len(page.batches)} batch bytes")
-        if not page.records:
-            if page.next_offset != page.high_watermark:
-                raise SystemExit(f"sluice_interop: no records at {offset}, high watermark {page.high_watermark}")
-            return {"records": records}
+    for page in fetch_pages(address, proto_root, topic, partition, offset, batches=False):
         for r in page.records:
             if r.partition != partition:
                 raise SystemExit(f"sluice_interop: a record of partition {r.partition} in a fetch of {partition}")
-            records.append(
-                {
-                    "offset": r.offset,
-                    "key": b64(r.key) if r.HasField("key") else None,
-                    "value": b64(r.value),
-                    "headers": [{"key": h.key, "value": b64(h.value)} for h in r.headers],
-                    "timestamp_ms": r.timestamp_ms,
-                }
-            )
-        offset = page.next_offset
+            headers = [(h.key, h.value) for h in r.headers]
+            key = r.key if r.HasField("key") else None
+            records.append(Record(r.offset, key, r.value, headers, r.timestamp_ms).to_json())
+    return {"records": records}
 
 
 def main() -> None:

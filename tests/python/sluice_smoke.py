@@ -29,6 +29,37 @@ def generate_stubs(proto_root: str) -> str:
     return out
 
 
+def fetch_pages(address: str, proto_root: str, topic: str, partition: int, offset: int, batches: bool):
+    """Fetch answers for `partition` of `topic` from `offset` on, in the
+    batch format or the records format, until caught up: the reading loop
+    of sluice_batches.py and sluice_interop.py. Exits with a message on an
+    answer in the other format, an empty answer below the high watermark,
+    or one whose next_offset does not move on."""
+    sys.path.insert(0, generate_stubs(proto_root))
+    from sluice.v1 import consume_pb2, consume_pb2_grpc  # noqa: E402  (generated above)
+
+    channel = grpc.insecure_channel(address)
+    grpc.channel_ready_future(channel).result(timeout=10)
+    consumer = consume_pb2_grpc.ConsumeServiceStub(channel)
+    wanted = consume_pb2.RECORD_FORMAT_BATCHES if batches else consume_pb2.RECORD_FORMAT_RECORDS
+    while True:
+        page = consumer.Fetch(
+            consume_pb2.FetchRequest(topic=topic, partition=partition, offset=offset, format=wanted), timeout=30
+        )
+        if batches and page.records:
+            raise SystemExit(f"a BATCHES answer carried {len(page.records)} records")
+        if not batches and page.batches:
+            raise SystemExit(f"a RECORDS answer carried {len(page.batches)} batch bytes")
+        if not (page.batches or page.records):
+            if page.next_offset != page.high_watermark:
+                raise SystemExit(f"nothing at {offset}, but the high watermark is {page.high_watermark}")
+            return
+        yield page
+        if page.next_offset <= offset:
+            raise SystemExit(f"next_offset {page.next_offset} does not move past {offset}")
+        offset = page.next_offset
+
+
 def main() -> None:
     address, proto_root = sys.argv[1], sys.argv[2]
     sys.path.insert(0, generate_stubs(proto_root))
