@@ -151,6 +151,15 @@ impl Compression {
     }
 }
 
+/// Parses a codec's name (`none`, `lz4`, `zstd`), as command lines take it.
+impl std::str::FromStr for Compression {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Compression, String> {
+        Compression::from_name(name).ok_or_else(|| format!("{name:?}: expected none, lz4 or zstd"))
+    }
+}
+
 impl std::fmt::Display for Compression {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
@@ -187,7 +196,12 @@ mod tests {
                 Ok(codec)
             );
             assert_eq!(Compression::from_name(codec.name()), Some(codec));
+            assert_eq!(codec.name().parse::<Compression>(), Ok(codec));
         }
+        assert_eq!(
+            "gzip".parse::<Compression>(),
+            Err("\"gzip\": expected none, lz4 or zstd".to_string())
+        );
         for code in [1u16, 2, 5, 6, 7] {
             assert_eq!(
                 Compression::from_attributes(code),

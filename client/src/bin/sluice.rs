@@ -446,12 +446,8 @@ struct ProduceArgs {
     #[arg(long)]
     partition: Option<u32>,
     /// Compress each batch the producer sends: none, lz4 or zstd.
-    #[arg(long, default_value = "none", value_parser = parse_compression)]
+    #[arg(long, default_value = "none")]
     compression: Compression,
-}
-
-fn parse_compression(name: &str) -> Result<Compression, String> {
-    Compression::from_name(name).ok_or_else(|| format!("{name:?}: expected none, lz4 or zstd"))
 }
 
 #[derive(Clone, Copy, ValueEnum)]

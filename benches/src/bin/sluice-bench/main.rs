@@ -149,7 +149,7 @@ struct RunArgs {
     #[arg(long, default_value_t = 5)]
     linger_ms: u64,
     /// Sluice: the producers' batch compression (ProducerConfig::compression).
-    #[arg(long, default_value = "none", value_parser = parse_compression)]
+    #[arg(long, default_value = "none")]
     compression: Compression,
     /// What the record values hold: fill (8 zero bytes, then 0x5a: every
     /// record the same), random (incompressible) or json (order events,
@@ -560,10 +560,6 @@ fn disk_bytes_per_record(args: &RunArgs, topic: &str, records: u64) -> Result<Op
     };
     let usage = disk::topic_usage(data_dir, topic)?;
     Ok((records > 0).then(|| usage.batch_bytes as f64 / records as f64))
-}
-
-fn parse_compression(name: &str) -> Result<Compression, String> {
-    Compression::from_name(name).ok_or_else(|| format!("{name:?}: expected none, lz4 or zstd"))
 }
 
 fn nanos_since(epoch: Instant, at: Instant) -> u64 {
