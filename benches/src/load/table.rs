@@ -258,34 +258,46 @@ fn targets(rows: &[Row], loopback: Option<f64>, disk: Option<f64>) -> Vec<Target
             .and_then(|r| r.cells.get("sluice"))
             .map(|c| c.mb_per_sec)
     };
-    if let (Some(s), Some(l)) = (sluice_mb(PRODUCE_OS), loopback) {
-        out.push(Target {
-            what: "produce, flush = os: >= 0.5 of the loopback ceiling".into(),
-            measured: format!("{:.2} ({s:.0} of {l:.0} MB/s)", s / l),
-            met: s >= 0.5 * l,
-        });
-    }
-    if let (Some(s), Some(d)) = (sluice_mb(PRODUCE_DURABLE), disk) {
-        out.push(Target {
-            what: "produce, flush = every-batch: >= 0.8 of the disk ceiling".into(),
-            measured: format!("{:.2} ({s:.0} of {d:.0} MB/s)", s / d),
-            met: s >= 0.8 * d,
-        });
-    }
-    if let (Some(s), Some(o)) = (sluice_mb(PRODUCE_DURABLE), sluice_mb(PRODUCE_OS)) {
-        out.push(Target {
-            what: "produce, flush = every-batch: >= 0.9 of flush = os".into(),
-            measured: format!("{:.2} ({s:.0} of {o:.0} MB/s)", s / o),
-            met: s >= 0.9 * o,
-        });
-    }
-    if let (Some(s), Some(l)) = (sluice_mb(CONSUME), loopback) {
-        out.push(Target {
-            what: "catch-up consume: >= 0.8 of the loopback ceiling".into(),
-            measured: format!("{:.2} ({s:.0} of {l:.0} MB/s)", s / l),
-            met: s >= 0.8 * l,
-        });
-    }
+    // Sluice's MB/s in one workload as at least a fraction of a ceiling
+    // or of another workload.
+    let mut at_least =
+        |what: &str, fraction: f64, of: &str, part: Option<f64>, whole: Option<f64>| {
+            if let (Some(s), Some(w)) = (part, whole) {
+                out.push(Target {
+                    what: format!("{what}: >= {fraction} of {of}"),
+                    measured: format!("{:.2} ({s:.0} of {w:.0} MB/s)", s / w),
+                    met: s >= fraction * w,
+                });
+            }
+        };
+    at_least(
+        "produce, flush = os",
+        0.5,
+        "the loopback ceiling",
+        sluice_mb(PRODUCE_OS),
+        loopback,
+    );
+    at_least(
+        "produce, flush = every-batch",
+        0.8,
+        "the disk ceiling",
+        sluice_mb(PRODUCE_DURABLE),
+        disk,
+    );
+    at_least(
+        "produce, flush = every-batch",
+        0.9,
+        "flush = os",
+        sluice_mb(PRODUCE_DURABLE),
+        sluice_mb(PRODUCE_OS),
+    );
+    at_least(
+        "catch-up consume",
+        0.8,
+        "the loopback ceiling",
+        sluice_mb(CONSUME),
+        loopback,
+    );
     let rss = rows
         .iter()
         .filter_map(|r| r.cells.get("sluice"))
