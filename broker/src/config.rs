@@ -141,6 +141,14 @@ pub struct Settings {
     /// Export spans over OTLP/gRPC to this collector URL, e.g. http://127.0.0.1:4317 (brokers built with the `otlp` feature) [default: none].
     #[arg(long, env = "SLUICE_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+
+    // The Kafka listener (docs/KAFKA.md).
+    /// Serve Kafka's wire protocol on this address, e.g. 127.0.0.1:9092; port 0 picks a free one [default: off].
+    #[arg(long, env = "SLUICE_KAFKA_LISTEN")]
+    pub kafka_listen: Option<SocketAddr>,
+    /// host:port Kafka clients are told to connect to (Metadata, FindCoordinator) [default: the Kafka listener's address].
+    #[arg(long, env = "SLUICE_KAFKA_ADVERTISED")]
+    pub kafka_advertised: Option<String>,
 }
 
 /// Who may call, over what: resolved security settings.
@@ -248,6 +256,10 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Where spans are exported (OTLP/gRPC), if anywhere.
     pub otlp_endpoint: Option<String>,
+    /// Where the Kafka listener binds; `None` when it is off.
+    pub kafka_listen: Option<SocketAddr>,
+    /// The `host:port` Kafka clients are sent to; `None`: the bound address.
+    pub kafka_advertised: Option<(String, u16)>,
     /// The TOML file read, if any.
     pub config_file: Option<PathBuf>,
     /// Every setting in effect with its source, by name.
@@ -316,6 +328,11 @@ impl Config {
             metrics_per_partition: Some(self.metrics.per_partition),
             log_format: Some(self.log_format),
             otlp_endpoint: self.otlp_endpoint.clone(),
+            kafka_listen: self.kafka_listen,
+            kafka_advertised: self
+                .kafka_advertised
+                .as_ref()
+                .map(|(host, port)| format!("{host}:{port}")),
             auth: Some(
                 match self.security.auth.mode {
                     AuthMode::Off => "off",
@@ -423,9 +440,23 @@ impl Config {
                     .into(),
             ));
         }
+        let kafka_listen = pick!(kafka_listen);
+        let kafka_advertised = match pick!(kafka_advertised).filter(|a| !a.is_empty()) {
+            Some(address) => {
+                if kafka_listen.is_none() {
+                    return Err(ConfigError::Invalid(
+                        "--kafka-advertised needs --kafka-listen".into(),
+                    ));
+                }
+                Some(parse_host_port(&address)?)
+            }
+            None => None,
+        };
         Ok(Config {
             listen,
             security,
+            kafka_listen,
+            kafka_advertised,
             data_dir: pick!(data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
             topics,
             server,
@@ -503,6 +534,29 @@ fn resolve_security(
         reflection,
         allow_unauthenticated_remote,
     })
+}
+
+/// `host:port`, as Kafka clients are given a broker's address: a host name
+/// or an IP (IPv6 in brackets), and a port above 0.
+fn parse_host_port(address: &str) -> Result<(String, u16), ConfigError> {
+    let invalid = |why: &str| {
+        ConfigError::Invalid(format!(
+            "Kafka advertised address {address:?} {why}; expected host:port, e.g. broker1.example.com:9092"
+        ))
+    };
+    let (host, port) = address
+        .rsplit_once(':')
+        .ok_or_else(|| invalid("has no port"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(invalid("has no host"));
+    }
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| invalid("has no valid port"))?;
+    Ok((host.to_owned(), port))
 }
 
 fn default_metrics_listen() -> SocketAddr {

@@ -1,7 +1,9 @@
 //! Sluice broker: a persistent log broker.
 //!
-//! Data flows one way: [`server`] → ([`auth`], [`producers`], [`groups`], [`dlq`]) →
-//! [`topics`] → [`storage`]. Each module's doc says what it owns.
+//! Data flows one way: the front doors, [`server`] (gRPC) and [`kafka`]
+//! (Kafka's wire protocol), → [`state`] (operations that span layers) →
+//! ([`auth`], [`producers`], [`groups`], [`dlq`]) → [`topics`] → [`storage`].
+//! Each module's doc says what it owns.
 //! [`metrics`] stands beside [`server`]: the server records into it, and
 //! its collectors read the layers below at scrape time.
 
@@ -10,11 +12,13 @@ pub mod check;
 pub mod config;
 pub mod dlq;
 pub mod groups;
+pub mod kafka;
 pub mod metrics;
 #[cfg(feature = "otlp")]
 pub mod otlp;
 pub mod producers;
 pub mod server;
+pub mod state;
 pub mod storage;
 pub mod topics;
 

@@ -10,6 +10,7 @@ use sluice_broker::auth::{AuthMode, Authorizer};
 use sluice_broker::config::{Args, Config, LogFormat};
 use sluice_broker::dlq::RetrySets;
 use sluice_broker::groups::{GroupCoordinator, GroupSettings, OffsetStore};
+use sluice_broker::kafka::{self, KafkaSettings};
 use sluice_broker::metrics::{Metrics, serve_metrics};
 use sluice_broker::server;
 use sluice_broker::server::tls::ReloadingTls;
@@ -213,6 +214,39 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let state = server::BrokerState {
+        topics: Arc::clone(&topics),
+        groups: Arc::clone(&groups),
+        retries: Arc::clone(&retries),
+    };
+    // Bound (and logged) before the gRPC listener, whose line says the
+    // broker is up.
+    let (stop_kafka, kafka_stopping) = tokio::sync::watch::channel(false);
+    let kafka = match config.kafka_listen {
+        Some(address) => {
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("listening for Kafka clients on {address}"))?;
+            let bound = listener.local_addr()?;
+            let settings = KafkaSettings::new(bound, config.kafka_advertised.clone());
+            let (host, port) = settings.advertised.clone();
+            tracing::info!(address = %bound, advertised = %format!("{host}:{port}"), "kafka listener at {bound}");
+            if security.auth.mode() == AuthMode::Required {
+                tracing::warn!(
+                    "the Kafka listener has no authentication (no SASL): its clients are the \
+                     anonymous principal, allowed only what access rules grant it"
+                );
+            }
+            Some(tokio::spawn(kafka::serve(
+                state.clone(),
+                Arc::clone(&security.auth),
+                listener,
+                settings,
+                kafka_stopping,
+            )))
+        }
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
@@ -232,12 +266,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
             "authentication is required but TLS is off: tokens cross the network in the clear"
         );
     }
-    server::serve(
-        server::BrokerState {
-            topics: Arc::clone(&topics),
-            groups: Arc::clone(&groups),
-            retries: Arc::clone(&retries),
-        },
+    let served = server::serve(
+        state,
         listener,
         server::Observability {
             metrics,
@@ -247,7 +277,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
         security,
         shutdown_signal(),
     )
-    .await?;
+    .await;
+    let _ = stop_kafka.send(true);
+    if let Some(kafka) = kafka {
+        // Connections finish their current request; bounded like gRPC's.
+        let _ = tokio::time::timeout(config.server.shutdown_timeout, kafka).await;
+    }
+    served?;
     tracing::info!("flushing and closing every partition");
     tokio::task::spawn_blocking(move || {
         groups.offsets().close().context("closing the offsets")?;

@@ -12,6 +12,7 @@ use super::{blocking, status};
 use crate::auth::{Operation, Resource};
 use crate::dlq::RetrySets;
 use crate::groups::GroupCoordinator;
+use crate::state::DeleteTopicError;
 use crate::topics::{Topic, TopicConfig, TopicConfigPatch, TopicRegistry};
 
 pub(crate) struct Admin {
@@ -109,7 +110,7 @@ fn describe(topic: &Topic) -> v1::DescribeTopicResponse {
     v1::DescribeTopicResponse {
         name: topic.name().to_owned(),
         config: Some(to_proto(&config)),
-        max_batch_bytes: super::produce::batch_limit(&config),
+        max_batch_bytes: config.batch_limit(),
         partitions: topic
             .partitions()
             .iter()
@@ -183,20 +184,12 @@ impl AdminService for Admin {
         let groups = Arc::clone(&self.groups);
         let retries = Arc::clone(&self.retries);
         blocking(move || {
-            let deleted = topics.delete(&name).map_err(status::topic)?;
-            // The groups' state of it goes too. Not atomic with the delete:
-            // after a crash here the state is bound to the deleted topic's
-            // incarnation, so a topic created later under this name never
-            // obeys it, and the next start drops it. Only the deleted
-            // incarnation's state goes: a topic of the same name created in
-            // the meantime keeps what it has.
-            groups
-                .offsets()
-                .delete_topic(&name, deleted, super::convert::now_ms())
-                .map_err(status::storage)?;
-            retries
-                .delete_topic(&name, deleted)
-                .map_err(status::storage)
+            crate::state::delete_topic(&topics, &groups, &retries, &name, super::convert::now_ms())
+                .map(drop)
+                .map_err(|e| match e {
+                    DeleteTopicError::Topic(e) => status::topic(e),
+                    DeleteTopicError::GroupState(e) => status::storage(e),
+                })
         })
         .await?;
         Ok(Response::new(v1::DeleteTopicResponse {}))

@@ -67,11 +67,7 @@ pub(crate) fn consumed(topic: &str, partition: u32, stored: StoredRecord) -> v1:
     }
 }
 
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
+pub(crate) use crate::state::now_ms;
 
 #[cfg(test)]
 mod tests {

@@ -142,13 +142,7 @@ pub(crate) async fn blocking<T: Send + 'static>(
 
 pub use dlq::finish_pending_dead_letters;
 
-/// The broker's state the services stand on.
-#[derive(Clone)]
-pub struct BrokerState {
-    pub topics: Arc<TopicRegistry>,
-    pub groups: Arc<GroupCoordinator>,
-    pub retries: Arc<RetrySets>,
-}
+pub use crate::state::BrokerState;
 
 /// Serves the broker's API on `listener` until `shutdown` completes.
 pub async fn serve(

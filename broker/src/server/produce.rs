@@ -32,15 +32,6 @@ use crate::topics::{Topic, TopicConfig, TopicRegistry};
 
 /// Requests of one stream written but not yet acknowledged, at most.
 const STREAM_IN_FLIGHT: usize = 64;
-/// A batch is cut at this size (or half a segment, if smaller).
-const MAX_BATCH_BYTES: u64 = 16 * 1024 * 1024;
-
-/// The largest batch a request writes to one partition of a topic with
-/// `config`: an idempotent request beyond it is refused, a plain one split.
-/// `DescribeTopic` reports it so producers cut their batches to fit.
-pub(crate) fn batch_limit(config: &crate::topics::TopicConfig) -> u64 {
-    MAX_BATCH_BYTES.min(config.segment_bytes / 2)
-}
 
 pub(crate) struct Produce {
     pub(crate) access: Access,
@@ -103,7 +94,7 @@ fn check_client_batch(
     producer: ProducerInfo,
     config: &TopicConfig,
 ) -> Result<EncodedBatch, Status> {
-    let limit = batch_limit(config);
+    let limit = config.batch_limit();
     if bytes.len() as u64 > limit {
         return Err(Refusal::Rule(format!(
             "it is {} bytes, and the topic takes batches of at most {limit} bytes",
@@ -291,7 +282,7 @@ fn prepare(topics: &TopicRegistry, request: v1::ProduceRequest) -> Result<Prepar
             .or_default()
             .push((index, record_from_proto(record, now)));
     }
-    let batch_limit = batch_limit(&config) as usize;
+    let batch_limit = config.batch_limit() as usize;
     let mut batches = Vec::new();
     for (partition, records) in by_partition {
         let mut builder = BatchBuilder::default();

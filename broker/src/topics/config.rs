@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 use super::TopicError;
 use crate::storage::{Compression, FlushPolicy, LogConfig};
 
+/// A batch is cut at this size (or half a segment, if smaller).
+const MAX_BATCH_BYTES: u64 = 16 * 1024 * 1024;
+
 /// A topic's settings as stored in `meta/topics.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TopicConfig {
@@ -297,6 +300,14 @@ impl TopicConfig {
         self.flush
             .parse()
             .map_err(|e: crate::storage::StorageError| TopicError::InvalidConfig(e.to_string()))
+    }
+
+    /// The largest batch one produce request writes to one partition: a
+    /// batch is cut at 16 MiB, or half a segment if that is smaller. An
+    /// idempotent request beyond it is refused, a plain one split;
+    /// `DescribeTopic` reports it so producers cut their batches to fit.
+    pub fn batch_limit(&self) -> u64 {
+        MAX_BATCH_BYTES.min(self.segment_bytes / 2)
     }
 
     /// The codec every stored batch must have, if the topic forces one;

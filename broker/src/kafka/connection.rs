@@ -1,0 +1,289 @@
+//! One Kafka connection: frames in, one request at a time, answers out in
+//! order.
+//!
+//! A frame is a 4-byte big-endian size and that many bytes: a request
+//! header (API key, version, correlation id, client id) and the body. What
+//! closes the connection, and nothing else: a size below a header's or
+//! above [`KafkaSettings::max_frame_bytes`](super::KafkaSettings), a frame
+//! cut short by the peer, a header that cannot be read, an API key Kafka
+//! does not know, or an error the API cannot carry in its answer.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use kafka_protocol::messages::{ApiKey, RequestHeader, RequestKind, ResponseHeader, ResponseKind};
+use kafka_protocol::protocol::{Encodable, decode_request_header_from_buffer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tracing::Instrument;
+
+use super::errors::{KafkaCode, error_response};
+use super::{Context, admin, fetch, groups, produce, versions};
+
+/// The smallest frame that holds a request header: API key, version,
+/// correlation id and the client id's length.
+const MIN_FRAME_BYTES: usize = 10;
+
+/// Why a connection ends.
+#[derive(Debug)]
+enum End {
+    /// The peer closed it between requests.
+    Closed,
+    /// Something the listener closes it for, with the reason for the log.
+    Refused(String),
+}
+
+impl From<std::io::Error> for End {
+    fn from(e: std::io::Error) -> Self {
+        match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => End::Refused("the frame was cut short".into()),
+            _ => End::Refused(format!("the connection failed: {e}")),
+        }
+    }
+}
+
+pub(super) async fn serve_connection(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    context: Arc<Context>,
+) {
+    let span = tracing::info_span!("kafka_connection", %peer);
+    async move {
+        tracing::debug!("Kafka connection opened");
+        let end = serve_requests(&mut stream, &context).await;
+        match end {
+            End::Closed => tracing::debug!("Kafka connection closed by the client"),
+            End::Refused(reason) => {
+                tracing::warn!(%reason, "closing a Kafka connection");
+            }
+        }
+        let _ = stream.shutdown().await;
+    }
+    .instrument(span)
+    .await
+}
+
+async fn serve_requests(stream: &mut TcpStream, context: &Arc<Context>) -> End {
+    let mut stopping = context.shutdown.clone();
+    loop {
+        let frame = tokio::select! {
+            frame = read_frame(stream, context.settings.max_frame_bytes) => frame,
+            _ = stopping.wait_for(|stop| *stop) => return End::Closed,
+        };
+        let frame = match frame {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return End::Closed,
+            Err(end) => return end,
+        };
+        let answer = match answer(frame, context).await {
+            Ok(answer) => answer,
+            Err(end) => return end,
+        };
+        if let Some(bytes) = answer
+            && let Err(e) = stream.write_all(&bytes).await
+        {
+            return End::from(e);
+        }
+    }
+}
+
+/// The next frame's bytes, or `None` when the peer closed the connection
+/// between frames.
+async fn read_frame(stream: &mut TcpStream, max: usize) -> Result<Option<Bytes>, End> {
+    let mut size = [0u8; 4];
+    match stream.read(&mut size[..1]).await {
+        Ok(0) => return Ok(None),
+        Ok(_) => {}
+        Err(e) => return Err(End::from(e)),
+    }
+    stream.read_exact(&mut size[1..]).await?;
+    let size = i32::from_be_bytes(size);
+    let size = usize::try_from(size)
+        .map_err(|_| End::Refused(format!("the frame size {size} is negative")))?;
+    if size > max {
+        return Err(End::Refused(format!(
+            "the frame of {size} bytes is over the limit of {max} bytes"
+        )));
+    }
+    if size < MIN_FRAME_BYTES {
+        return Err(End::Refused(format!(
+            "the frame of {size} bytes is too short for a request header"
+        )));
+    }
+    let mut frame = vec![0u8; size];
+    stream.read_exact(&mut frame).await?;
+    Ok(Some(Bytes::from(frame)))
+}
+
+/// The encoded answer to one frame (`None`: the request wants none, a
+/// Produce with acks 0), or the reason to close the connection.
+async fn answer(mut frame: Bytes, context: &Arc<Context>) -> Result<Option<Bytes>, End> {
+    let key = i16::from_be_bytes([frame[0], frame[1]]);
+    let version = i16::from_be_bytes([frame[2], frame[3]]);
+    let api = ApiKey::try_from(key)
+        .map_err(|_| End::Refused(format!("API key {key} is not a Kafka API")))?;
+    if api == ApiKey::ApiVersions && !versions::is_supported(api, version) {
+        // KIP-511: answer in version 0, which every client reads, with the
+        // versions served, so the client can retry with one of them.
+        let correlation_id = i32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]);
+        tracing::debug!(version, "ApiVersions in an unsupported version");
+        let response = versions::api_versions_response(KafkaCode::UnsupportedVersion.code());
+        return encode(api, 0, correlation_id, &ResponseKind::ApiVersions(response)).map(Some);
+    }
+    if api.valid_versions().min > version || version > api.valid_versions().max {
+        return Err(End::Refused(format!(
+            "{api:?} version {version} is not one Kafka defines"
+        )));
+    }
+    let header = decode_request_header_from_buffer(&mut frame)
+        .map_err(|e| End::Refused(format!("the {api:?} request header is unreadable: {e}")))?;
+    let span = tracing::debug_span!(
+        "kafka_request",
+        api = ?api,
+        version,
+        correlation_id = header.correlation_id,
+        client_id = header.client_id.as_deref().unwrap_or(""),
+    );
+    async move {
+        if !versions::is_supported(api, version) {
+            tracing::debug!("unsupported version");
+            return refuse(api, &header, KafkaCode::UnsupportedVersion);
+        }
+        let request = match RequestKind::decode(api, &mut frame, version) {
+            Ok(request) => request,
+            Err(e) => {
+                tracing::warn!(error = %e, "a malformed Kafka request");
+                return refuse(api, &header, KafkaCode::InvalidRequest);
+            }
+        };
+        let Some(response) = dispatch(context, &header, request).await else {
+            return Ok(None);
+        };
+        encode(api, version, header.correlation_id, &response).map(Some)
+    }
+    .instrument(span)
+    .await
+}
+
+/// Answers `header`'s request with `code` where its API has an error code
+/// to carry it; otherwise closes the connection.
+fn refuse(api: ApiKey, header: &RequestHeader, code: KafkaCode) -> Result<Option<Bytes>, End> {
+    match error_response(api, header.request_api_version, code) {
+        Some(response) => encode(
+            api,
+            header.request_api_version,
+            header.correlation_id,
+            &response,
+        )
+        .map(Some),
+        None => Err(End::Refused(format!(
+            "{api:?} version {} cannot carry {code:?} in its answer",
+            header.request_api_version
+        ))),
+    }
+}
+
+async fn dispatch(
+    context: &Arc<Context>,
+    header: &RequestHeader,
+    request: RequestKind,
+) -> Option<ResponseKind> {
+    let version = header.request_api_version;
+    let response = match request {
+        RequestKind::ApiVersions(_) => {
+            ResponseKind::ApiVersions(versions::api_versions_response(0))
+        }
+        RequestKind::Metadata(r) => ResponseKind::Metadata(admin::metadata(context, r, version)),
+        RequestKind::CreateTopics(r) => {
+            ResponseKind::CreateTopics(admin::create_topics(context, r, version).await)
+        }
+        RequestKind::DeleteTopics(r) => {
+            ResponseKind::DeleteTopics(admin::delete_topics(context, r).await)
+        }
+        RequestKind::DescribeConfigs(r) => {
+            ResponseKind::DescribeConfigs(admin::describe_configs(context, r))
+        }
+        RequestKind::DescribeCluster(r) => {
+            ResponseKind::DescribeCluster(admin::describe_cluster(context, r))
+        }
+        RequestKind::FindCoordinator(r) => {
+            ResponseKind::FindCoordinator(admin::find_coordinator(context, r, version))
+        }
+        RequestKind::Produce(r) => {
+            let acks = r.acks;
+            let response = produce::produce(context, r).await;
+            if acks == 0 {
+                return None;
+            }
+            ResponseKind::Produce(response)
+        }
+        RequestKind::InitProducerId(r) => {
+            ResponseKind::InitProducerId(produce::init_producer_id(context, r).await)
+        }
+        RequestKind::Fetch(r) => ResponseKind::Fetch(fetch::fetch(context, r, version).await),
+        RequestKind::ListOffsets(r) => {
+            ResponseKind::ListOffsets(fetch::list_offsets(context, r, version).await)
+        }
+        RequestKind::JoinGroup(r) => {
+            ResponseKind::JoinGroup(groups::join_group(context, r, header).await)
+        }
+        RequestKind::SyncGroup(r) => ResponseKind::SyncGroup(groups::sync_group(context, r).await),
+        RequestKind::Heartbeat(r) => ResponseKind::Heartbeat(groups::heartbeat(context, r)),
+        RequestKind::LeaveGroup(r) => {
+            ResponseKind::LeaveGroup(groups::leave_group(context, r, version))
+        }
+        RequestKind::OffsetCommit(r) => {
+            ResponseKind::OffsetCommit(groups::offset_commit(context, r).await)
+        }
+        RequestKind::OffsetFetch(r) => {
+            ResponseKind::OffsetFetch(groups::offset_fetch(context, r, version))
+        }
+        RequestKind::ListGroups(r) => ResponseKind::ListGroups(groups::list_groups(context, r)),
+        RequestKind::DescribeGroups(r) => {
+            ResponseKind::DescribeGroups(groups::describe_groups(context, r))
+        }
+        other => {
+            // Unreachable while SUPPORTED_APIS and this match agree; a
+            // unit test keeps them in step.
+            tracing::error!(request = ?std::mem::discriminant(&other), "a supported API has no handler");
+            return error_response(
+                ApiKey::try_from(header.request_api_key).ok()?,
+                version,
+                KafkaCode::UnsupportedVersion,
+            );
+        }
+    };
+    Some(response)
+}
+
+/// A response frame: size, header, body.
+fn encode(
+    api: ApiKey,
+    version: i16,
+    correlation_id: i32,
+    response: &ResponseKind,
+) -> Result<Bytes, End> {
+    let mut buf = BytesMut::with_capacity(256);
+    buf.put_i32(0);
+    let mut header = ResponseHeader::default();
+    header.correlation_id = correlation_id;
+    let encoded = header
+        .encode(&mut buf, api.response_header_version(version))
+        .and_then(|()| response.encode(&mut buf, version));
+    if let Err(e) = encoded {
+        // A bug of ours (a field this version cannot carry), not the
+        // client's: name it and close rather than send garbage.
+        tracing::error!(?api, version, error = %e, "encoding a Kafka response failed");
+        return Err(End::Refused(format!(
+            "the {api:?} v{version} answer could not be encoded: {e}"
+        )));
+    }
+    let size = i32::try_from(buf.len() - 4).map_err(|_| {
+        End::Refused(format!(
+            "the {api:?} answer is over 2 GiB; nothing was sent"
+        ))
+    })?;
+    buf[..4].copy_from_slice(&size.to_be_bytes());
+    Ok(buf.freeze())
+}

@@ -1,0 +1,71 @@
+//! The broker's state that every front door stands on, and the operations
+//! that span more than one layer.
+//!
+//! [`BrokerState`] holds the layers the gRPC server ([`crate::server`]) and
+//! the Kafka listener ([`crate::kafka`]) both call: topics, groups and
+//! their offsets, and the retry sets of DLQs. An operation that must touch
+//! several of them in one order, such as deleting a topic (the topic, then
+//! every group's offsets of it, then its retries), lives here once, so the
+//! two protocols cannot drift apart. It knows no wire format.
+
+use std::sync::Arc;
+
+use crate::dlq::RetrySets;
+use crate::groups::GroupCoordinator;
+use crate::storage::StorageError;
+use crate::topics::{TopicError, TopicId, TopicRegistry};
+
+/// The layers the front doors call.
+#[derive(Clone)]
+pub struct BrokerState {
+    pub topics: Arc<TopicRegistry>,
+    pub groups: Arc<GroupCoordinator>,
+    pub retries: Arc<RetrySets>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeleteTopicError {
+    #[error(transparent)]
+    Topic(#[from] TopicError),
+    /// The topic is gone, but the groups' offsets or retries of it could
+    /// not be dropped; they are bound to the deleted incarnation, never
+    /// served, and dropped at the next start.
+    #[error("topic deleted, but dropping its group state failed: {0}")]
+    GroupState(#[from] StorageError),
+}
+
+/// Deletes topic `name` and the groups' state of it: committed offsets and
+/// retries. Blocks (it syncs files): call it on the blocking pool.
+///
+/// Not atomic: after a crash between the steps, the state left behind is
+/// bound to the deleted topic's incarnation, so a topic created later under
+/// this name never obeys it, and the next start drops it. Only the deleted
+/// incarnation's state goes: a topic of the same name created in the
+/// meantime keeps what it has.
+pub fn delete_topic(
+    topics: &TopicRegistry,
+    groups: &GroupCoordinator,
+    retries: &RetrySets,
+    name: &str,
+    now_ms: i64,
+) -> Result<TopicId, DeleteTopicError> {
+    let deleted = topics.delete(name)?;
+    groups.offsets().delete_topic(name, deleted, now_ms)?;
+    retries.delete_topic(name, deleted)?;
+    Ok(deleted)
+}
+
+impl BrokerState {
+    /// [`delete_topic`] on this broker's layers.
+    pub fn delete_topic(&self, name: &str, now_ms: i64) -> Result<TopicId, DeleteTopicError> {
+        delete_topic(&self.topics, &self.groups, &self.retries, name, now_ms)
+    }
+}
+
+/// The broker's wall clock in milliseconds since the Unix epoch: record
+/// timestamps the producer left unset, commit times.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
