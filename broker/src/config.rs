@@ -680,7 +680,7 @@ mod tests {
         assert_eq!(find("log_format").value, "text");
         assert_eq!(
             config.settings_in_effect().len(),
-            32,
+            34,
             "every setting is listed"
         );
         let auth = find("auth");
@@ -689,7 +689,35 @@ mod tests {
             ("off", SettingSource::Default)
         );
         assert_eq!(find("otlp_endpoint").value, "(default)");
+        assert_eq!(find("kafka_listen").value, "(default)");
         assert!(!config.metrics.per_partition);
+    }
+
+    #[test]
+    fn the_kafka_advertised_address_is_host_and_port() {
+        let settings = |advertised: &str| Settings {
+            kafka_listen: Some("127.0.0.1:0".parse().unwrap()),
+            kafka_advertised: Some(advertised.into()),
+            ..Settings::default()
+        };
+        let config = Config::resolve(settings("broker1.example.com:9092"), Settings::default())
+            .unwrap();
+        assert_eq!(
+            config.kafka_advertised,
+            Some(("broker1.example.com".to_owned(), 9092))
+        );
+        let v6 = Config::resolve(settings("[::1]:9093"), Settings::default()).unwrap();
+        assert_eq!(v6.kafka_advertised, Some(("::1".to_owned(), 9093)));
+        for bad in ["no-port", ":9092", "host:0", "host:99999"] {
+            let e = Config::resolve(settings(bad), Settings::default()).unwrap_err();
+            assert!(e.to_string().contains(bad), "{bad}: {e}");
+        }
+        let without_listener = Settings {
+            kafka_advertised: Some("h:1".into()),
+            ..Settings::default()
+        };
+        let e = Config::resolve(without_listener, Settings::default()).unwrap_err();
+        assert!(e.to_string().contains("--kafka-listen"), "{e}");
     }
 
     #[test]

@@ -17,6 +17,15 @@
 //!   assigned or still holds; from outside the group (no member id) only
 //!   while the group has no members. An evicted member's commit is refused.
 //!
+//! A group name speaks one protocol at a time: Sluice's, above, or Kafka's
+//! classic one ([`ClassicGroups`], which the coordinator owns). A join of
+//! either is refused while the group has live members of the other; both
+//! checks run under the coordinator's lock, which is always taken before the
+//! classic groups' lock, so two racing joins cannot both get in. Committed
+//! offsets are shared: a classic member commits to the same [`OffsetStore`],
+//! and a group with live members of either protocol has its offsets neither
+//! reset nor expired.
+//!
 //! Membership lives in memory: after a broker restart members get "unknown
 //! member" on their next heartbeat and join again. Offsets are durable
 //! ([`OffsetStore`]), bound to the incarnation of their topic: offsets of a
@@ -36,6 +45,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 use super::assignor::{MemberSubscription, TopicPartition, assign};
+use super::classic::{ClassicError, ClassicGroups, JoinOutcome, JoinRequest, Pending};
 use super::offsets::{CommittedOffset, OffsetStore};
 use crate::storage::StorageError;
 use crate::topics::TopicId;
@@ -67,6 +77,10 @@ pub struct GroupSettings {
     /// How often members are told to heartbeat, at most a third of their
     /// session timeout.
     pub heartbeat_interval: Duration,
+    /// How long a classic (Kafka) group's first rebalance out of `Empty`
+    /// waits for more members before it completes, as Kafka's
+    /// `group.initial.rebalance.delay.ms`.
+    pub initial_rebalance_delay: Duration,
 }
 
 impl Default for GroupSettings {
@@ -75,7 +89,31 @@ impl Default for GroupSettings {
             min_session_timeout: Duration::from_millis(500),
             max_session_timeout: Duration::from_secs(300),
             heartbeat_interval: Duration::from_secs(3),
+            initial_rebalance_delay: Duration::ZERO,
         }
+    }
+}
+
+/// The membership protocol a group's members speak; one at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupProtocol {
+    /// Sluice's own: the broker assigns ([`GroupCoordinator::join`]).
+    Sluice,
+    /// Kafka's classic one: the group leader assigns ([`ClassicGroups`]).
+    KafkaClassic,
+}
+
+fn not_empty_message(group: &str, members: usize, protocol: GroupProtocol) -> String {
+    match protocol {
+        GroupProtocol::Sluice => format!(
+            "group {group:?} has {members} live member(s); stop them (or wait for their \
+             session timeout) first"
+        ),
+        GroupProtocol::KafkaClassic => format!(
+            "group {group:?} is in use by {members} live Kafka consumer(s) (the classic \
+             group protocol), and a group speaks one protocol at a time; stop them (or \
+             wait for their session timeout) first, or use another group id"
+        ),
     }
 }
 
@@ -104,11 +142,15 @@ pub enum GroupError {
         member: String,
         partition: TopicPartition,
     },
-    #[error(
-        "group {group:?} has {members} live member(s); stop them (or wait for their \
-         session timeout) first"
-    )]
-    GroupNotEmpty { group: String, members: usize },
+    /// The group has live members, of `protocol`: an offset reset or a
+    /// commit from outside the group is refused, and so is a Sluice join
+    /// while they speak Kafka's classic protocol.
+    #[error("{}", not_empty_message(.group, *.members, *.protocol))]
+    GroupNotEmpty {
+        group: String,
+        members: usize,
+        protocol: GroupProtocol,
+    },
     #[error("session timeout {got:?} is outside {min:?}..={max:?}")]
     InvalidSessionTimeout {
         got: Duration,
@@ -241,7 +283,9 @@ impl Group {
 
 /// Coordinates every consumer group of the broker.
 pub struct GroupCoordinator {
+    /// Lock order: `groups` before any lock inside `classic`.
     groups: Mutex<HashMap<String, Group>>,
+    classic: ClassicGroups,
     offsets: OffsetStore,
     catalog: Box<dyn TopicCatalog>,
     settings: GroupSettings,
@@ -259,6 +303,7 @@ impl GroupCoordinator {
     ) -> Self {
         GroupCoordinator {
             groups: Mutex::new(HashMap::new()),
+            classic: ClassicGroups::new(settings.clone()),
             offsets,
             catalog,
             settings,
@@ -269,6 +314,81 @@ impl GroupCoordinator {
 
     pub fn offsets(&self) -> &OffsetStore {
         &self.offsets
+    }
+
+    /// The Kafka classic groups: sync, heartbeat, leave, describe, list,
+    /// tick. Joins go through [`GroupCoordinator::join_classic`], commits
+    /// through [`GroupCoordinator::commit_classic`].
+    pub fn classic(&self) -> &ClassicGroups {
+        &self.classic
+    }
+
+    /// A Kafka JoinGroup (see [`ClassicGroups`]); refused with
+    /// [`ClassicError::OtherProtocol`] while the group has live Sluice
+    /// members.
+    pub fn join_classic(&self, request: JoinRequest, now: Instant) -> Pending<JoinOutcome> {
+        let mut groups = self.groups.lock();
+        expire_members(&mut groups, now);
+        let sluice_members = groups.get(&request.group_id).map_or(0, |g| g.members.len());
+        // Under `groups`: a Sluice join waits, then sees this member.
+        self.classic.join(request, sluice_members, now)
+    }
+
+    /// A Kafka OffsetCommit. A member's commit must pass
+    /// [`ClassicGroups::check_commit`] (no check of which partitions it was
+    /// assigned: Kafka makes none); one from outside the group (empty member
+    /// id, negative generation) is [`GroupCoordinator::commit`]'s, allowed
+    /// only while the group has no live members of either protocol.
+    pub fn commit_classic(
+        &self,
+        group_id: &str,
+        member_id: &str,
+        generation: i32,
+        offsets: Vec<(TopicPartition, u64, String)>,
+        now: Instant,
+        now_ms: i64,
+    ) -> Result<(), ClassicError> {
+        if member_id.is_empty() && generation < 0 {
+            self.commit(group_id, None, offsets, now, now_ms)?;
+        } else {
+            self.classic
+                .check_commit(group_id, member_id, generation, now)?;
+            self.write_offsets(group_id, offsets, now_ms)?;
+        }
+        Ok(())
+    }
+
+    /// Whether the group has live members, of either protocol.
+    pub fn has_live_members(&self, group_id: &str, now: Instant) -> bool {
+        let mut groups = self.groups.lock();
+        expire_members(&mut groups, now);
+        self.check_no_members(&groups, group_id, now).is_err()
+    }
+
+    /// Refuses with `GroupNotEmpty` while the group has live members of
+    /// either protocol. Call under the `groups` lock.
+    fn check_no_members(
+        &self,
+        groups: &HashMap<String, Group>,
+        group_id: &str,
+        now: Instant,
+    ) -> Result<(), GroupError> {
+        let sluice = groups.get(group_id).map_or(0, |g| g.members.len());
+        let (members, protocol) = match sluice {
+            0 => (
+                self.classic.live_members(group_id, now),
+                GroupProtocol::KafkaClassic,
+            ),
+            n => (n, GroupProtocol::Sluice),
+        };
+        if members > 0 {
+            return Err(GroupError::GroupNotEmpty {
+                group: group_id.to_owned(),
+                members,
+                protocol,
+            });
+        }
+        Ok(())
     }
 
     /// The committed offsets of `group_id` that belong to the live
@@ -318,6 +438,15 @@ impl GroupCoordinator {
             self.next_member.fetch_add(1, Ordering::Relaxed)
         );
         let mut groups = self.groups.lock();
+        // Under `groups`: a classic join waits, then sees this member.
+        let kafka_members = self.classic.live_members(group_id, now);
+        if kafka_members > 0 {
+            return Err(GroupError::GroupNotEmpty {
+                group: group_id.to_owned(),
+                members: kafka_members,
+                protocol: GroupProtocol::KafkaClassic,
+            });
+        }
         let group = groups.entry(group_id.to_owned()).or_default();
         group.emptied_at = None;
         let previous = instance_id.and_then(|instance| {
@@ -467,10 +596,12 @@ impl GroupCoordinator {
         Ok(())
     }
 
-    /// Removes members whose session timed out. Heartbeats do it too; call
+    /// Removes members whose session timed out, of both protocols, and
+    /// completes classic rebalances that are due. Heartbeats do it too; call
     /// this periodically so a group whose members all died is noticed.
     pub fn expire_sessions(&self, now: Instant) -> usize {
-        expire_members(&mut self.groups.lock(), now)
+        let sluice = expire_members(&mut self.groups.lock(), now);
+        sluice + self.classic.tick(now)
     }
 
     /// Commits offsets. `member` is `(member_id, member_epoch)` for a group
@@ -512,20 +643,21 @@ impl GroupCoordinator {
                         });
                     }
                 }
-                None => {
-                    let members = group.map_or(0, |g| g.members.len());
-                    if members > 0 {
-                        return Err(GroupError::GroupNotEmpty {
-                            group: group_id.to_owned(),
-                            members,
-                        });
-                    }
-                }
+                None => self.check_no_members(&groups, group_id, now)?,
             }
         }
         // The ownership check and the write are not under one lock: a
         // partition handed over in between came back from this member, which
         // released it after committing, so the offset is still its to write.
+        self.write_offsets(group_id, offsets, now_ms)
+    }
+
+    fn write_offsets(
+        &self,
+        group_id: &str,
+        offsets: Vec<(TopicPartition, u64, String)>,
+        now_ms: i64,
+    ) -> Result<(), GroupError> {
         let entries: Vec<(TopicPartition, CommittedOffset)> = offsets
             .into_iter()
             .map(|(tp, offset, metadata)| {
@@ -557,13 +689,7 @@ impl GroupCoordinator {
         {
             let mut groups = self.groups.lock();
             expire_members(&mut groups, now);
-            let members = groups.get(group_id).map_or(0, |g| g.members.len());
-            if members > 0 {
-                return Err(GroupError::GroupNotEmpty {
-                    group: group_id.to_owned(),
-                    members,
-                });
-            }
+            self.check_no_members(&groups, group_id, now)?;
         }
         let current = self.fetch_offsets(group_id);
         let changes: Vec<OffsetChange> = targets
@@ -589,9 +715,9 @@ impl GroupCoordinator {
         Ok(changes)
     }
 
-    /// Deletes the offsets of groups that have been empty (no live member)
-    /// for `retention` and have had no commit for as long (KIP-211); a group
-    /// with live members is never touched. Offsets of deleted topics go too
+    /// Deletes the offsets of groups that have been empty (no live member of
+    /// either protocol) for `retention` and have had no commit for as long
+    /// (KIP-211); a group with live members is never touched. Offsets of deleted topics go too
     /// ([`GroupCoordinator::discard_stale_offsets`]).
     pub fn expire_offsets(
         &self,
@@ -607,13 +733,27 @@ impl GroupCoordinator {
             expire_members(&mut groups, now);
             // Keep an empty group's record while it has offsets: it holds
             // when the group became empty.
-            groups.retain(|id, g| !g.members.is_empty() || with_offsets.binary_search(id).is_ok());
+            let has_offsets = |id: &str| {
+                with_offsets
+                    .binary_search_by(|g| g.as_str().cmp(id))
+                    .is_ok()
+            };
+            groups.retain(|id, g| !g.members.is_empty() || has_offsets(id));
+            self.classic.forget_empty(has_offsets);
             with_offsets
                 .iter()
-                .filter_map(|id| match groups.get(id) {
-                    Some(g) if !g.members.is_empty() => None,
-                    Some(g) => Some((id.clone(), g.emptied_at.unwrap_or(self.started_at))),
-                    None => Some((id.clone(), self.started_at)),
+                .filter(|id| {
+                    groups.get(*id).is_none_or(|g| g.members.is_empty())
+                        && self.classic.live_members(id, now) == 0
+                })
+                .map(|id| {
+                    // The later of the two protocols' emptying.
+                    let emptied_at = groups
+                        .get(id)
+                        .and_then(|g| g.emptied_at)
+                        .max(self.classic.emptied_at(id))
+                        .unwrap_or(self.started_at);
+                    (id.clone(), emptied_at)
                 })
                 .collect()
         };
@@ -633,11 +773,14 @@ impl GroupCoordinator {
                 // Under the lock, so a member joining meanwhile is either
                 // seen here or joins after the offsets are gone.
                 let mut groups = self.groups.lock();
-                if groups.get(&group).is_some_and(|g| !g.members.is_empty()) {
+                if groups.get(&group).is_some_and(|g| !g.members.is_empty())
+                    || self.classic.live_members(&group, now) > 0
+                {
                     continue;
                 }
                 self.offsets.delete_group(&group, now_ms)?;
                 groups.remove(&group);
+                self.classic.forget_if_empty(&group);
                 tracing::info!(group, "expired the offsets of an empty group");
                 expired.push(group);
             }
@@ -645,9 +788,10 @@ impl GroupCoordinator {
         Ok(expired)
     }
 
-    /// Every group with members or committed offsets.
+    /// Every group with members (of either protocol) or committed offsets.
     pub fn list(&self) -> Vec<String> {
         let mut all: BTreeSet<String> = self.offsets.groups().into_iter().collect();
+        all.extend(self.classic.groups_with_members());
         all.extend(
             self.groups
                 .lock()
@@ -658,13 +802,25 @@ impl GroupCoordinator {
         all.into_iter().collect()
     }
 
+    /// The group's members, of either protocol, and its offsets. A Kafka
+    /// member shows its generation as its epoch, and the partitions of its
+    /// last assignment as both assigned and owned.
     pub fn describe(&self, group_id: &str, now: Instant) -> Result<GroupDescription, GroupError> {
         let offsets = self.fetch_offsets(group_id);
         let mut groups = self.groups.lock();
         expire_members(&mut groups, now);
         let group = groups.get(group_id);
-        if group.is_none_or(|g| g.members.is_empty()) && offsets.is_empty() {
+        let classic = self.classic.member_descriptions(group_id, now);
+        if group.is_none_or(|g| g.members.is_empty()) && classic.is_none() && offsets.is_empty() {
             return Err(GroupError::UnknownGroup(group_id.to_owned()));
+        }
+        if let Some((generation, members)) = classic {
+            return Ok(GroupDescription {
+                group_id: group_id.to_owned(),
+                group_epoch: generation,
+                members,
+                offsets,
+            });
         }
         let members = group
             .map(|g| {
@@ -718,4 +874,336 @@ fn expire_members(groups: &mut HashMap<String, Group>, now: Instant) -> usize {
         }
     }
     expired
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::groups::ClassicError;
+
+    struct Catalog;
+
+    impl TopicCatalog for Catalog {
+        fn partition_count(&self, topic: &str) -> Option<u32> {
+            (topic == "orders").then_some(6)
+        }
+
+        fn topic_id(&self, topic: &str) -> Option<TopicId> {
+            (topic == "orders").then_some(TopicId(7))
+        }
+    }
+
+    const SESSION: Duration = Duration::from_secs(10);
+
+    fn coordinator(dir: &std::path::Path) -> GroupCoordinator {
+        GroupCoordinator::new(
+            OffsetStore::open(dir).unwrap(),
+            Box::new(Catalog),
+            GroupSettings::default(),
+        )
+    }
+
+    fn kafka_join(member_id: &str, client: &str) -> JoinRequest {
+        JoinRequest {
+            group_id: "g".to_owned(),
+            member_id: member_id.to_owned(),
+            group_instance_id: None,
+            session_timeout: SESSION,
+            rebalance_timeout: Duration::from_secs(30),
+            protocol_type: "consumer".to_owned(),
+            protocols: vec![("range".to_owned(), Bytes::from_static(b"subscription"))],
+            client_id: client.to_owned(),
+            client_host: "/10.0.0.1".to_owned(),
+            topics: ["orders".to_owned()].into(),
+        }
+    }
+
+    fn orders(partitions: &[u32]) -> BTreeSet<TopicPartition> {
+        partitions
+            .iter()
+            .map(|&p| TopicPartition::new("orders", p))
+            .collect()
+    }
+
+    /// A Kafka member, joined and synced alone with `partitions`: its id
+    /// (generation 1).
+    fn kafka_member(groups: &GroupCoordinator, partitions: &[u32], now: Instant) -> String {
+        let joined = groups
+            .join_classic(kafka_join("", "kafka"), now)
+            .try_recv()
+            .unwrap()
+            .unwrap();
+        let id = joined.member_id;
+        groups
+            .classic()
+            .sync(
+                "g",
+                &id,
+                1,
+                vec![(
+                    id.clone(),
+                    Bytes::from_static(b"assignment"),
+                    orders(partitions),
+                )],
+                now,
+            )
+            .try_recv()
+            .unwrap()
+            .unwrap();
+        id
+    }
+
+    fn offset(tp: u32, offset: u64) -> (TopicPartition, u64, String) {
+        (TopicPartition::new("orders", tp), offset, String::new())
+    }
+
+    #[test]
+    fn a_group_speaks_one_protocol_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let groups = coordinator(dir.path());
+        let t0 = Instant::now();
+        let sluice = groups
+            .join("g", None, ["orders".to_owned()].into(), SESSION, t0)
+            .unwrap();
+        assert!(groups.has_live_members("g", t0));
+        let err = groups
+            .join_classic(kafka_join("", "kafka"), t0)
+            .try_recv()
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            matches!(err, ClassicError::OtherProtocol { members: 1, .. }),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("1 live Sluice-protocol member(s)"),
+            "{err}"
+        );
+        // Other group names are free.
+        let other = JoinRequest {
+            group_id: "h".to_owned(),
+            ..kafka_join("", "kafka")
+        };
+        groups.join_classic(other, t0).try_recv().unwrap().unwrap();
+        groups.leave("g", &sluice.member_id, t0).unwrap();
+        assert!(!groups.has_live_members("g", t0));
+        let kafka = kafka_member(&groups, &[0], t0);
+        assert!(groups.has_live_members("g", t0));
+        let err = groups
+            .join("g", None, ["orders".to_owned()].into(), SESSION, t0)
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                GroupError::GroupNotEmpty {
+                    members: 1,
+                    protocol: GroupProtocol::KafkaClassic,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("Kafka consumer"), "{err}");
+        // Once the Kafka member is gone (its session), Sluice may join.
+        groups.classic().heartbeat("g", &kafka, 1, t0).unwrap();
+        let later = t0 + SESSION * 2;
+        assert_eq!(groups.expire_sessions(later), 2);
+        assert!(!groups.has_live_members("g", later));
+        groups
+            .join("g", None, ["orders".to_owned()].into(), SESSION, later)
+            .unwrap();
+    }
+
+    #[test]
+    fn offsets_of_a_group_with_live_kafka_members_are_neither_reset_nor_expired() {
+        let dir = tempfile::tempdir().unwrap();
+        let groups = coordinator(dir.path());
+        let t0 = Instant::now();
+        let kafka = kafka_member(&groups, &[0, 1], t0);
+        groups
+            .commit_classic("g", &kafka, 1, vec![offset(0, 5)], t0, 1_000)
+            .unwrap();
+        let err = groups
+            .reset_offsets(
+                "g",
+                vec![(TopicPartition::new("orders", 0), 0)],
+                false,
+                t0,
+                1_000,
+            )
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                GroupError::GroupNotEmpty {
+                    members: 1,
+                    protocol: GroupProtocol::KafkaClassic,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = groups
+            .commit("g", None, vec![offset(0, 0)], t0, 1_000)
+            .unwrap_err();
+        assert!(matches!(err, GroupError::GroupNotEmpty { .. }), "{err}");
+        // Nor from outside through Kafka (empty member id, generation -1).
+        let err = groups
+            .commit_classic("g", "", -1, vec![offset(0, 0)], t0, 1_000)
+            .unwrap_err();
+        assert!(
+            matches!(err, ClassicError::Group(GroupError::GroupNotEmpty { .. })),
+            "{err}"
+        );
+        // However old its commits (an hour), a group with a live member
+        // keeps them.
+        let much_later = t0 + SESSION / 2;
+        let now_ms = 3_600_000;
+        groups
+            .classic()
+            .heartbeat("g", &kafka, 1, much_later)
+            .unwrap();
+        assert!(
+            groups
+                .expire_offsets(much_later, now_ms, Duration::from_secs(1))
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            groups.fetch_offsets("g")[&TopicPartition::new("orders", 0)].offset,
+            5
+        );
+        // It leaves: the empty clock starts there, not at the old commit.
+        let left = groups
+            .classic()
+            .leave("g", vec![(Some(kafka.clone()), None)], much_later);
+        assert_eq!(left[0].as_ref().unwrap(), &kafka);
+        let a_bit_later = much_later + Duration::from_secs(30);
+        assert!(
+            groups
+                .expire_offsets(a_bit_later, now_ms + 30_000, Duration::from_secs(60))
+                .unwrap()
+                .is_empty()
+        );
+        // Now resets and outside commits are fine ...
+        groups
+            .commit_classic("g", "", -1, vec![offset(1, 3)], a_bit_later, 1_000)
+            .unwrap();
+        let changes = groups
+            .reset_offsets(
+                "g",
+                vec![(TopicPartition::new("orders", 0), 2)],
+                false,
+                a_bit_later,
+                1_000,
+            )
+            .unwrap();
+        assert_eq!(changes[0].previous, Some(5));
+        // ... and a retention after it left, the offsets expire.
+        let expired = groups
+            .expire_offsets(
+                much_later + Duration::from_secs(61),
+                now_ms + 61_000,
+                Duration::from_secs(60),
+            )
+            .unwrap();
+        assert_eq!(expired, ["g"]);
+        assert!(groups.fetch_offsets("g").is_empty());
+    }
+
+    #[test]
+    fn commit_classic_checks_the_member_and_writes_the_shared_offsets() {
+        let dir = tempfile::tempdir().unwrap();
+        let groups = coordinator(dir.path());
+        let t0 = Instant::now();
+        let kafka = kafka_member(&groups, &[0], t0);
+        // No ownership check, as in Kafka: any partition.
+        groups
+            .commit_classic("g", &kafka, 1, vec![offset(0, 7), offset(3, 9)], t0, 1_000)
+            .unwrap();
+        let committed = groups.fetch_offsets("g");
+        assert_eq!(committed[&TopicPartition::new("orders", 0)].offset, 7);
+        assert_eq!(committed[&TopicPartition::new("orders", 3)].offset, 9);
+        let err = groups
+            .commit_classic("g", &kafka, 0, vec![offset(0, 8)], t0, 1_000)
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ClassicError::IllegalGeneration {
+                    got: 0,
+                    current: 1,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = groups
+            .commit_classic("g", "stranger", 1, vec![offset(0, 8)], t0, 1_000)
+            .unwrap_err();
+        assert!(matches!(err, ClassicError::UnknownMemberId { .. }), "{err}");
+        // A second member: generation 2, waiting for the leader's sync.
+        let mut second = groups.join_classic(kafka_join("", "second"), t0);
+        groups
+            .join_classic(kafka_join(&kafka, "kafka"), t0)
+            .try_recv()
+            .unwrap()
+            .unwrap();
+        second.try_recv().unwrap().unwrap();
+        let err = groups
+            .commit_classic("g", &kafka, 2, vec![offset(0, 8)], t0, 1_000)
+            .unwrap_err();
+        assert!(
+            matches!(err, ClassicError::RebalanceInProgress { .. }),
+            "{err}"
+        );
+        assert_eq!(
+            groups.fetch_offsets("g")[&TopicPartition::new("orders", 0)].offset,
+            7
+        );
+    }
+
+    #[test]
+    fn describe_and_list_show_kafka_members_with_their_assignment() {
+        let dir = tempfile::tempdir().unwrap();
+        let groups = coordinator(dir.path());
+        let t0 = Instant::now();
+        assert!(matches!(
+            groups.describe("g", t0),
+            Err(GroupError::UnknownGroup(_))
+        ));
+        let kafka = kafka_member(&groups, &[0, 2], t0);
+        assert_eq!(groups.list(), ["g"]);
+        let description = groups.describe("g", t0 + Duration::from_secs(2)).unwrap();
+        assert_eq!(description.group_epoch, 1);
+        assert_eq!(
+            description.members,
+            [MemberDescription {
+                member_id: kafka.clone(),
+                instance_id: None,
+                topics: ["orders".to_owned()].into(),
+                member_epoch: 1,
+                assigned: orders(&[0, 2]),
+                owned: orders(&[0, 2]),
+                since_heartbeat: Duration::from_secs(2),
+            }]
+        );
+        let kafka_view = groups.classic().describe("g", t0);
+        assert_eq!(kafka_view.state, "Stable");
+        assert_eq!(kafka_view.members[0].client_host, "/10.0.0.1");
+        assert_eq!(
+            kafka_view.members[0].assignment,
+            Bytes::from_static(b"assignment")
+        );
+        // Gone with its session; no offsets, so no group.
+        let later = t0 + SESSION * 2;
+        groups.expire_sessions(later);
+        assert!(groups.list().is_empty());
+        assert!(matches!(
+            groups.describe("g", later),
+            Err(GroupError::UnknownGroup(_))
+        ));
+    }
 }

@@ -51,7 +51,7 @@ pub(super) async fn serve_connection(
     let span = tracing::info_span!("kafka_connection", %peer);
     async move {
         tracing::debug!("Kafka connection opened");
-        let end = serve_requests(&mut stream, &context).await;
+        let end = serve_requests(&mut stream, &context, peer).await;
         match end {
             End::Closed => tracing::debug!("Kafka connection closed by the client"),
             End::Refused(reason) => {
@@ -64,7 +64,7 @@ pub(super) async fn serve_connection(
     .await
 }
 
-async fn serve_requests(stream: &mut TcpStream, context: &Arc<Context>) -> End {
+async fn serve_requests(stream: &mut TcpStream, context: &Arc<Context>, peer: SocketAddr) -> End {
     let mut stopping = context.shutdown.clone();
     loop {
         let frame = tokio::select! {
@@ -76,7 +76,7 @@ async fn serve_requests(stream: &mut TcpStream, context: &Arc<Context>) -> End {
             Ok(None) => return End::Closed,
             Err(end) => return end,
         };
-        let answer = match answer(frame, context).await {
+        let answer = match answer(frame, context, peer).await {
             Ok(answer) => answer,
             Err(end) => return end,
         };
@@ -118,7 +118,11 @@ async fn read_frame(stream: &mut TcpStream, max: usize) -> Result<Option<Bytes>,
 
 /// The encoded answer to one frame (`None`: the request wants none, a
 /// Produce with acks 0), or the reason to close the connection.
-async fn answer(mut frame: Bytes, context: &Arc<Context>) -> Result<Option<Bytes>, End> {
+async fn answer(
+    mut frame: Bytes,
+    context: &Arc<Context>,
+    peer: SocketAddr,
+) -> Result<Option<Bytes>, End> {
     let key = i16::from_be_bytes([frame[0], frame[1]]);
     let version = i16::from_be_bytes([frame[2], frame[3]]);
     let api = ApiKey::try_from(key)
@@ -157,7 +161,7 @@ async fn answer(mut frame: Bytes, context: &Arc<Context>) -> Result<Option<Bytes
                 return refuse(api, &header, KafkaCode::InvalidRequest);
             }
         };
-        let Some(response) = dispatch(context, &header, request).await else {
+        let Some(response) = dispatch(context, &header, request, peer).await else {
             return Ok(None);
         };
         encode(api, version, header.correlation_id, &response).map(Some)
@@ -188,6 +192,7 @@ async fn dispatch(
     context: &Arc<Context>,
     header: &RequestHeader,
     request: RequestKind,
+    peer: SocketAddr,
 ) -> Option<ResponseKind> {
     let version = header.request_api_version;
     let response = match request {
@@ -226,9 +231,11 @@ async fn dispatch(
             ResponseKind::ListOffsets(fetch::list_offsets(context, r, version).await)
         }
         RequestKind::JoinGroup(r) => {
-            ResponseKind::JoinGroup(groups::join_group(context, r, header).await)
+            ResponseKind::JoinGroup(groups::join_group(context, r, header, peer).await)
         }
-        RequestKind::SyncGroup(r) => ResponseKind::SyncGroup(groups::sync_group(context, r).await),
+        RequestKind::SyncGroup(r) => {
+            ResponseKind::SyncGroup(groups::sync_group(context, r, version).await)
+        }
         RequestKind::Heartbeat(r) => ResponseKind::Heartbeat(groups::heartbeat(context, r)),
         RequestKind::LeaveGroup(r) => {
             ResponseKind::LeaveGroup(groups::leave_group(context, r, version))

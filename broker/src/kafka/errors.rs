@@ -11,7 +11,7 @@ use kafka_protocol::messages::{
     ListGroupsResponse, OffsetFetchResponse, ResponseKind, SyncGroupResponse,
 };
 
-pub(crate) use kafka_protocol::error::ResponseError as KafkaCode;
+pub use kafka_protocol::error::ResponseError as KafkaCode;
 
 use crate::groups::GroupError;
 use crate::producers::{ProducerAppendError, SequenceError};
@@ -21,9 +21,9 @@ use crate::topics::TopicError;
 
 /// A failed operation as a client sees it: the code and what went wrong.
 #[derive(Debug, Clone)]
-pub(crate) struct Failure {
-    pub(crate) code: KafkaCode,
-    pub(crate) message: String,
+pub struct Failure {
+    pub code: KafkaCode,
+    pub message: String,
 }
 
 impl Failure {

@@ -59,6 +59,9 @@ use tokio::sync::watch;
 use crate::auth::{Authorizer, Operation, Principal, Resource};
 use crate::state::BrokerState;
 
+pub use errors::{Failure, KafkaCode};
+/// The translation at the edge, public for the benchmarks that measure it.
+pub use records::{batch_from_kafka, kafka_batches};
 pub use versions::SUPPORTED_APIS;
 
 /// The node id of this broker in every Kafka answer.

@@ -29,6 +29,7 @@ use kafka_protocol::records::{
     Record as KafkaRecord, RecordBatchDecoder, RecordBatchEncoder, RecordEncodeOptions,
     TimestampType,
 };
+use sluice_format::compression::MAX_RECORDS_SECTION;
 use sluice_format::{
     BatchBuilder, BatchError, BatchIter, Compression, EncodedBatch, Header, ProducerInfo, Record,
 };
@@ -47,9 +48,72 @@ fn nearest_codec(kafka: KafkaCompression) -> Compression {
     }
 }
 
+/// Kafka's snappy framing (snappy-java's): this magic, a version and a
+/// compatible version, then blocks, each a 4-byte big-endian length and
+/// a raw snappy block. Without the magic the section is one raw block.
+const XERIAL_MAGIC: &[u8; 8] = b"\x82SNAPPY\x00";
+const XERIAL_HEADER_LEN: usize = 16;
+
+/// A compressed records section, decompressed to at most `limit` bytes
+/// (Sluice's bound on a records section): a section that would expand
+/// past it is refused before it is expanded, so a small request cannot
+/// make the broker allocate without bound.
+fn decompress(section: &mut Bytes, codec: KafkaCompression, limit: usize) -> anyhow::Result<Bytes> {
+    use std::io::Read;
+    let too_big = || anyhow::anyhow!("the records expand past {limit} bytes");
+    let read_bounded = |reader: &mut dyn Read| -> anyhow::Result<Bytes> {
+        let mut out = Vec::new();
+        reader.take(limit as u64 + 1).read_to_end(&mut out)?;
+        if out.len() > limit {
+            return Err(too_big());
+        }
+        Ok(out.into())
+    };
+    let input = std::mem::take(section);
+    match codec {
+        KafkaCompression::None => Ok(input),
+        KafkaCompression::Gzip => read_bounded(&mut flate2::read::GzDecoder::new(&input[..])),
+        KafkaCompression::Lz4 => read_bounded(&mut lz4_flex::frame::FrameDecoder::new(&input[..])),
+        KafkaCompression::Zstd => read_bounded(&mut zstd::stream::read::Decoder::new(&input[..])?),
+        KafkaCompression::Snappy => {
+            let mut decoder = snap::raw::Decoder::new();
+            let mut block = |raw: &[u8], out: &mut Vec<u8>| -> anyhow::Result<()> {
+                let len = snap::raw::decompress_len(raw)?;
+                if out.len() + len > limit {
+                    return Err(too_big());
+                }
+                let start = out.len();
+                out.resize(start + len, 0);
+                decoder.decompress(raw, &mut out[start..])?;
+                Ok(())
+            };
+            let mut out = Vec::new();
+            if !input.starts_with(XERIAL_MAGIC) {
+                block(&input, &mut out)?;
+                return Ok(out.into());
+            }
+            let mut rest = input
+                .get(XERIAL_HEADER_LEN..)
+                .ok_or_else(|| anyhow::anyhow!("the snappy header is cut short"))?;
+            while !rest.is_empty() {
+                let (len, tail) = rest
+                    .split_first_chunk::<4>()
+                    .ok_or_else(|| anyhow::anyhow!("a snappy block length is cut short"))?;
+                let len = u32::from_be_bytes(*len) as usize;
+                let raw = tail
+                    .get(..len)
+                    .ok_or_else(|| anyhow::anyhow!("a snappy block is cut short"))?;
+                block(raw, &mut out)?;
+                rest = &tail[len..];
+            }
+            Ok(out.into())
+        }
+    }
+}
+
 /// One partition's produced records, translated and checked: the batch to
 /// append, as the topic stores it.
-pub(crate) fn batch_from_kafka(
+pub fn batch_from_kafka(
     mut bytes: Bytes,
     config: &TopicConfig,
     now_ms: i64,
@@ -86,8 +150,11 @@ pub(crate) fn batch_from_kafka(
             format!("compression {:?} is not supported", info.compression),
         ));
     }
-    let set = RecordBatchDecoder::decode(&mut bytes)
-        .map_err(|e| corrupt(format!("the record batch is unreadable: {e}")))?;
+    let set = RecordBatchDecoder::decode_with_custom_compression(
+        &mut bytes,
+        Some(|section: &mut Bytes, codec| decompress(section, codec, MAX_RECORDS_SECTION)),
+    )
+    .map_err(|e| corrupt(format!("the record batch is unreadable: {e}")))?;
     if !bytes.is_empty() {
         return Err(invalid(format!(
             "{} bytes follow the record batch",
@@ -196,7 +263,7 @@ fn record_from_kafka(kafka: KafkaRecord, now_ms: i64) -> Record {
 
 /// Stored batches (whole, back to back, as a log read returns them) as
 /// uncompressed Kafka record batches, one per stored batch, offsets kept.
-pub(crate) fn kafka_batches(chunk: Bytes) -> Result<Bytes, Failure> {
+pub fn kafka_batches(chunk: Bytes) -> Result<Bytes, Failure> {
     let mut out = BytesMut::with_capacity(chunk.len() + chunk.len() / 8);
     let options = RecordEncodeOptions {
         version: 2,
@@ -261,4 +328,229 @@ pub(crate) fn kafka_batches(chunk: Bytes) -> Result<Bytes, Failure> {
         })?;
     }
     Ok(out.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::BytesMut;
+
+    use super::*;
+    use crate::topics::{TopicConfigPatch, TopicDefaults};
+
+    fn config(patch: TopicConfigPatch) -> TopicConfig {
+        TopicDefaults::default().config(&patch).unwrap()
+    }
+
+    fn kafka_record(offset: i64, key: Option<&[u8]>, value: Option<&[u8]>) -> KafkaRecord {
+        KafkaRecord {
+            transactional: false,
+            control: false,
+            delete_horizon: false,
+            partition_leader_epoch: -1,
+            producer_id: NO_PRODUCER_ID,
+            producer_epoch: NO_PRODUCER_EPOCH,
+            timestamp_type: TimestampType::Creation,
+            offset,
+            // As kafka_batches does: one batch, base sequence -1.
+            sequence: NO_SEQUENCE.wrapping_add(offset as i32),
+            timestamp: 1_700_000_000_000 + offset * 7,
+            key: key.map(Bytes::copy_from_slice),
+            value: value.map(Bytes::copy_from_slice),
+            headers: IndexMap::new(),
+        }
+    }
+
+    /// Keys null, empty and present; a null value; binary headers;
+    /// timestamps out of order.
+    fn sample() -> Vec<KafkaRecord> {
+        let mut records = vec![
+            kafka_record(0, None, Some(b"first")),
+            kafka_record(1, Some(b""), Some(&[0, 255, 1, 254])),
+            kafka_record(2, Some(b"key"), None),
+            kafka_record(3, Some(b"k"), Some(&[b'x'; 3000])),
+        ];
+        records[1].headers.insert(
+            StrBytes::from_static_str("bin"),
+            Some(Bytes::from_static(&[0, 1, 2])),
+        );
+        records[1]
+            .headers
+            .insert(StrBytes::from_static_str("empty"), Some(Bytes::new()));
+        records[3].timestamp = 1_600_000_000_000;
+        records
+    }
+
+    fn encode(records: &[KafkaRecord], compression: KafkaCompression) -> Bytes {
+        let mut buf = BytesMut::new();
+        RecordBatchEncoder::encode(
+            &mut buf,
+            records.iter(),
+            &RecordEncodeOptions {
+                version: 2,
+                compression,
+            },
+        )
+        .unwrap();
+        buf.freeze()
+    }
+
+    /// Every codec a Kafka client sends is read, stored in the nearest
+    /// Sluice codec, and served back as the same records at the same
+    /// offsets (null values as empty ones).
+    #[test]
+    fn every_codec_round_trips_through_a_sluice_batch() {
+        let sample = sample();
+        for (codec, stored) in [
+            (KafkaCompression::None, Compression::None),
+            (KafkaCompression::Gzip, Compression::Zstd),
+            (KafkaCompression::Snappy, Compression::Lz4),
+            (KafkaCompression::Lz4, Compression::Lz4),
+            (KafkaCompression::Zstd, Compression::Zstd),
+        ] {
+            let batch = batch_from_kafka(
+                encode(&sample, codec),
+                &config(TopicConfigPatch::default()),
+                0,
+            )
+            .unwrap();
+            assert_eq!(
+                batch.header().compression().unwrap(),
+                stored,
+                "{codec:?} is stored as {stored:?}"
+            );
+            assert_eq!(batch.header().producer, ProducerInfo::NONE);
+            let served = kafka_batches(batch.as_bytes().to_vec().into()).unwrap();
+            let sets = RecordBatchDecoder::decode_all(&mut served.clone()).unwrap();
+            assert_eq!(sets.len(), 1, "one Kafka batch per stored batch");
+            let back = &sets[0].records;
+            assert_eq!(back.len(), sample.len());
+            for (a, b) in sample.iter().zip(back) {
+                assert_eq!(a.offset, b.offset);
+                assert_eq!(a.key, b.key);
+                assert_eq!(
+                    a.value.clone().unwrap_or_default(),
+                    b.value.clone().unwrap()
+                );
+                assert_eq!(a.headers, b.headers);
+                assert_eq!(a.timestamp, b.timestamp);
+                assert_eq!(b.producer_id, NO_PRODUCER_ID);
+            }
+        }
+    }
+
+    /// A topic that forces a codec stores every Kafka codec in it.
+    #[test]
+    fn a_forced_codec_wins() {
+        let forced = config(TopicConfigPatch {
+            compression: Some("zstd".into()),
+            ..Default::default()
+        });
+        let batch =
+            batch_from_kafka(encode(&sample(), KafkaCompression::Snappy), &forced, 0).unwrap();
+        assert_eq!(batch.header().compression().unwrap(), Compression::Zstd);
+    }
+
+    /// An idempotent producer's id, epoch and base sequence become the
+    /// stored batch's, and come back to Kafka readers with each record's
+    /// sequence.
+    #[test]
+    fn producer_fields_pass_through() {
+        let records: Vec<KafkaRecord> = (0..3)
+            .map(|i| KafkaRecord {
+                producer_id: 42,
+                producer_epoch: 3,
+                sequence: 10 + i as i32,
+                ..kafka_record(i, Some(b"k"), Some(b"v"))
+            })
+            .collect();
+        let batch = batch_from_kafka(
+            encode(&records, KafkaCompression::None),
+            &config(TopicConfigPatch::default()),
+            0,
+        )
+        .unwrap();
+        assert_eq!(
+            batch.header().producer,
+            ProducerInfo {
+                producer_id: 42,
+                epoch: 3,
+                base_sequence: 10
+            }
+        );
+        let served = kafka_batches(batch.as_bytes().to_vec().into()).unwrap();
+        let info = RecordBatchDecoder::decode_batch_info(&mut served.clone()).unwrap();
+        assert_eq!(
+            (
+                info[0].producer_id,
+                info[0].producer_epoch,
+                info[0].base_sequence
+            ),
+            (42, 3, 10)
+        );
+    }
+
+    #[test]
+    fn damaged_or_malformed_batches_are_refused() {
+        let config = config(TopicConfigPatch::default());
+        let good = encode(&sample(), KafkaCompression::None);
+        // One flipped bit in the records: the CRC-32C catches it.
+        let mut flipped = good.to_vec();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 1;
+        let e = batch_from_kafka(flipped.into(), &config, 0).unwrap_err();
+        assert_eq!(e.code, KafkaCode::CorruptMessage, "{}", e.message);
+        // Two batches for one partition.
+        let mut two = good.to_vec();
+        two.extend_from_slice(&good);
+        let e = batch_from_kafka(two.into(), &config, 0).unwrap_err();
+        assert_eq!(e.code, KafkaCode::InvalidRecord, "{}", e.message);
+        // Cut short.
+        let e = batch_from_kafka(good.slice(..good.len() - 3), &config, 0).unwrap_err();
+        assert_eq!(e.code, KafkaCode::CorruptMessage, "{}", e.message);
+        // A transactional batch.
+        let mut txn = sample();
+        for r in &mut txn {
+            r.transactional = true;
+            r.producer_id = 1;
+            r.producer_epoch = 0;
+            r.sequence = r.offset as i32;
+        }
+        let e = batch_from_kafka(encode(&txn, KafkaCompression::None), &config, 0).unwrap_err();
+        assert_eq!(e.code, KafkaCode::InvalidRecord, "{}", e.message);
+    }
+
+    /// A small section that would expand past the bound is refused, in
+    /// every codec, before it is expanded.
+    #[test]
+    fn decompression_is_bounded() {
+        let big = vec![kafka_record(0, None, Some(&vec![b'z'; 200_000]))];
+        for codec in [
+            KafkaCompression::Gzip,
+            KafkaCompression::Snappy,
+            KafkaCompression::Lz4,
+            KafkaCompression::Zstd,
+        ] {
+            let batch = encode(&big, codec);
+            let info = RecordBatchDecoder::decode_batch_info(&mut batch.clone()).unwrap();
+            assert_eq!(info[0].compression, codec);
+            // The records section starts after the 61-byte batch header.
+            let mut section = batch.slice(61..);
+            let whole = decompress(&mut section.clone(), codec, 1 << 20).unwrap();
+            assert!(whole.len() > 200_000, "{codec:?}");
+            let e = decompress(&mut section, codec, 100_000).unwrap_err();
+            assert!(e.to_string().contains("expand past"), "{codec:?}: {e}");
+        }
+    }
+
+    /// The topic's record limit applies as it does to gRPC records.
+    #[test]
+    fn an_oversized_record_is_refused() {
+        let small = config(TopicConfigPatch {
+            max_record_bytes: Some(1024),
+            ..Default::default()
+        });
+        let e = batch_from_kafka(encode(&sample(), KafkaCompression::Lz4), &small, 0).unwrap_err();
+        assert_eq!(e.code, KafkaCode::MessageTooLarge, "{}", e.message);
+        assert!(e.message.contains("record 3"), "{}", e.message);
+    }
 }
