@@ -240,6 +240,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             Some(tokio::spawn(kafka::serve(
                 state.clone(),
                 Arc::clone(&security.auth),
+                metrics.clone(),
                 listener,
                 settings,
                 kafka_stopping,

@@ -30,14 +30,21 @@ const MIN_FRAME_BYTES: usize = 10;
 enum End {
     /// The peer closed it between requests.
     Closed,
+    /// The peer went away mid-exchange (reset, broken pipe): routine when
+    /// a client closes during a long poll.
+    Lost(std::io::Error),
     /// Something the listener closes it for, with the reason for the log.
     Refused(String),
 }
 
 impl From<std::io::Error> for End {
     fn from(e: std::io::Error) -> Self {
+        use std::io::ErrorKind;
         match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => End::Refused("the frame was cut short".into()),
+            ErrorKind::UnexpectedEof => End::Refused("the frame was cut short".into()),
+            ErrorKind::BrokenPipe | ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted => {
+                End::Lost(e)
+            }
             _ => End::Refused(format!("the connection failed: {e}")),
         }
     }
@@ -49,12 +56,23 @@ pub(super) async fn serve_connection(
     context: Arc<Context>,
 ) {
     let span = tracing::info_span!("kafka_connection", %peer);
+    let metrics = context.metrics.as_ref().map(|m| m.kafka.clone());
     async move {
         tracing::debug!("Kafka connection opened");
+        if let Some(m) = &metrics {
+            m.connections.inc();
+        }
         let end = serve_requests(&mut stream, &context, peer).await;
+        if let Some(m) = &metrics {
+            m.connections.dec();
+        }
         match end {
             End::Closed => tracing::debug!("Kafka connection closed by the client"),
+            End::Lost(error) => tracing::debug!(%error, "Kafka connection lost"),
             End::Refused(reason) => {
+                if let Some(m) = &metrics {
+                    m.refused_connections.inc();
+                }
                 tracing::warn!(%reason, "closing a Kafka connection");
             }
         }
@@ -76,6 +94,9 @@ async fn serve_requests(stream: &mut TcpStream, context: &Arc<Context>, peer: So
             Ok(None) => return End::Closed,
             Err(end) => return end,
         };
+        let started = std::time::Instant::now();
+        let api = ApiKey::try_from(i16::from_be_bytes([frame[0], frame[1]]))
+            .map_or("other", versions::api_name);
         let answer = match answer(frame, context, peer).await {
             Ok(answer) => answer,
             Err(end) => return end,
@@ -84,6 +105,9 @@ async fn serve_requests(stream: &mut TcpStream, context: &Arc<Context>, peer: So
             && let Err(e) = stream.write_all(&bytes).await
         {
             return End::from(e);
+        }
+        if let Some(m) = &context.metrics {
+            m.kafka.observe(api, started.elapsed());
         }
     }
 }

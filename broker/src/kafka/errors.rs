@@ -199,3 +199,33 @@ pub(crate) fn error_response(api: ApiKey, version: i16, code: KafkaCode) -> Opti
         _ => return None,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::BytesMut;
+
+    use super::*;
+    use crate::kafka::SUPPORTED_APIS;
+
+    /// Every error-only answer encodes in every version served (a field a
+    /// version cannot carry would fail here, not on a client's request),
+    /// and the APIs that must always have one do.
+    #[test]
+    fn error_answers_encode_in_every_version_served() {
+        for (api, min, max) in SUPPORTED_APIS {
+            for version in *min..=*max {
+                let Some(response) = error_response(*api, version, KafkaCode::InvalidRequest)
+                else {
+                    continue;
+                };
+                let mut buf = BytesMut::new();
+                response
+                    .encode(&mut buf, version)
+                    .unwrap_or_else(|e| panic!("{api:?} v{version}: {e}"));
+            }
+        }
+        for api in [ApiKey::ApiVersions, ApiKey::JoinGroup, ApiKey::Heartbeat] {
+            assert!(error_response(api, 0, KafkaCode::UnsupportedVersion).is_some());
+        }
+    }
+}

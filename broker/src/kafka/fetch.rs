@@ -119,7 +119,9 @@ pub(super) async fn fetch(
             .iter()
             .flat_map(|(_, ps)| ps.iter())
             .any(|p| matches!(p.result, Some(Err(_))));
-        if found >= min_bytes.max(1) || failed || tokio::time::Instant::now() >= deadline {
+        // min_bytes 0 answers at once, empty or not, as in Kafka.
+        let enough = found >= min_bytes && (found > 0 || min_bytes == 0);
+        if enough || failed || tokio::time::Instant::now() >= deadline {
             break;
         }
         if watchers.is_empty() {

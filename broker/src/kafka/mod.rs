@@ -57,6 +57,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::auth::{Authorizer, Operation, Principal, Resource};
+use crate::metrics::Metrics;
 use crate::state::BrokerState;
 
 pub use errors::{Failure, KafkaCode};
@@ -96,6 +97,8 @@ impl KafkaSettings {
 /// What every connection's handlers share.
 pub(crate) struct Context {
     pub(crate) state: BrokerState,
+    /// `None` when metrics are off.
+    pub(crate) metrics: Option<Arc<Metrics>>,
     auth: Arc<Authorizer>,
     principal: Principal,
     pub(crate) settings: KafkaSettings,
@@ -114,12 +117,14 @@ impl Context {
 pub async fn serve(
     state: BrokerState,
     auth: Arc<Authorizer>,
+    metrics: Option<Arc<Metrics>>,
     listener: TcpListener,
     settings: KafkaSettings,
     shutdown: watch::Receiver<bool>,
 ) {
     let context = Arc::new(Context {
         state,
+        metrics,
         auth,
         principal: Principal::anonymous(),
         settings,

@@ -21,7 +21,7 @@ use sluice_format::{EncodedBatch, ProducerInfo};
 use super::errors::{Failure, KafkaCode};
 use super::{Context, records};
 use crate::auth::{Operation, Resource};
-use crate::producers::ProducerAppend;
+use crate::producers::{ProducerAppend, ProducerAppendError, SequenceError};
 use crate::topics::Topic;
 
 /// One partition of a request on its way through.
@@ -163,6 +163,12 @@ fn append(
     // An older epoch is refused on every partition once a newer one was
     // handed out; the guard keeps a newer one from being published while
     // this batch is written.
+    let metrics = context.metrics.as_ref().map(|m| &m.produce);
+    let fenced = |e: &SequenceError| {
+        if let (Some(m), SequenceError::Fenced { .. }) = (metrics, e) {
+            m.fenced.inc();
+        }
+    };
     let _fence = if producer == ProducerInfo::NONE {
         None
     } else {
@@ -171,10 +177,29 @@ fn append(
                 .state
                 .topics
                 .producer_ids()
-                .fence(producer.producer_id, producer.epoch)?,
+                .fence(producer.producer_id, producer.epoch)
+                .inspect_err(fenced)?,
         )
     };
-    Ok(topic.partition(partition)?.appender().write(batch, now)?)
+    let appended = topic
+        .partition(partition)?
+        .appender()
+        .write(batch, now)
+        .inspect_err(|e| {
+            if let ProducerAppendError::Sequence(e) = e {
+                fenced(e);
+            }
+        })?;
+    if let Some(m) = metrics {
+        if appended.duplicate {
+            m.duplicates.inc();
+        } else {
+            m.batch_records
+                .observe(f64::from(batch.header().record_count));
+            m.batch_bytes.observe(batch.len() as f64);
+        }
+    }
+    Ok(appended)
 }
 
 /// Waits for a written batch's sync; its base offset and the partition's

@@ -34,6 +34,33 @@ pub const SUPPORTED_APIS: &[(ApiKey, i16, i16)] = &[
     (ApiKey::DescribeCluster, 0, 1),
 ];
 
+/// The API's name as metrics label it: one of the served APIs, or
+/// "other".
+pub fn api_name(api: ApiKey) -> &'static str {
+    match api {
+        ApiKey::Produce => "Produce",
+        ApiKey::Fetch => "Fetch",
+        ApiKey::ListOffsets => "ListOffsets",
+        ApiKey::Metadata => "Metadata",
+        ApiKey::OffsetCommit => "OffsetCommit",
+        ApiKey::OffsetFetch => "OffsetFetch",
+        ApiKey::FindCoordinator => "FindCoordinator",
+        ApiKey::JoinGroup => "JoinGroup",
+        ApiKey::Heartbeat => "Heartbeat",
+        ApiKey::LeaveGroup => "LeaveGroup",
+        ApiKey::SyncGroup => "SyncGroup",
+        ApiKey::DescribeGroups => "DescribeGroups",
+        ApiKey::ListGroups => "ListGroups",
+        ApiKey::ApiVersions => "ApiVersions",
+        ApiKey::CreateTopics => "CreateTopics",
+        ApiKey::DeleteTopics => "DeleteTopics",
+        ApiKey::InitProducerId => "InitProducerId",
+        ApiKey::DescribeConfigs => "DescribeConfigs",
+        ApiKey::DescribeCluster => "DescribeCluster",
+        _ => "other",
+    }
+}
+
 /// The versions of `api` served, if it is served at all.
 pub fn supported(api: ApiKey) -> Option<(i16, i16)> {
     SUPPORTED_APIS
@@ -82,6 +109,7 @@ mod tests {
                 "{api:?} {min}..={max} is outside the codec's {codec}"
             );
             assert!(seen.insert(*api as i16), "{api:?} listed twice");
+            assert_eq!(api_name(*api), format!("{api:?}"), "its metrics label");
         }
     }
 }

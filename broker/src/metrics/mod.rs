@@ -5,7 +5,8 @@
 //! It owns every metric name, label and bucket layout, and the exposition
 //! (prometheus-client's text encoder; nothing here writes the format by
 //! hand). It records nothing itself on the request path: [`crate::server`]
-//! records RPCs (through [`RpcLayer`]), produce batches, producer
+//! records RPCs (through [`RpcLayer`]), [`crate::kafka`] its requests
+//! and connections ([`KafkaMetrics`]), produce batches, producer
 //! duplicates and fencing, dead letters and redrives into the handles held
 //! by [`Metrics`]; storage's sync hook ([`crate::storage::StorageObserver`])
 //! feeds the fsync and group-commit histograms. Everything that describes
@@ -31,6 +32,8 @@ use std::time::Duration;
 
 use parking_lot::RwLock;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -78,6 +81,32 @@ pub struct ProduceMetrics {
     pub fenced: Counter,
 }
 
+/// The Kafka listener's handles (labels are the API's name, from the
+/// served list, so a client cannot create series).
+#[derive(Debug, Clone)]
+pub struct KafkaMetrics {
+    /// Requests answered (or, for acks 0, handled), by API.
+    pub requests: Family<Vec<(&'static str, &'static str)>, Counter>,
+    /// Time from a request's frame read to its answer written, by API.
+    pub latency: Family<Vec<(&'static str, &'static str)>, Histogram>,
+    /// Connections open now.
+    pub connections: Gauge,
+    /// Connections the listener closed for a bad frame (over the limit,
+    /// cut short, unreadable).
+    pub refused_connections: Counter,
+}
+
+impl KafkaMetrics {
+    /// Counts one request of `api` that took `elapsed`.
+    pub fn observe(&self, api: &'static str, elapsed: Duration) {
+        let labels = vec![("api", api)];
+        self.requests.get_or_create(&labels).inc();
+        self.latency
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
+    }
+}
+
 /// Dead-letter handles.
 #[derive(Debug, Clone, Default)]
 pub struct DlqMetrics {
@@ -118,6 +147,7 @@ pub struct Metrics {
     settings: MetricsSettings,
     pub produce: ProduceMetrics,
     pub dlq: DlqMetrics,
+    pub kafka: KafkaMetrics,
     storage: StorageMetrics,
     rpc: Arc<rpc::RpcMetrics>,
 }
@@ -198,6 +228,32 @@ impl Metrics {
             "Bytes of segments deleted by retention",
             storage.retention_bytes.clone(),
         );
+        let kafka = KafkaMetrics {
+            requests: Family::default(),
+            latency: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
+            connections: Gauge::default(),
+            refused_connections: Counter::default(),
+        };
+        registry.register(
+            "sluice_kafka_requests",
+            "Kafka requests handled, by API",
+            kafka.requests.clone(),
+        );
+        registry.register(
+            "sluice_kafka_request_duration_seconds",
+            "Kafka request latency, from the frame read to the answer written, by API",
+            kafka.latency.clone(),
+        );
+        registry.register(
+            "sluice_kafka_connections",
+            "Kafka connections open",
+            kafka.connections.clone(),
+        );
+        registry.register(
+            "sluice_kafka_refused_connections",
+            "Kafka connections closed by the broker for a bad frame (over the limit, cut short, unreadable)",
+            kafka.refused_connections.clone(),
+        );
         let rpc = Arc::new(rpc::RpcMetrics::new(&mut registry));
         registry.register_collector(Box::new(state::ProcessCollector::new()));
         Metrics {
@@ -205,6 +261,7 @@ impl Metrics {
             settings,
             produce,
             dlq,
+            kafka,
             storage,
             rpc,
         }
