@@ -2,9 +2,11 @@
 # Runs every default test of the workspace. Long soak and crash loops are
 # ignored tests: run them with `cargo test --workspace --release -- --ignored`.
 #
-# Needs only Rust and python3: the Python client test's packages are
-# installed from tests/python/requirements.txt into a virtual environment
-# under target/ (once; again when the requirements change).
+# Needs only Rust and python3: the Python client test's packages (gRPC,
+# and the Kafka clients kafka-python and confluent-kafka) are installed
+# from tests/python/requirements.txt into a virtual environment under
+# target/ (once; again when the requirements change), and Debian's `kcat`
+# (for client/tests/kafka_clients.rs) with apt-get if it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,5 +20,20 @@ if ! cmp -s "$requirements" "$venv/requirements.txt" 2>/dev/null; then
   cp "$requirements" "$venv/requirements.txt"
 fi
 export SLUICE_PYTHON="$PWD/$venv/bin/python3"
+
+if ! command -v kcat >/dev/null; then
+  echo "== installing kcat (Debian package)"
+  if ! command -v apt-get >/dev/null; then
+    echo "kcat is missing and there is no apt-get to install it with: install kcat" \
+      "(client/tests/kafka_clients.rs runs it) and run this again" >&2
+    exit 1
+  fi
+  SUDO=""
+  [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends kcat >/dev/null
+fi
+SLUICE_KCAT="$(command -v kcat)"
+export SLUICE_KCAT
 
 cargo test --workspace --locked "$@"

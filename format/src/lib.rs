@@ -28,7 +28,7 @@
 
 pub mod batch;
 pub mod compression;
-mod varint;
+pub mod varint;
 
 pub use batch::{
     BatchBuilder, BatchError, BatchHeader, BatchIter, EncodedBatch, Header, ProducerInfo, Record,

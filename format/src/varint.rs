@@ -3,35 +3,37 @@
 //! Unsigned LEB128 for lengths and counts, zigzag on top of it for values that
 //! may be negative (timestamp deltas, the `-1` of a null key). Decoding is
 //! bounds-checked and never panics: a truncated or overlong varint is `None`.
+//! Kafka's record format uses the same zigzag varints (the Kafka listener
+//! reads and writes its records with these).
 
 /// The most bytes a `u64` takes in LEB128.
-pub(crate) const MAX_VARINT_LEN: usize = 10;
+pub const MAX_VARINT_LEN: usize = 10;
 
 /// How many bytes `value` takes as an unsigned varint.
 #[inline]
-pub(crate) fn uvarint_len(value: u64) -> usize {
+pub fn uvarint_len(value: u64) -> usize {
     // Each byte carries 7 bits; `| 1` makes zero take one byte.
     let bits = 64 - (value | 1).leading_zeros() as usize;
     bits.div_ceil(7)
 }
 
 #[inline]
-pub(crate) fn zigzag(value: i64) -> u64 {
+pub fn zigzag(value: i64) -> u64 {
     ((value << 1) ^ (value >> 63)) as u64
 }
 
 #[inline]
-pub(crate) fn unzigzag(value: u64) -> i64 {
+pub fn unzigzag(value: u64) -> i64 {
     ((value >> 1) as i64) ^ -((value & 1) as i64)
 }
 
 #[inline]
-pub(crate) fn varint_len(value: i64) -> usize {
+pub fn varint_len(value: i64) -> usize {
     uvarint_len(zigzag(value))
 }
 
 #[inline]
-pub(crate) fn put_uvarint(buf: &mut Vec<u8>, mut value: u64) {
+pub fn put_uvarint(buf: &mut Vec<u8>, mut value: u64) {
     while value >= 0x80 {
         buf.push((value as u8) | 0x80);
         value >>= 7;
@@ -40,14 +42,14 @@ pub(crate) fn put_uvarint(buf: &mut Vec<u8>, mut value: u64) {
 }
 
 #[inline]
-pub(crate) fn put_varint(buf: &mut Vec<u8>, value: i64) {
+pub fn put_varint(buf: &mut Vec<u8>, value: i64) {
     put_uvarint(buf, zigzag(value));
 }
 
 /// Reads an unsigned varint from the front of `buf`, returning it and the
 /// number of bytes it took.
 #[inline]
-pub(crate) fn get_uvarint(buf: &[u8]) -> Option<(u64, usize)> {
+pub fn get_uvarint(buf: &[u8]) -> Option<(u64, usize)> {
     let mut value: u64 = 0;
     for (i, &byte) in buf.iter().take(MAX_VARINT_LEN).enumerate() {
         let chunk = u64::from(byte & 0x7f);
@@ -64,7 +66,7 @@ pub(crate) fn get_uvarint(buf: &[u8]) -> Option<(u64, usize)> {
 }
 
 #[inline]
-pub(crate) fn get_varint(buf: &[u8]) -> Option<(i64, usize)> {
+pub fn get_varint(buf: &[u8]) -> Option<(i64, usize)> {
     get_uvarint(buf).map(|(v, n)| (unzigzag(v), n))
 }
 

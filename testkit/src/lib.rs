@@ -20,6 +20,9 @@ pub struct Broker {
     pub addr: SocketAddr,
     /// Where it serves `/metrics`, unless metrics are off.
     pub metrics_addr: Option<SocketAddr>,
+    /// Where its Kafka listener is, if it was started with one
+    /// (`--kafka-listen`, `SLUICE_KAFKA_LISTEN`).
+    pub kafka_addr: Option<SocketAddr>,
     pub data_dir: PathBuf,
     binary: PathBuf,
     args: Vec<String>,
@@ -78,6 +81,7 @@ impl Broker {
         std::thread::spawn(move || {
             let mut sent = false;
             let mut metrics_addr = None;
+            let mut kafka_addr = None;
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
                 if metrics_addr.is_none()
@@ -85,9 +89,15 @@ impl Broker {
                 {
                     metrics_addr = address_at(rest);
                 }
+                // Logged before the gRPC address.
+                if kafka_addr.is_none()
+                    && let Some(rest) = line.split("kafka listener at ").nth(1)
+                {
+                    kafka_addr = address_at(rest);
+                }
                 if !sent && let Some(rest) = line.split("listening on ").nth(1) {
                     let addr = address_at(rest).expect("the broker logs its address");
-                    let _ = tx.send((addr, metrics_addr));
+                    let _ = tx.send((addr, metrics_addr, kafka_addr));
                     sent = true;
                 }
                 if std::env::var_os("SLUICE_TEST_BROKER_LOG").is_some() {
@@ -95,13 +105,14 @@ impl Broker {
                 }
             }
         });
-        let (addr, metrics_addr) = rx
+        let (addr, metrics_addr, kafka_addr) = rx
             .recv_timeout(Duration::from_secs(30))
             .expect("the broker did not start listening within 30 s");
         Broker {
             child,
             addr,
             metrics_addr,
+            kafka_addr,
             binary: binary.to_owned(),
             data_dir: data_dir.to_owned(),
             args,
@@ -205,6 +216,29 @@ impl Broker {
         Broker::start_with_env(&self.binary, &self.data_dir, &args, &self.env_refs())
     }
 
+    /// A new broker process on the same data directory and arguments, after
+    /// this one exited or was killed, with its Kafka listener on the port
+    /// this one had (`--kafka-listen 127.0.0.1:0` picked it), so Kafka
+    /// clients reconnect to it. The gRPC port is a new one unless the
+    /// arguments named it.
+    pub fn start_again_on_same_kafka_port(&self) -> Broker {
+        let kafka = self
+            .kafka_addr
+            .expect("the broker has a Kafka listener")
+            .to_string();
+        let mut args: Vec<&str> = Vec::with_capacity(self.args.len() + 2);
+        let mut rest = self.args.iter().map(String::as_str);
+        while let Some(arg) = rest.next() {
+            if arg == "--kafka-listen" {
+                rest.next();
+            } else if !arg.starts_with("--kafka-listen=") {
+                args.push(arg);
+            }
+        }
+        args.extend(["--kafka-listen", &kafka]);
+        Broker::start_with_env(&self.binary, &self.data_dir, &args, &self.env_refs())
+    }
+
     fn env_refs(&self) -> Vec<(&str, &str)> {
         self.env
             .iter()
@@ -218,6 +252,16 @@ impl Drop for Broker {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A TCP port free on 127.0.0.1 at the moment of asking (another process
+/// may take it before it is used: prefer port 0 where the broker reports
+/// what it bound).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind a free port")
+        .port()
 }
 
 /// The broker's own test crates pass `env!("CARGO_BIN_EXE_sluice-broker")`;

@@ -59,6 +59,45 @@ pub(crate) const TOPIC_CONFIGS: &[&str] = &[
     "sluice.flush",
 ];
 
+/// Kafka's ACL operation codes (the bits of an "authorized operations"
+/// field, KIP-430), each with the Sluice operation that grants it.
+const TOPIC_OPERATIONS: &[(u8, Operation)] = &[
+    (3, Operation::Read),
+    (4, Operation::Write),
+    (5, Operation::Create),
+    (6, Operation::Delete),
+    (7, Operation::Alter),
+    (8, Operation::Describe),
+    (10, Operation::Describe), // DescribeConfigs
+    (11, Operation::Alter),    // AlterConfigs
+];
+const CLUSTER_OPERATIONS: &[(u8, Operation)] = &[
+    (5, Operation::Create),
+    (7, Operation::Alter),
+    (8, Operation::Describe),
+    (9, Operation::All), // ClusterAction: the broker's own
+    (10, Operation::Describe),
+    (11, Operation::Alter),
+    (12, Operation::Write), // IdempotentWrite
+];
+pub(super) const GROUP_OPERATIONS: &[(u8, Operation)] = &[
+    (3, Operation::Read),
+    (6, Operation::Delete),
+    (8, Operation::Describe),
+];
+
+/// The bit field of the Kafka operations the caller may do on `resource`.
+pub(super) fn authorized_operations(
+    context: &Context,
+    operations: &[(u8, Operation)],
+    resource: Resource,
+) -> i32 {
+    operations
+        .iter()
+        .filter(|(_, operation)| context.allowed(*operation, resource))
+        .fold(0, |bits, (code, _)| bits | (1 << code))
+}
+
 fn str_bytes(s: impl Into<String>) -> StrBytes {
     StrBytes::from_string(s.into())
 }
@@ -73,7 +112,13 @@ pub(super) fn metadata(
     response.brokers = vec![broker(context)];
     response.cluster_id = Some(str_bytes(context.settings.cluster_id.clone()));
     response.controller_id = BrokerId(NODE_ID);
-    response.cluster_authorized_operations = OPERATIONS_NOT_ASKED;
+    response.cluster_authorized_operations =
+        if request.include_cluster_authorized_operations && (8..=10).contains(&version) {
+            authorized_operations(context, CLUSTER_OPERATIONS, Resource::cluster())
+        } else {
+            OPERATIONS_NOT_ASKED
+        };
+    let topic_operations = request.include_topic_authorized_operations && version >= 8;
     // v0: an empty list means every topic; v1 and later say so with null.
     let asked: Option<Vec<String>> = match request.topics {
         None => None,
@@ -88,9 +133,15 @@ pub(super) fn metadata(
         None => {
             for topic in topics.list() {
                 if context.allowed(Operation::Describe, Resource::topic(topic.name())) {
-                    response
-                        .topics
-                        .push(topic_metadata(topic.name(), Ok(&topic)));
+                    let mut metadata = topic_metadata(topic.name(), Ok(&topic));
+                    if topic_operations {
+                        metadata.topic_authorized_operations = authorized_operations(
+                            context,
+                            TOPIC_OPERATIONS,
+                            Resource::topic(topic.name()),
+                        );
+                    }
+                    response.topics.push(metadata);
                 }
             }
         }
@@ -104,9 +155,12 @@ pub(super) fn metadata(
                         format!("describing topic {name:?} is not allowed"),
                     ))
                 };
-                response
-                    .topics
-                    .push(topic_metadata(&name, found.as_ref().map(Arc::as_ref)));
+                let mut metadata = topic_metadata(&name, found.as_ref().map(Arc::as_ref));
+                if topic_operations && found.is_ok() {
+                    metadata.topic_authorized_operations =
+                        authorized_operations(context, TOPIC_OPERATIONS, Resource::topic(&name));
+                }
+                response.topics.push(metadata);
             }
         }
     }
@@ -514,7 +568,7 @@ pub(super) fn describe_configs(
 
 pub(super) fn describe_cluster(
     context: &Context,
-    _request: DescribeClusterRequest,
+    request: DescribeClusterRequest,
 ) -> DescribeClusterResponse {
     let (host, port) = &context.settings.advertised;
     let mut broker = DescribeClusterBroker::default();
@@ -525,7 +579,11 @@ pub(super) fn describe_cluster(
     response.cluster_id = str_bytes(context.settings.cluster_id.clone());
     response.controller_id = BrokerId(NODE_ID);
     response.brokers = vec![broker];
-    response.cluster_authorized_operations = OPERATIONS_NOT_ASKED;
+    response.cluster_authorized_operations = if request.include_cluster_authorized_operations {
+        authorized_operations(context, CLUSTER_OPERATIONS, Resource::cluster())
+    } else {
+        OPERATIONS_NOT_ASKED
+    };
     response.endpoint_type = 1;
     response
 }

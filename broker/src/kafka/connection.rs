@@ -23,7 +23,7 @@ use super::{Context, admin, fetch, groups, produce, versions};
 
 /// The smallest frame that holds a request header: API key, version,
 /// correlation id and the client id's length.
-const MIN_FRAME_BYTES: usize = 10;
+pub const MIN_FRAME_BYTES: usize = 10;
 
 /// Why a connection ends.
 #[derive(Debug)]
@@ -142,30 +142,99 @@ async fn read_frame(stream: &mut TcpStream, max: usize) -> Result<Option<Bytes>,
 
 /// The encoded answer to one frame (`None`: the request wants none, a
 /// Produce with acks 0), or the reason to close the connection.
+/// What a request frame (without its size) holds, as far as the listener
+/// can read it. Pure, so that the fuzz target `kafka_frame` drives the
+/// same parse the connection does.
+#[derive(Debug)]
+pub enum ParsedFrame {
+    /// A frame that closes the connection, with the reason.
+    Refused(String),
+    /// ApiVersions in a version not served: answered in version 0.
+    ApiVersionsUnsupported { correlation_id: i32 },
+    /// A served API in a version not served.
+    Unsupported(ApiKey, RequestHeader),
+    /// A header that reads, a body that does not.
+    Malformed(ApiKey, RequestHeader, String),
+    /// A request to handle (boxed: a request is far larger than the
+    /// other cases).
+    Request(ApiKey, RequestHeader, Box<RequestKind>),
+}
+
+/// Reads a frame of at least [`MIN_FRAME_BYTES`] (the caller checks):
+/// the API and version first, so that nothing is decoded in a version the
+/// codec does not know, then the header, then the body.
+pub fn parse_frame(mut frame: Bytes) -> ParsedFrame {
+    if frame.len() < MIN_FRAME_BYTES {
+        return ParsedFrame::Refused(format!(
+            "the frame of {} bytes is too short for a request header",
+            frame.len()
+        ));
+    }
+    let key = i16::from_be_bytes([frame[0], frame[1]]);
+    let version = i16::from_be_bytes([frame[2], frame[3]]);
+    let Ok(api) = ApiKey::try_from(key) else {
+        return ParsedFrame::Refused(format!("API key {key} is not a Kafka API"));
+    };
+    if api == ApiKey::ApiVersions && !versions::is_supported(api, version) {
+        let correlation_id = i32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]);
+        return ParsedFrame::ApiVersionsUnsupported { correlation_id };
+    }
+    let known = api.valid_versions();
+    if known.min > version || version > known.max {
+        return ParsedFrame::Refused(format!(
+            "{api:?} version {version} is not one Kafka defines"
+        ));
+    }
+    let header = match decode_request_header_from_buffer(&mut frame) {
+        Ok(header) => header,
+        Err(e) => {
+            return ParsedFrame::Refused(format!("the {api:?} request header is unreadable: {e}"));
+        }
+    };
+    if !versions::is_supported(api, version) {
+        return ParsedFrame::Unsupported(api, header);
+    }
+    match RequestKind::decode(api, &mut frame, version) {
+        Ok(request) => ParsedFrame::Request(api, header, Box::new(request)),
+        Err(e) => ParsedFrame::Malformed(api, header, e.to_string()),
+    }
+}
+
 async fn answer(
-    mut frame: Bytes,
+    frame: Bytes,
     context: &Arc<Context>,
     peer: SocketAddr,
 ) -> Result<Option<Bytes>, End> {
-    let key = i16::from_be_bytes([frame[0], frame[1]]);
-    let version = i16::from_be_bytes([frame[2], frame[3]]);
-    let api = ApiKey::try_from(key)
-        .map_err(|_| End::Refused(format!("API key {key} is not a Kafka API")))?;
-    if api == ApiKey::ApiVersions && !versions::is_supported(api, version) {
-        // KIP-511: answer in version 0, which every client reads, with the
-        // versions served, so the client can retry with one of them.
-        let correlation_id = i32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]);
-        tracing::debug!(version, "ApiVersions in an unsupported version");
-        let response = versions::api_versions_response(KafkaCode::UnsupportedVersion.code());
-        return encode(api, 0, correlation_id, &ResponseKind::ApiVersions(response)).map(Some);
-    }
-    if api.valid_versions().min > version || version > api.valid_versions().max {
-        return Err(End::Refused(format!(
-            "{api:?} version {version} is not one Kafka defines"
-        )));
-    }
-    let header = decode_request_header_from_buffer(&mut frame)
-        .map_err(|e| End::Refused(format!("the {api:?} request header is unreadable: {e}")))?;
+    let (api, header, request) = match parse_frame(frame) {
+        ParsedFrame::Refused(reason) => return Err(End::Refused(reason)),
+        ParsedFrame::ApiVersionsUnsupported { correlation_id } => {
+            // KIP-511: answer in version 0, which every client reads, with
+            // the versions served, so the client can retry with one of them.
+            tracing::debug!("ApiVersions in an unsupported version");
+            let response = versions::api_versions_response(KafkaCode::UnsupportedVersion.code());
+            return encode(
+                ApiKey::ApiVersions,
+                0,
+                correlation_id,
+                &ResponseKind::ApiVersions(response),
+            )
+            .map(Some);
+        }
+        ParsedFrame::Unsupported(api, header) => {
+            tracing::debug!(
+                ?api,
+                version = header.request_api_version,
+                "unsupported version"
+            );
+            return refuse(api, &header, KafkaCode::UnsupportedVersion);
+        }
+        ParsedFrame::Malformed(api, header, error) => {
+            tracing::warn!(?api, version = header.request_api_version, %error, "a malformed Kafka request");
+            return refuse(api, &header, KafkaCode::InvalidRequest);
+        }
+        ParsedFrame::Request(api, header, request) => (api, header, *request),
+    };
+    let version = header.request_api_version;
     let span = tracing::debug_span!(
         "kafka_request",
         api = ?api,
@@ -174,17 +243,6 @@ async fn answer(
         client_id = header.client_id.as_deref().unwrap_or(""),
     );
     async move {
-        if !versions::is_supported(api, version) {
-            tracing::debug!("unsupported version");
-            return refuse(api, &header, KafkaCode::UnsupportedVersion);
-        }
-        let request = match RequestKind::decode(api, &mut frame, version) {
-            Ok(request) => request,
-            Err(e) => {
-                tracing::warn!(error = %e, "a malformed Kafka request");
-                return refuse(api, &header, KafkaCode::InvalidRequest);
-            }
-        };
         let Some(response) = dispatch(context, &header, request, peer).await else {
             return Ok(None);
         };
@@ -272,7 +330,7 @@ async fn dispatch(
         }
         RequestKind::ListGroups(r) => ResponseKind::ListGroups(groups::list_groups(context, r)),
         RequestKind::DescribeGroups(r) => {
-            ResponseKind::DescribeGroups(groups::describe_groups(context, r))
+            ResponseKind::DescribeGroups(groups::describe_groups(context, r, version))
         }
         other => {
             // Unreachable while SUPPORTED_APIS and this match agree; a

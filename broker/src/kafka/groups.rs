@@ -560,6 +560,7 @@ pub(super) fn list_groups(context: &Context, request: ListGroupsRequest) -> List
 pub(super) fn describe_groups(
     context: &Context,
     request: DescribeGroupsRequest,
+    version: i16,
 ) -> DescribeGroupsResponse {
     let now = Instant::now();
     let groups = &context.state.groups;
@@ -588,6 +589,13 @@ pub(super) fn describe_groups(
             },
         );
         described.protocol_data = str_bytes(classic.protocol_name);
+        if request.include_authorized_operations && version >= 3 {
+            described.authorized_operations = super::admin::authorized_operations(
+                context,
+                super::admin::GROUP_OPERATIONS,
+                Resource::group(&group),
+            );
+        }
         described.members = classic
             .members
             .into_iter()

@@ -60,6 +60,7 @@ use crate::auth::{Authorizer, Operation, Principal, Resource};
 use crate::metrics::Metrics;
 use crate::state::BrokerState;
 
+pub use connection::{MIN_FRAME_BYTES, ParsedFrame, parse_frame};
 pub use errors::{Failure, KafkaCode};
 /// The translation at the edge, public for the benchmarks that measure it.
 pub use records::{batch_from_kafka, kafka_batches};

@@ -2,40 +2,45 @@
 //! formats meet.
 //!
 //! Produce: a partition's records arrive as exactly one Kafka batch
-//! (Kafka's own rule for produce v3 and later). `kafka-protocol` checks its
-//! CRC-32C and decompresses it (gzip, snappy, lz4, zstd); each record
-//! becomes a Sluice [`Record`] with the same key, value, headers and
-//! timestamp, and the batch's producer id, epoch and base sequence become
-//! the Sluice batch's, so the broker's idempotence applies unchanged. The
-//! batch is stored in the topic's codec, or, for a topic that keeps the
-//! producer's, the nearest Sluice codec: lz4 and snappy as lz4, zstd and
-//! gzip as zstd.
+//! (Kafka's own rule for produce v3 and later). `kafka-protocol` reads its
+//! header and checks its CRC-32C ([`RecordBatchDecoder::decode_batch_info`]);
+//! the records section is decompressed here, bounded (gzip, snappy, lz4,
+//! zstd), and each record becomes a Sluice [`Record`] with the same key,
+//! value, headers and timestamp. The batch's producer id, epoch and base
+//! sequence become the Sluice batch's, so the broker's idempotence applies
+//! unchanged. The batch is stored in the topic's codec, or, for a topic
+//! that keeps the producer's, the nearest Sluice codec: lz4 and snappy as
+//! lz4, zstd and gzip as zstd.
 //!
 //! Fetch: each stored batch becomes one uncompressed Kafka batch with the
-//! same base offset, records and producer fields. Uncompressed, because
+//! same base offset, records and producer fields, written straight from
+//! the stored records without building any. Uncompressed, because
 //! compressing on every fetch would cost more CPU than the bytes saved on
 //! the networks Sluice serves (docs/KAFKA.md has the figures).
 //!
+//! The records inside a Kafka batch are read and written here rather than
+//! through `kafka-protocol`'s `Record`, which keeps a record's headers in a
+//! map: two headers with one key (Kafka allows them, and Sluice keeps them)
+//! would lose all but the last. The unit tests check this code against
+//! `kafka-protocol`'s decoder and encoder.
+//!
 //! What does not carry across: a Kafka null value reads as an empty value
-//! over gRPC (Sluice values are never null), a null header value as an
-//! empty one, and of two headers with one key in a Sluice record Kafka
-//! clients see the last (the codec keeps headers in a map).
+//! over gRPC (Sluice values are never null), and a null header value as an
+//! empty one.
 
-use bytes::{Bytes, BytesMut};
-use kafka_protocol::indexmap::IndexMap;
-use kafka_protocol::protocol::StrBytes;
+use bytes::Bytes;
 use kafka_protocol::records::{
     Compression as KafkaCompression, NO_PRODUCER_EPOCH, NO_PRODUCER_ID, NO_SEQUENCE,
-    Record as KafkaRecord, RecordBatchDecoder, RecordBatchEncoder, RecordEncodeOptions,
-    TimestampType,
+    RecordBatchDecoder,
 };
 use sluice_format::compression::MAX_RECORDS_SECTION;
+use sluice_format::varint;
 use sluice_format::{
     BatchBuilder, BatchError, BatchIter, Compression, EncodedBatch, Header, ProducerInfo, Record,
+    RecordBatch,
 };
 
 use super::errors::{Failure, KafkaCode};
-use crate::producers::sequence_add;
 use crate::topics::TopicConfig;
 
 /// The Sluice codec a Kafka codec is stored as, for topics that keep the
@@ -114,67 +119,60 @@ fn decompress(section: &mut Bytes, codec: KafkaCompression, limit: usize) -> any
 /// One partition's produced records, translated and checked: the batch to
 /// append, as the topic stores it.
 pub fn batch_from_kafka(
-    mut bytes: Bytes,
+    bytes: Bytes,
     config: &TopicConfig,
     now_ms: i64,
 ) -> Result<EncodedBatch, Failure> {
     let corrupt = |why: String| Failure::new(KafkaCode::CorruptMessage, why);
     let invalid = |why: String| Failure::new(KafkaCode::InvalidRecord, why);
-    // The codec and the producer fields are in the header, which the
-    // decoder checks (CRC-32C) but does not hand back in full.
-    let info = RecordBatchDecoder::decode_batch_info(&mut bytes.clone())
-        .map_err(|e| corrupt(format!("the record batch is unreadable: {e}")))?;
-    let [info] = info.as_slice() else {
-        return Err(invalid(format!(
-            "a produce request carries exactly one record batch per partition, not {}",
-            info.len()
+    if bytes.len() < BATCH_HEADER_LEN || bytes[MAGIC_AT] != 2 {
+        return Err(corrupt(format!(
+            "the records are not one record batch v2 ({} bytes, magic {:?})",
+            bytes.len(),
+            bytes.get(MAGIC_AT)
         )));
-    };
-    if info.transactional || info.control {
-        return Err(Failure::new(
-            KafkaCode::InvalidRecord,
-            "transactional and control batches are not supported (Sluice has no transactions)",
-        ));
     }
-    if info.compression != KafkaCompression::None
-        && !matches!(
-            info.compression,
-            KafkaCompression::Gzip
-                | KafkaCompression::Snappy
-                | KafkaCompression::Lz4
-                | KafkaCompression::Zstd
-        )
-    {
-        return Err(Failure::new(
-            KafkaCode::UnsupportedCompressionType,
-            format!("compression {:?} is not supported", info.compression),
-        ));
-    }
-    let set = RecordBatchDecoder::decode_with_custom_compression(
-        &mut bytes,
-        Some(|section: &mut Bytes, codec| decompress(section, codec, MAX_RECORDS_SECTION)),
-    )
-    .map_err(|e| corrupt(format!("the record batch is unreadable: {e}")))?;
-    if !bytes.is_empty() {
-        return Err(invalid(format!(
-            "{} bytes follow the record batch",
+    let length = i32::from_be_bytes(bytes[8..12].try_into().expect("4 bytes"));
+    let total = usize::try_from(length).map_or(0, |n| n + LENGTH_END);
+    if total > bytes.len() || total < BATCH_HEADER_LEN {
+        return Err(corrupt(format!(
+            "the record batch says {total} bytes and {} arrived",
             bytes.len()
         )));
     }
-    if set.records.is_empty() {
+    if total < bytes.len() {
+        return Err(invalid(format!(
+            "a produce request carries exactly one record batch per partition: the batch \
+             says {total} bytes, the partition's records are {}",
+            bytes.len()
+        )));
+    }
+    // The header's fields, and its CRC-32C checked.
+    let info = RecordBatchDecoder::decode_batch_info(&mut bytes.clone())
+        .map_err(|e| corrupt(format!("the record batch is unreadable: {e}")))?;
+    let [info] = info.as_slice() else {
+        return Err(corrupt("the record batch is unreadable".into()));
+    };
+    if info.transactional || info.control {
+        return Err(invalid(
+            "transactional and control batches are not supported (Sluice has no transactions)"
+                .into(),
+        ));
+    }
+    if info.record_count < 1 {
         return Err(invalid("the record batch has no records".into()));
     }
     let producer = producer_info(info.producer_id, info.producer_epoch, info.base_sequence)?;
+    let mut section = bytes.slice(BATCH_HEADER_LEN..);
+    let section = decompress(&mut section, info.compression, MAX_RECORDS_SECTION)
+        .map_err(|e| corrupt(format!("the records section is unreadable: {e}")))?;
     let max = config.max_record_bytes as usize;
     let mut builder = BatchBuilder::default();
-    for (index, kafka) in set.records.into_iter().enumerate() {
-        if kafka.offset != info.min_offset + index as i64 {
-            return Err(invalid(format!(
-                "record {index} has offset delta {}, not {index}",
-                kafka.offset - info.min_offset
-            )));
-        }
-        let record = record_from_kafka(kafka, now_ms);
+    let mut rest = &section[..];
+    for index in 0..info.record_count {
+        let (record, len) = read_record(rest, index, info.min_timestamp, now_ms)
+            .map_err(|why| corrupt(format!("record {index} is malformed: {why}")))?;
+        rest = &rest[len..];
         let size = sluice_proto::record_message_len(
             record.key.as_ref().map(|k| k.len()),
             record.value.len(),
@@ -192,6 +190,13 @@ pub fn batch_from_kafka(
         }
         builder.push(&record);
     }
+    if !rest.is_empty() {
+        return Err(corrupt(format!(
+            "{} bytes follow the batch's {} records",
+            rest.len(),
+            info.record_count
+        )));
+    }
     let codec = match config.forced_compression()? {
         Some(codec) => codec,
         None => nearest_codec(info.compression),
@@ -208,6 +213,105 @@ pub fn batch_from_kafka(
         ));
     }
     Ok(batch)
+}
+
+/// Reads the Kafka record at the front of `buf` (record `index` of its
+/// batch): the record, and the bytes it took. Its offset delta must be its
+/// index (Sluice offsets have no gaps).
+fn read_record(
+    buf: &[u8],
+    index: i32,
+    base_timestamp: i64,
+    now_ms: i64,
+) -> Result<(Record, usize), String> {
+    let mut cursor = KafkaCursor { buf, pos: 0 };
+    let length = cursor.varint("length")?;
+    let length = usize::try_from(length).map_err(|_| format!("length {length} is negative"))?;
+    let start = cursor.pos;
+    let end = start
+        .checked_add(length)
+        .filter(|end| *end <= buf.len())
+        .ok_or_else(|| format!("its length {length} runs past the records"))?;
+    let mut cursor = KafkaCursor {
+        buf: &buf[..end],
+        pos: start,
+    };
+    cursor.bytes(1, "attributes")?;
+    let timestamp_delta = cursor.varint("timestamp delta")?;
+    let offset_delta = cursor.varint("offset delta")?;
+    if offset_delta != i64::from(index) {
+        return Err(format!("its offset delta is {offset_delta}, not {index}"));
+    }
+    let key = cursor.nullable("key")?.map(Bytes::copy_from_slice);
+    let value = cursor
+        .nullable("value")?
+        .map_or_else(Bytes::new, Bytes::copy_from_slice);
+    let header_count = cursor.varint("header count")?;
+    let header_count = usize::try_from(header_count)
+        .map_err(|_| format!("header count {header_count} is negative"))?;
+    let mut headers = Vec::with_capacity(header_count.min(64));
+    for _ in 0..header_count {
+        let key = cursor
+            .nullable("header key")?
+            .ok_or_else(|| "a header key is null".to_owned())?;
+        let key = std::str::from_utf8(key)
+            .map_err(|_| "a header key is not UTF-8".to_owned())?
+            .to_owned();
+        let value = cursor
+            .nullable("header value")?
+            .map_or_else(Bytes::new, Bytes::copy_from_slice);
+        headers.push(Header { key, value });
+    }
+    if cursor.pos != end {
+        return Err(format!("{} bytes follow its last field", end - cursor.pos));
+    }
+    let timestamp = base_timestamp.wrapping_add(timestamp_delta);
+    let record = Record {
+        key,
+        value,
+        headers,
+        // Batch v2 always carries a time; a negative one is Kafka's "none".
+        timestamp: if timestamp < 0 { now_ms } else { timestamp },
+    };
+    Ok((record, end))
+}
+
+/// A bounds-checked reader of Kafka's record fields.
+struct KafkaCursor<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> KafkaCursor<'a> {
+    fn varint(&mut self, what: &str) -> Result<i64, String> {
+        let (value, len) = varint::get_varint(&self.buf[self.pos..])
+            .ok_or_else(|| format!("its {what} is not a varint"))?;
+        self.pos += len;
+        Ok(value)
+    }
+
+    fn bytes(&mut self, len: usize, what: &str) -> Result<&'a [u8], String> {
+        let end = self
+            .pos
+            .checked_add(len)
+            .filter(|end| *end <= self.buf.len())
+            .ok_or_else(|| format!("its {what} runs past the record"))?;
+        let bytes = &self.buf[self.pos..end];
+        self.pos = end;
+        Ok(bytes)
+    }
+
+    /// A length (-1: null) and that many bytes.
+    fn nullable(&mut self, what: &str) -> Result<Option<&'a [u8]>, String> {
+        match self.varint(what)? {
+            -1 => Ok(None),
+            len => {
+                let len = usize::try_from(len)
+                    .map_err(|_| format!("its {what} length {len} is negative"))?;
+                self.bytes(len, what).map(Some)
+            }
+        }
+    }
 }
 
 /// Kafka's producer fields as Sluice's: no producer id is
@@ -240,99 +344,94 @@ fn producer_info(
     })
 }
 
-fn record_from_kafka(kafka: KafkaRecord, now_ms: i64) -> Record {
-    Record {
-        key: kafka.key,
-        value: kafka.value.unwrap_or_default(),
-        headers: kafka
-            .headers
-            .into_iter()
-            .map(|(key, value)| Header {
-                key: key.to_string(),
-                value: value.unwrap_or_default(),
-            })
-            .collect(),
-        // Batch v2 always carries a timestamp; -1 is Kafka's "none".
-        timestamp: if kafka.timestamp < 0 {
-            now_ms
-        } else {
-            kafka.timestamp
-        },
-    }
-}
-
 /// Stored batches (whole, back to back, as a log read returns them) as
 /// uncompressed Kafka record batches, one per stored batch, offsets kept.
 pub fn kafka_batches(chunk: Bytes) -> Result<Bytes, Failure> {
-    let mut out = BytesMut::with_capacity(chunk.len() + chunk.len() / 8);
-    let options = RecordEncodeOptions {
-        version: 2,
-        compression: KafkaCompression::None,
-    };
     // The log's own bytes, checked when written and when the log opened:
     // a failure here is damage found since, the storage's condition.
     let damaged = |e: BatchError| Failure::new(KafkaCode::KafkaStorageError, e.to_string());
+    let mut out = Vec::with_capacity(chunk.len() + chunk.len() / 8);
     for batch in BatchIter::new(chunk) {
         let batch = batch.map_err(damaged)?;
-        let header = *batch.header();
-        let records = batch.to_records().map_err(damaged)?;
-        let idempotent = header.producer != ProducerInfo::NONE;
-        let kafka: Vec<KafkaRecord> = records
-            .into_iter()
-            .enumerate()
-            .map(|(index, stored)| {
-                let record = stored.record;
-                // The encoder starts a new batch where `offset - sequence`
-                // changes; a producer-less batch keeps it constant with
-                // sequences -1, 0, 1, ..., and writes base sequence -1.
-                let sequence = if idempotent {
-                    sequence_add(header.producer.base_sequence, index as u32)
-                } else {
-                    NO_SEQUENCE.wrapping_add(index as i32)
-                };
-                KafkaRecord {
-                    transactional: false,
-                    control: false,
-                    delete_horizon: false,
-                    partition_leader_epoch: 0,
-                    producer_id: if idempotent {
-                        header.producer.producer_id as i64
-                    } else {
-                        NO_PRODUCER_ID
-                    },
-                    producer_epoch: if idempotent {
-                        header.producer.epoch as i16
-                    } else {
-                        NO_PRODUCER_EPOCH
-                    },
-                    timestamp_type: TimestampType::Creation,
-                    offset: stored.offset as i64,
-                    sequence,
-                    timestamp: record.timestamp,
-                    key: record.key,
-                    value: Some(record.value),
-                    headers: record
-                        .headers
-                        .into_iter()
-                        .map(|h| (StrBytes::from_string(h.key), Some(h.value)))
-                        .collect::<IndexMap<_, _>>(),
-                }
-            })
-            .collect();
-        RecordBatchEncoder::encode(&mut out, kafka.iter(), &options).map_err(|e| {
-            tracing::error!(error = %e, "encoding a Kafka batch failed");
-            Failure::new(
-                KafkaCode::UnknownServerError,
-                format!("encoding a Kafka batch failed: {e}"),
-            )
-        })?;
+        write_kafka_batch(&mut out, &batch).map_err(damaged)?;
     }
-    Ok(out.freeze())
+    Ok(out.into())
+}
+
+/// Kafka's record batch v2: where the fields are, as far as this file
+/// writes or checks them. The CRC-32C covers the attributes to the end.
+const LENGTH_END: usize = 12;
+const MAGIC_AT: usize = 16;
+const CRC_AT: usize = 17;
+const ATTRIBUTES_AT: usize = 21;
+const BATCH_HEADER_LEN: usize = 61;
+
+/// Appends `batch` to `out` as one uncompressed Kafka batch.
+fn write_kafka_batch(out: &mut Vec<u8>, batch: &RecordBatch) -> Result<(), BatchError> {
+    let header = *batch.header();
+    let idempotent = header.producer != ProducerInfo::NONE;
+    let start = out.len();
+    out.extend_from_slice(&(header.base_offset as i64).to_be_bytes());
+    out.extend_from_slice(&0i32.to_be_bytes()); // length, filled in below
+    out.extend_from_slice(&0i32.to_be_bytes()); // partition leader epoch
+    out.push(2); // magic
+    out.extend_from_slice(&0u32.to_be_bytes()); // CRC-32C, filled in below
+    out.extend_from_slice(&0i16.to_be_bytes()); // attributes: none, CreateTime
+    out.extend_from_slice(&(header.record_count as i32 - 1).to_be_bytes()); // last offset delta
+    out.extend_from_slice(&header.first_timestamp.to_be_bytes());
+    out.extend_from_slice(&header.max_timestamp.to_be_bytes());
+    let (producer_id, epoch, sequence) = if idempotent {
+        let p = header.producer;
+        (p.producer_id as i64, p.epoch as i16, p.base_sequence)
+    } else {
+        (NO_PRODUCER_ID, NO_PRODUCER_EPOCH, NO_SEQUENCE)
+    };
+    out.extend_from_slice(&producer_id.to_be_bytes());
+    out.extend_from_slice(&epoch.to_be_bytes());
+    out.extend_from_slice(&sequence.to_be_bytes());
+    out.extend_from_slice(&(header.record_count as i32).to_be_bytes());
+    debug_assert_eq!(out.len() - start, BATCH_HEADER_LEN);
+    let mut record = Vec::with_capacity(256);
+    batch.walk(|view| {
+        record.clear();
+        record.push(0); // attributes
+        varint::put_varint(&mut record, view.timestamp_delta);
+        varint::put_varint(&mut record, i64::from(view.offset_delta));
+        match view.key {
+            Some(key) => {
+                varint::put_varint(&mut record, key.len() as i64);
+                record.extend_from_slice(key);
+            }
+            None => varint::put_varint(&mut record, -1),
+        }
+        varint::put_varint(&mut record, view.value.len() as i64);
+        record.extend_from_slice(view.value);
+        varint::put_varint(&mut record, view.header_count() as i64);
+        for (key, value) in view.headers() {
+            varint::put_varint(&mut record, key.len() as i64);
+            record.extend_from_slice(key.as_bytes());
+            varint::put_varint(&mut record, value.len() as i64);
+            record.extend_from_slice(value);
+        }
+        varint::put_varint(out, record.len() as i64);
+        out.extend_from_slice(&record);
+        Ok::<(), BatchError>(())
+    })?;
+    let length = (out.len() - start - LENGTH_END) as i32;
+    out[start + 8..start + LENGTH_END].copy_from_slice(&length.to_be_bytes());
+    let crc = crc32c::crc32c(&out[start + ATTRIBUTES_AT..]);
+    out[start + CRC_AT..start + ATTRIBUTES_AT].copy_from_slice(&crc.to_be_bytes());
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use bytes::BytesMut;
+    use kafka_protocol::indexmap::IndexMap;
+    use kafka_protocol::protocol::StrBytes;
+    use kafka_protocol::records::{
+        Record as KafkaRecord, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+    };
 
     use super::*;
     use crate::topics::{TopicConfigPatch, TopicDefaults};
@@ -438,6 +537,78 @@ mod tests {
         }
     }
 
+    /// Two headers with one key, in order, and empty keys and values,
+    /// survive Sluice → Kafka → Sluice; `kafka-protocol`'s decoder reads
+    /// what this file writes (checksum, layout, every field).
+    #[test]
+    fn repeated_header_keys_survive_both_ways() {
+        let header = |k: &str, v: &[u8]| Header {
+            key: k.to_owned(),
+            value: Bytes::copy_from_slice(v),
+        };
+        let records = vec![
+            Record {
+                key: Some(Bytes::from_static(b"k")),
+                value: Bytes::from_static(b"v1"),
+                headers: vec![
+                    header("source", b"kafka"),
+                    header("bin", &[0, 255]),
+                    header("", b""),
+                    header("source", b"again"),
+                ],
+                timestamp: 1_700_000_000_500,
+            },
+            Record {
+                key: None,
+                value: Bytes::new(),
+                headers: vec![],
+                // Before the first record: a negative delta.
+                timestamp: 1_700_000_000_000,
+            },
+        ];
+        for codec in [Compression::None, Compression::Lz4, Compression::Zstd] {
+            let stored = BatchBuilder::encode_compressed(
+                &records,
+                ProducerInfo {
+                    producer_id: 7,
+                    epoch: 1,
+                    base_sequence: 40,
+                },
+                codec,
+            );
+            let stamped = sluice_format::batch::stamped_copy(&stored, 1000);
+            let kafka = kafka_batches(stamped).unwrap();
+            // The reference decoder agrees on everything it can represent.
+            let sets = RecordBatchDecoder::decode_all(&mut kafka.clone()).unwrap();
+            assert_eq!(sets.len(), 1);
+            let decoded = &sets[0].records;
+            assert_eq!(decoded.len(), 2);
+            assert_eq!(decoded[0].offset, 1000);
+            assert_eq!(decoded[1].offset, 1001);
+            assert_eq!(decoded[0].timestamp, 1_700_000_000_500);
+            assert_eq!(decoded[1].timestamp, 1_700_000_000_000);
+            assert_eq!(decoded[1].key, None);
+            assert_eq!(
+                (
+                    decoded[0].producer_id,
+                    decoded[0].producer_epoch,
+                    decoded[0].sequence
+                ),
+                (7, 1, 40)
+            );
+            // And this file reads back all four headers, in order.
+            let again = batch_from_kafka(kafka, &config(TopicConfigPatch::default()), 0).unwrap();
+            let back: Vec<Record> = again
+                .as_record_batch()
+                .to_records()
+                .unwrap()
+                .into_iter()
+                .map(|r| r.record)
+                .collect();
+            assert_eq!(back, records, "{codec:?}");
+        }
+    }
+
     /// A topic that forces a codec stores every Kafka codec in it.
     #[test]
     fn a_forced_codec_wins() {
@@ -499,6 +670,16 @@ mod tests {
         flipped[last] ^= 1;
         let e = batch_from_kafka(flipped.into(), &config, 0).unwrap_err();
         assert_eq!(e.code, KafkaCode::CorruptMessage, "{}", e.message);
+        // A record whose length runs past the section, under a valid CRC.
+        let mut lying = sample();
+        lying.truncate(1);
+        let mut bytes = encode(&lying, KafkaCompression::None).to_vec();
+        bytes[BATCH_HEADER_LEN] = 0x7e; // zigzag 63: longer than the record
+        let crc = crc32c::crc32c(&bytes[ATTRIBUTES_AT..]);
+        bytes[CRC_AT..ATTRIBUTES_AT].copy_from_slice(&crc.to_be_bytes());
+        let e = batch_from_kafka(bytes.into(), &config, 0).unwrap_err();
+        assert_eq!(e.code, KafkaCode::CorruptMessage, "{}", e.message);
+        assert!(e.message.contains("record 0"), "{}", e.message);
         // Two batches for one partition.
         let mut two = good.to_vec();
         two.extend_from_slice(&good);

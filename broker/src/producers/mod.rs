@@ -41,7 +41,6 @@ mod state;
 
 pub use ids::{FenceGuard, ProducerIdentity, ProducerIds};
 pub use log::{IdempotentLog, ProducerAppend, ProducerAppendError};
-pub(crate) use state::sequence_add;
 pub use state::{
     CachedBatch, MAX_CACHED_BATCHES, PartitionProducers, SequenceCheck, SequenceError,
 };
