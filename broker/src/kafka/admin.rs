@@ -147,14 +147,7 @@ pub(super) fn metadata(
         }
         Some(names) => {
             for name in names {
-                let found = if context.allowed(Operation::Describe, Resource::topic(&name)) {
-                    topics.get(&name).map_err(Failure::from)
-                } else {
-                    Err(Failure::new(
-                        KafkaCode::TopicAuthorizationFailed,
-                        format!("describing topic {name:?} is not allowed"),
-                    ))
-                };
+                let found = context.topic(Operation::Describe, &name);
                 let mut metadata = topic_metadata(&name, found.as_ref().map(Arc::as_ref));
                 if topic_operations && found.is_ok() {
                     metadata.topic_authorized_operations =
@@ -514,19 +507,10 @@ pub(super) fn describe_configs(
                 .is_none_or(|keys| keys.iter().any(|k| k.as_str() == key))
         };
         let configs: Result<Vec<(&str, String, bool)>, Failure> = match resource.resource_type {
-            RESOURCE_TOPIC => {
-                if context.allowed(Operation::Describe, Resource::topic(name)) {
-                    topics.get(name).map_err(Failure::from).map(|topic| {
-                        let config = topic.config();
-                        topic_configs(&config, defaults.as_ref().unwrap_or(&config))
-                    })
-                } else {
-                    Err(Failure::new(
-                        KafkaCode::TopicAuthorizationFailed,
-                        format!("describing topic {name:?} is not allowed"),
-                    ))
-                }
-            }
+            RESOURCE_TOPIC => context.topic(Operation::Describe, name).map(|topic| {
+                let config = topic.config();
+                topic_configs(&config, defaults.as_ref().unwrap_or(&config))
+            }),
             RESOURCE_BROKER => Ok(defaults
                 .as_ref()
                 .map(|d| {

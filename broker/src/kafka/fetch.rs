@@ -22,8 +22,8 @@ use kafka_protocol::messages::{
 use tokio::sync::watch;
 
 use super::errors::{Failure, KafkaCode};
-use super::{Context, records};
-use crate::auth::{Operation, Resource};
+use super::{Context, partition_of, records};
+use crate::auth::Operation;
 use crate::storage::PartitionLog;
 
 /// The longest a fetch waits, whatever it asks.
@@ -60,31 +60,17 @@ pub(super) async fn fetch(
         response.error_code = KafkaCode::FetchSessionIdNotFound.code();
         return response;
     }
-    let topics = &context.state.topics;
     let mut reads: Vec<(String, Vec<PartitionRead>)> = Vec::new();
     for topic in request.topics {
         let name = topic.topic.0.to_string();
-        let found = if context.allowed(Operation::Read, Resource::topic(&name)) {
-            topics.get(&name).map_err(Failure::from)
-        } else {
-            Err(Failure::new(
-                KafkaCode::TopicAuthorizationFailed,
-                format!("reading topic {name:?} is not allowed"),
-            ))
-        };
+        let found = context.topic(Operation::Read, &name);
         let partitions = topic
             .partitions
             .into_iter()
             .map(|p| {
-                let log = found.clone().and_then(|topic| {
-                    let index = u32::try_from(p.partition).map_err(|_| {
-                        Failure::new(
-                            KafkaCode::UnknownTopicOrPartition,
-                            format!("partition {} does not exist", p.partition),
-                        )
-                    })?;
-                    Ok(Arc::clone(topic.partition(index)?.log()))
-                });
+                let log = found
+                    .clone()
+                    .and_then(|topic| Ok(Arc::clone(partition_of(&topic, p.partition)?.log())));
                 PartitionRead {
                     index: p.partition,
                     offset: p.fetch_offset,
@@ -250,28 +236,14 @@ pub(super) async fn list_offsets(
         let mut response = ListOffsetsResponse::default();
         for topic in request.topics {
             let name = topic.name.0.to_string();
-            let found = if context.allowed(Operation::Describe, Resource::topic(&name)) {
-                context.state.topics.get(&name).map_err(Failure::from)
-            } else {
-                Err(Failure::new(
-                    KafkaCode::TopicAuthorizationFailed,
-                    format!("describing topic {name:?} is not allowed"),
-                ))
-            };
+            let found = context.topic(Operation::Describe, &name);
             let mut topic_response = ListOffsetsTopicResponse::default();
             topic_response.name = topic.name.clone();
             for p in topic.partitions {
                 let mut partition = ListOffsetsPartitionResponse::default();
                 partition.partition_index = p.partition_index;
                 let result = found.clone().and_then(|t| {
-                    let index = u32::try_from(p.partition_index).map_err(|_| {
-                        Failure::new(
-                            KafkaCode::UnknownTopicOrPartition,
-                            format!("partition {} does not exist", p.partition_index),
-                        )
-                    })?;
-                    let log = Arc::clone(t.partition(index)?.log());
-                    offset_at(&log, p.timestamp)
+                    offset_at(partition_of(&t, p.partition_index)?.log(), p.timestamp)
                 });
                 match result {
                     Ok((offset, timestamp)) => {

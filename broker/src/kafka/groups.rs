@@ -39,8 +39,8 @@ use kafka_protocol::messages::{
 };
 use kafka_protocol::protocol::{Decodable, StrBytes};
 
-use super::Context;
 use super::errors::{Failure, KafkaCode};
+use super::{Context, partition_of};
 use crate::auth::{Operation, Resource};
 use crate::groups::{ClassicError, GroupCoordinator, JoinRequest, Pending, TopicPartition};
 
@@ -379,27 +379,13 @@ fn commit(context: &Context, request: OffsetCommitRequest) -> OffsetCommitRespon
     let mut offsets = Vec::new();
     for topic in request.topics {
         let name = topic.name.0.to_string();
-        let topic_check = group_check.clone().and_then(|()| {
-            if !context.allowed(Operation::Read, Resource::topic(&name)) {
-                return Err(Failure::new(
-                    KafkaCode::TopicAuthorizationFailed,
-                    format!("reading topic {name:?} is not allowed"),
-                ));
-            }
-            Ok(context.state.topics.get(&name)?)
-        });
+        let topic_check = group_check
+            .clone()
+            .and_then(|()| context.topic(Operation::Read, &name));
         let mut partitions = Vec::new();
         for p in topic.partitions {
             let result = topic_check.clone().and_then(|t| {
-                let partition = u32::try_from(p.partition_index)
-                    .ok()
-                    .filter(|i| *i < t.partition_count())
-                    .ok_or_else(|| {
-                        Failure::new(
-                            KafkaCode::UnknownTopicOrPartition,
-                            format!("topic {name:?} has no partition {}", p.partition_index),
-                        )
-                    })?;
+                let partition = partition_of(&t, p.partition_index)?.index;
                 let offset = u64::try_from(p.committed_offset).map_err(|_| {
                     Failure::new(
                         KafkaCode::InvalidCommitOffsetSize,

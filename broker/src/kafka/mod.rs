@@ -59,6 +59,7 @@ use tokio::sync::watch;
 use crate::auth::{Authorizer, Operation, Principal, Resource};
 use crate::metrics::Metrics;
 use crate::state::BrokerState;
+use crate::topics::{Partition, Topic};
 
 pub use connection::{MIN_FRAME_BYTES, ParsedFrame, parse_frame};
 pub use errors::{Failure, KafkaCode};
@@ -111,6 +112,33 @@ impl Context {
     pub(crate) fn allowed(&self, operation: Operation, resource: Resource) -> bool {
         self.auth.allowed(&self.principal, operation, resource)
     }
+
+    /// Topic `name`, if the caller may do `operation` on it:
+    /// TOPIC_AUTHORIZATION_FAILED, or UNKNOWN_TOPIC_OR_PARTITION.
+    pub(crate) fn topic(&self, operation: Operation, name: &str) -> Result<Arc<Topic>, Failure> {
+        if !self.allowed(operation, Resource::topic(name)) {
+            return Err(Failure::new(
+                KafkaCode::TopicAuthorizationFailed,
+                format!(
+                    "principal {:?} may not {} topic {name:?}",
+                    self.principal.name,
+                    operation.as_str()
+                ),
+            ));
+        }
+        Ok(self.state.topics.get(name)?)
+    }
+}
+
+/// Partition `index` (Kafka's i32) of `topic`, or UNKNOWN_TOPIC_OR_PARTITION.
+pub(crate) fn partition_of(topic: &Topic, index: i32) -> Result<&Arc<Partition>, Failure> {
+    let partition = u32::try_from(index).map_err(|_| {
+        Failure::new(
+            KafkaCode::UnknownTopicOrPartition,
+            format!("topic {:?} has no partition {index}", topic.name()),
+        )
+    })?;
+    Ok(topic.partition(partition)?)
 }
 
 /// Serves Kafka's protocol on `listener` until `shutdown` turns true.

@@ -16,12 +16,13 @@ use kafka_protocol::messages::produce_response::{PartitionProduceResponse, Topic
 use kafka_protocol::messages::{
     InitProducerIdRequest, InitProducerIdResponse, ProduceRequest, ProduceResponse,
 };
-use sluice_format::{EncodedBatch, ProducerInfo};
+use sluice_format::EncodedBatch;
 
 use super::errors::{Failure, KafkaCode};
-use super::{Context, records};
+use super::{Context, partition_of, records};
 use crate::auth::{Operation, Resource};
-use crate::producers::{ProducerAppend, ProducerAppendError, SequenceError};
+use crate::producers::ProducerAppend;
+use crate::state::{AppendError, append_batch};
 use crate::topics::Topic;
 
 /// One partition of a request on its way through.
@@ -60,14 +61,7 @@ fn write(context: &Context, request: ProduceRequest) -> ProduceResponse {
     let mut steps: Vec<(String, Vec<(i32, Step)>)> = Vec::new();
     for topic_data in request.topic_data {
         let name = topic_data.name.0.to_string();
-        let topic = if context.allowed(Operation::Write, Resource::topic(&name)) {
-            topics.get(&name).map_err(Failure::from)
-        } else {
-            Err(Failure::new(
-                KafkaCode::TopicAuthorizationFailed,
-                format!("writing topic {name:?} is not allowed"),
-            ))
-        };
+        let topic = context.topic(Operation::Write, &name);
         let partitions = topic_data
             .partition_data
             .into_iter()
@@ -136,13 +130,7 @@ fn check(
     now: i64,
 ) -> Result<Step, Failure> {
     let topic = topic?;
-    let partition = u32::try_from(index).map_err(|_| {
-        Failure::new(
-            KafkaCode::UnknownTopicOrPartition,
-            format!("partition {index} does not exist"),
-        )
-    })?;
-    topic.partition(partition)?;
+    let partition = partition_of(&topic, index)?.index;
     let bytes = records.ok_or_else(|| {
         Failure::new(KafkaCode::InvalidRecord, "the partition's records are null")
     })?;
@@ -150,8 +138,8 @@ fn check(
     Ok(Step::Checked(topic, partition, batch))
 }
 
-/// Writes one partition's batch under its producer's epoch fence (no wait
-/// for the sync).
+/// Writes one partition's batch as a gRPC produce does (no wait for the
+/// sync).
 fn append(
     context: &Context,
     topic: &Topic,
@@ -159,47 +147,13 @@ fn append(
     batch: &EncodedBatch,
     now: i64,
 ) -> Result<ProducerAppend, Failure> {
-    let producer = batch.header().producer;
-    // An older epoch is refused on every partition once a newer one was
-    // handed out; the guard keeps a newer one from being published while
-    // this batch is written.
     let metrics = context.metrics.as_ref().map(|m| &m.produce);
-    let fenced = |e: &SequenceError| {
-        if let (Some(m), SequenceError::Fenced { .. }) = (metrics, e) {
-            m.fenced.inc();
-        }
-    };
-    let _fence = if producer == ProducerInfo::NONE {
-        None
-    } else {
-        Some(
-            context
-                .state
-                .topics
-                .producer_ids()
-                .fence(producer.producer_id, producer.epoch)
-                .inspect_err(fenced)?,
-        )
-    };
-    let appended = topic
-        .partition(partition)?
-        .appender()
-        .write(batch, now)
-        .inspect_err(|e| {
-            if let ProducerAppendError::Sequence(e) = e {
-                fenced(e);
-            }
-        })?;
-    if let Some(m) = metrics {
-        if appended.duplicate {
-            m.duplicates.inc();
-        } else {
-            m.batch_records
-                .observe(f64::from(batch.header().record_count));
-            m.batch_bytes.observe(batch.len() as f64);
-        }
-    }
-    Ok(appended)
+    append_batch(&context.state.topics, topic, partition, batch, now, metrics).map_err(
+        |e| match e {
+            AppendError::Topic(e) => Failure::from(e),
+            AppendError::Append(e) => Failure::from(e),
+        },
+    )
 }
 
 /// Waits for a written batch's sync; its base offset and the partition's

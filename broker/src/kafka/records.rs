@@ -425,7 +425,7 @@ fn write_kafka_batch(out: &mut Vec<u8>, batch: &RecordBatch) -> Result<(), Batch
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use bytes::BytesMut;
     use kafka_protocol::indexmap::IndexMap;
     use kafka_protocol::protocol::StrBytes;
@@ -440,7 +440,11 @@ mod tests {
         TopicDefaults::default().config(&patch).unwrap()
     }
 
-    fn kafka_record(offset: i64, key: Option<&[u8]>, value: Option<&[u8]>) -> KafkaRecord {
+    pub(crate) fn kafka_record(
+        offset: i64,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+    ) -> KafkaRecord {
         KafkaRecord {
             transactional: false,
             control: false,
@@ -479,7 +483,7 @@ mod tests {
         records
     }
 
-    fn encode(records: &[KafkaRecord], compression: KafkaCompression) -> Bytes {
+    pub(crate) fn encode(records: &[KafkaRecord], compression: KafkaCompression) -> Bytes {
         let mut buf = BytesMut::new();
         RecordBatchEncoder::encode(
             &mut buf,

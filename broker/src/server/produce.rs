@@ -25,7 +25,8 @@ use super::convert::{batch_record_size, now_ms, record_from_proto, record_size};
 use super::status;
 use crate::auth::{Operation, Resource};
 use crate::metrics::ProduceMetrics;
-use crate::producers::{ProducerAppend, ProducerAppendError, SequenceError};
+use crate::producers::ProducerAppend;
+use crate::state::{AppendError, append_batch};
 use crate::storage::batch::{NO_PRODUCER_EPOCH, NO_PRODUCER_ID};
 use crate::storage::{BatchBuilder, BatchError, Compression, EncodedBatch, ProducerInfo};
 use crate::topics::{Topic, TopicConfig, TopicRegistry};
@@ -44,7 +45,6 @@ pub(crate) struct Produce {
 /// request positions of its records.
 struct Prepared {
     topic: Arc<Topic>,
-    producer: ProducerInfo,
     batches: Vec<(u32, EncodedBatch, Vec<usize>)>,
     records: usize,
     /// The request sent one encoded batch: answered with its range, not
@@ -245,7 +245,6 @@ fn prepare(topics: &TopicRegistry, request: v1::ProduceRequest) -> Result<Prepar
         let batch = in_codec(batch, forced)?;
         return Ok(Prepared {
             topic,
-            producer,
             records: batch.record_count() as usize,
             batches: vec![(partition, batch, Vec::new())],
             sent_as_batch,
@@ -315,7 +314,6 @@ fn prepare(topics: &TopicRegistry, request: v1::ProduceRequest) -> Result<Prepar
     }
     Ok(Prepared {
         topic,
-        producer,
         batches,
         records,
         sent_as_batch,
@@ -331,53 +329,22 @@ async fn write(
     request: v1::ProduceRequest,
 ) -> Result<Written, Status> {
     tokio::task::spawn_blocking(move || {
-        let fenced = |e: &SequenceError| {
-            if let (Some(m), SequenceError::Fenced { .. }) = (&metrics, e) {
-                m.fenced.inc();
-            }
-        };
         let prepared = prepare(&topics, request)?;
-        // An older epoch of a named producer is refused on every partition
-        // once a newer one was handed out, whether or not the newer one has
-        // written here; the guard keeps a new epoch from being published
-        // while this request writes.
-        let _fence = if prepared.producer == ProducerInfo::NONE {
-            None
-        } else {
-            Some(
-                topics
-                    .producer_ids()
-                    .fence(prepared.producer.producer_id, prepared.producer.epoch)
-                    .map_err(|e| {
-                        fenced(&e);
-                        status::sequence(e)
-                    })?,
-            )
-        };
         let now = now_ms();
         let mut written = Vec::with_capacity(prepared.batches.len());
         for (partition, batch, indexes) in prepared.batches {
-            let appended = prepared
-                .topic
-                .partition(partition)
-                .map_err(status::topic)?
-                .appender()
-                .write(&batch, now)
-                .map_err(|e| {
-                    if let ProducerAppendError::Sequence(e) = &e {
-                        fenced(e);
-                    }
-                    status::producer_append(e)
-                })?;
-            if let Some(m) = &metrics {
-                if appended.duplicate {
-                    m.duplicates.inc();
-                } else {
-                    m.batch_records
-                        .observe(f64::from(batch.header().record_count));
-                    m.batch_bytes.observe(batch.len() as f64);
-                }
-            }
+            let appended = append_batch(
+                &topics,
+                &prepared.topic,
+                partition,
+                &batch,
+                now,
+                metrics.as_ref(),
+            )
+            .map_err(|e| match e {
+                AppendError::Topic(e) => status::topic(e),
+                AppendError::Append(e) => status::producer_append(e),
+            })?;
             written.push((partition, appended, indexes));
         }
         Ok(Written {
