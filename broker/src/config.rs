@@ -700,8 +700,8 @@ mod tests {
             kafka_advertised: Some(advertised.into()),
             ..Settings::default()
         };
-        let config = Config::resolve(settings("broker1.example.com:9092"), Settings::default())
-            .unwrap();
+        let config =
+            Config::resolve(settings("broker1.example.com:9092"), Settings::default()).unwrap();
         assert_eq!(
             config.kafka_advertised,
             Some(("broker1.example.com".to_owned(), 9092))
