@@ -2,19 +2,20 @@
 //! edge onto the same layers the gRPC server calls.
 //!
 //! This module owns the Kafka listener: framing, request and response
-//! headers, which APIs and versions are served ([`versions`]), and the
+//! headers, which APIs and versions are served ([`SUPPORTED_APIS`]), and the
 //! translation of each request into calls on [`crate::topics`],
-//! [`crate::producers`] (through a partition's idempotent appender) and
+//! [`crate::state::append_batch`] (the write step every produce takes) and
 //! [`crate::groups`] (the classic group protocol and the shared offset
-//! store). The message codecs are the `kafka-protocol` crate's; nothing
-//! here hand-writes a Kafka message.
+//! store). Kafka's messages are coded by the `kafka-protocol` crate
+//! (patched, vendor/README.md); only the records inside a record batch are
+//! read and written here ([`batch_from_kafka`], [`kafka_batches`]), because
+//! the crate's record type keeps one header per key.
 //!
 //! It does *not* own storage or a second copy of any rule: records land
-//! through the same appender, producer fencing and record-size rule as a
-//! gRPC produce, and Kafka's record batch v2 is translated to and from
-//! Sluice's batch format ([`records`]) at this edge. It never reaches into
-//! [`crate::storage`] by a path of its own. Sluice is one node: node 0
-//! leads every partition, at the advertised address.
+//! through the same fence, appender, record-size rule and metrics as a gRPC
+//! produce, and it never reaches into [`crate::storage`] by a path of its
+//! own. Sluice is one node: node 0 leads every partition, at the advertised
+//! address.
 //!
 //! A connection is served one request at a time, in order, as Kafka's
 //! brokers do (a client that pipelines gets its answers in order). A frame
