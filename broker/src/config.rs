@@ -441,6 +441,21 @@ impl Config {
             ));
         }
         let kafka_listen = pick!(kafka_listen);
+        // The Kafka listener cannot authenticate (no SASL yet): with
+        // authentication off, its callers are superusers, so it stays on
+        // loopback unless that is said to be intended, as for gRPC.
+        if let Some(kafka) = kafka_listen
+            && security.auth.mode == AuthMode::Off
+            && !kafka.ip().is_loopback()
+            && !security.allow_unauthenticated_remote
+        {
+            return Err(ConfigError::Invalid(format!(
+                "refusing to serve Kafka on {kafka} with --auth off: anyone who can reach it \
+                 could read, write and delete every topic. Listen on 127.0.0.1, use --auth \
+                 required (Kafka callers are then held to the rules for \"anonymous\"; see \
+                 docs/KAFKA.md), or pass --allow-unauthenticated-remote to say this is intended"
+            )));
+        }
         let kafka_advertised = match pick!(kafka_advertised).filter(|a| !a.is_empty()) {
             Some(address) => {
                 if kafka_listen.is_none() {
@@ -712,6 +727,12 @@ mod tests {
             let e = Config::resolve(settings(bad), Settings::default()).unwrap_err();
             assert!(e.to_string().contains(bad), "{bad}: {e}");
         }
+        let remote = Settings {
+            kafka_listen: Some("0.0.0.0:9092".parse().unwrap()),
+            ..Settings::default()
+        };
+        let e = Config::resolve(remote, Settings::default()).unwrap_err();
+        assert!(e.to_string().contains("refusing to serve Kafka"), "{e}");
         let without_listener = Settings {
             kafka_advertised: Some("h:1".into()),
             ..Settings::default()

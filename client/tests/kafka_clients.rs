@@ -328,6 +328,19 @@ fn describe_group(
 /// kcat: `SLUICE_KCAT` (scripts/test.sh installs Debian's and points it
 /// there), else `kcat` on the PATH.
 fn kcat(args: &[&str], stdin: &str) -> String {
+    let output = try_kcat(args, stdin);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "kcat {args:?} failed ({}):\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+/// kcat's exit status and output, whatever they are.
+fn try_kcat(args: &[&str], stdin: &str) -> std::process::Output {
     let binary = std::env::var("SLUICE_KCAT").unwrap_or_else(|_| "kcat".into());
     let mut child = Command::new(&binary)
         .args(args)
@@ -344,15 +357,7 @@ fn kcat(args: &[&str], stdin: &str) -> String {
         .unwrap()
         .write_all(stdin.as_bytes())
         .unwrap();
-    let output = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "kcat {args:?} failed ({}):\n{stdout}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
+    child.wait_with_output().unwrap()
 }
 
 fn now_ms() -> i64 {
@@ -379,7 +384,11 @@ async fn read_grpc(
 
 /// Records in each partition of `topic` (its end offsets, all from 0).
 async fn end_offsets(broker: &Broker, topic: &str) -> Vec<u64> {
-    let admin = Admin::new(&ClientConfig::new(broker.url())).unwrap();
+    end_offsets_as(&ClientConfig::new(broker.url()), topic).await
+}
+
+async fn end_offsets_as(config: &ClientConfig, topic: &str) -> Vec<u64> {
+    let admin = Admin::new(config).unwrap();
     let info = admin.describe_topic(topic).await.unwrap();
     info.partitions.iter().map(|p| p.latest_offset).collect()
 }
@@ -1696,4 +1705,90 @@ async fn a_group_id_is_used_by_one_protocol_at_a_time() {
         "the Kafka member shows in `sluice group describe`:\n{described}"
     );
     kafka_member.finish(Duration::from_secs(20));
+}
+
+/// With authentication required, the Kafka listener (which cannot
+/// authenticate anyone yet) serves the anonymous principal held to the
+/// rules, never a superuser: without a rule kcat sees no topic and cannot
+/// write; a rule for `anonymous` lets it write that topic and no other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_auth_required_kafka_callers_get_only_what_rules_grant_anonymous() {
+    use sluice_client::security::{
+        Operation, PatternType, Permission, ResourceType, SecurityAdmin, acl_rule,
+    };
+    const TOKEN: &str = "bootstrap-token-for-kafka-tests-0123456789";
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start_with_env(
+        &broker_binary(),
+        dir.path(),
+        &["--auth", "required", "--kafka-listen", "127.0.0.1:0"],
+        &[("SLUICE_BOOTSTRAP_TOKEN", TOKEN)],
+    );
+    let bs = bootstrap(&broker);
+    let root = ClientConfig::new(broker.url()).with_token(TOKEN);
+    let admin = Admin::new(&root).unwrap();
+    admin.create_topic("open", 1).await.unwrap();
+    admin.create_topic("closed", 1).await.unwrap();
+
+    let listed = kcat(&["-b", &bs, "-L"], "");
+    assert!(
+        !listed.contains("\"open\"") && !listed.contains("\"closed\""),
+        "no topic is visible without a rule:\n{listed}"
+    );
+    let produce = |topic: &str| {
+        try_kcat(
+            &[
+                "-b",
+                &bs,
+                "-P",
+                "-t",
+                topic,
+                "-X",
+                "message.timeout.ms=5000",
+            ],
+            "denied\n",
+        )
+    };
+    let denied = produce("open");
+    let said = String::from_utf8_lossy(&denied.stderr).to_lowercase();
+    assert!(
+        !denied.status.success() || said.contains("authoriz"),
+        "a write without a rule fails:\n{said}"
+    );
+    assert_eq!(
+        end_offsets_as(&root, "open").await,
+        vec![0],
+        "nothing was written"
+    );
+
+    let security = SecurityAdmin::new(&root).unwrap();
+    for operation in [Operation::Write, Operation::Describe] {
+        security
+            .add_acl(acl_rule(
+                "anonymous",
+                ResourceType::Topic,
+                "open",
+                PatternType::Literal,
+                operation,
+                Permission::Allow,
+            ))
+            .await
+            .unwrap();
+    }
+    let allowed = produce("open");
+    assert!(
+        allowed.status.success(),
+        "a write the rule allows succeeds:\n{}",
+        String::from_utf8_lossy(&allowed.stderr)
+    );
+    assert_eq!(end_offsets_as(&root, "open").await, vec![1]);
+    let still_denied = produce("closed");
+    assert!(
+        !still_denied.status.success()
+            || String::from_utf8_lossy(&still_denied.stderr)
+                .to_lowercase()
+                .contains("authoriz"),
+        "the rule covers one topic only"
+    );
+    assert_eq!(end_offsets_as(&root, "closed").await, vec![0]);
 }

@@ -86,6 +86,10 @@ pub enum AuthenticatedBy {
     Token,
     /// A TLS client certificate the listener verified.
     Certificate,
+    /// Authentication is required, but the caller came over a listener
+    /// that cannot authenticate anyone (the Kafka listener, until SASL):
+    /// the anonymous principal, allowed only what rules grant `anonymous`.
+    Unauthenticated,
 }
 
 impl AuthenticatedBy {
@@ -94,6 +98,7 @@ impl AuthenticatedBy {
             AuthenticatedBy::Nothing => "none",
             AuthenticatedBy::Token => "token",
             AuthenticatedBy::Certificate => "tls",
+            AuthenticatedBy::Unauthenticated => "unauthenticated",
         }
     }
 }
@@ -309,6 +314,21 @@ impl Authorizer {
         self.changes.send_modify(|n| *n += 1);
     }
 
+    /// The caller of a listener that has no way to authenticate anyone
+    /// (the Kafka listener): with authentication off, the anonymous
+    /// superuser, as over gRPC; with it required, the anonymous principal
+    /// held to the rules, never a superuser.
+    pub fn unauthenticated_principal(&self) -> Principal {
+        match self.mode {
+            AuthMode::Off => Principal::anonymous(),
+            AuthMode::Required => Principal {
+                name: ANONYMOUS.to_owned(),
+                by: AuthenticatedBy::Unauthenticated,
+                token_id: None,
+            },
+        }
+    }
+
     /// The principal a bearer token names.
     pub fn authenticate_token(&self, token: &str) -> Result<Principal, AuthError> {
         let users = self.users.read();
@@ -508,6 +528,34 @@ mod tests {
             operation: op,
             permission,
         }
+    }
+
+    /// A listener that cannot authenticate (Kafka's) hands out the
+    /// superuser only while authentication is off; with it required, its
+    /// callers get exactly what rules grant `anonymous`.
+    #[test]
+    fn an_unauthenticated_listener_is_held_to_the_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let off = authorizer(dir.path(), AuthMode::Off);
+        assert!(off.is_superuser(&off.unauthenticated_principal()));
+        drop(off);
+        let dir = tempfile::tempdir().unwrap();
+        let auth = authorizer(dir.path(), AuthMode::Required);
+        let caller = auth.unauthenticated_principal();
+        assert_eq!(caller.name, ANONYMOUS);
+        assert!(!auth.is_superuser(&caller));
+        assert!(!auth.allowed(&caller, Operation::Write, Resource::topic("orders")));
+        assert!(!auth.allowed(&caller, Operation::Describe, Resource::cluster()));
+        auth.add_acl(rule(
+            ANONYMOUS,
+            "orders",
+            PatternType::Literal,
+            Operation::Write,
+            Permission::Allow,
+        ))
+        .unwrap();
+        assert!(auth.allowed(&caller, Operation::Write, Resource::topic("orders")));
+        assert!(!auth.allowed(&caller, Operation::Write, Resource::topic("payments")));
     }
 
     #[test]

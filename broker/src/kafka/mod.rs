@@ -155,8 +155,8 @@ pub async fn serve(
     let context = Arc::new(Context {
         state,
         metrics,
+        principal: auth.unauthenticated_principal(),
         auth,
-        principal: Principal::anonymous(),
         settings,
         shutdown: shutdown.clone(),
     });
