@@ -375,6 +375,27 @@ impl Authorizer {
                 .allows(&principal.name, operation, resource)
     }
 
+    /// Kafka's rule for creating topic `name`, for both front doors:
+    /// create on the cluster, or on the topic.
+    pub fn may_create_topic(&self, principal: &Principal, name: &str) -> bool {
+        self.allowed(principal, Operation::Create, Resource::cluster())
+            || self.allowed(principal, Operation::Create, Resource::topic(name))
+    }
+
+    /// Kafka's rule (KIP-679) for handing an unnamed idempotent producer
+    /// an id, for both front doors: write on the cluster, or on any topic
+    /// of `topics` (an id writes nothing by itself).
+    pub fn may_init_producer<'a>(
+        &self,
+        principal: &Principal,
+        topics: impl IntoIterator<Item = &'a str>,
+    ) -> bool {
+        self.allowed(principal, Operation::Write, Resource::cluster())
+            || topics
+                .into_iter()
+                .any(|t| self.allowed(principal, Operation::Write, Resource::topic(t)))
+    }
+
     /// [`Self::allowed`], as an error that names the operation and the
     /// resource.
     pub fn authorize(

@@ -370,10 +370,7 @@ fn create_one(
     creatable: &kafka_protocol::messages::create_topics_request::CreatableTopic,
     validate_only: bool,
 ) -> Result<TopicConfig, Failure> {
-    // Kafka's rule: create on the cluster, or on the topic.
-    if !context.allowed(Operation::Create, Resource::cluster())
-        && !context.allowed(Operation::Create, Resource::topic(name))
-    {
+    if !context.auth.may_create_topic(&context.principal, name) {
         return Err(Failure::new(
             KafkaCode::TopicAuthorizationFailed,
             format!("creating topic {name:?} is not allowed"),

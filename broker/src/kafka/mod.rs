@@ -102,8 +102,9 @@ pub(crate) struct Context {
     pub(crate) state: BrokerState,
     /// `None` when metrics are off.
     pub(crate) metrics: Option<Arc<Metrics>>,
-    auth: Arc<Authorizer>,
-    principal: Principal,
+    pub(crate) auth: Arc<Authorizer>,
+    /// Every caller of this listener (it authenticates no one).
+    pub(crate) principal: Principal,
     pub(crate) settings: KafkaSettings,
     pub(crate) shutdown: watch::Receiver<bool>,
 }

@@ -20,7 +20,7 @@ use sluice_format::EncodedBatch;
 
 use super::errors::{Failure, KafkaCode};
 use super::{Context, partition_of, records};
-use crate::auth::{Operation, Resource};
+use crate::auth::Operation;
 use crate::producers::ProducerAppend;
 use crate::state::{AppendError, append_batch};
 use crate::topics::Topic;
@@ -201,14 +201,10 @@ pub(super) async fn init_producer_id(
         tracing::info!("refused a transactional producer: Sluice has no transactions");
         return response;
     }
-    // As for gRPC (and Kafka's KIP-679): write on the cluster or on any
-    // topic.
     let topics = Arc::clone(&context.state.topics);
-    let may_write = context.allowed(Operation::Write, Resource::cluster())
-        || topics
-            .list()
-            .iter()
-            .any(|t| context.allowed(Operation::Write, Resource::topic(t.name())));
+    let may_write = context
+        .auth
+        .may_init_producer(&context.principal, topics.list().iter().map(|t| t.name()));
     if !may_write {
         response.error_code = KafkaCode::ClusterAuthorizationFailed.code();
         return response;

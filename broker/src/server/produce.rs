@@ -462,22 +462,18 @@ impl ProduceService for Produce {
         // name is guarded like Kafka's transactional id: write on the
         // cluster. An unnamed id writes nothing by itself; as in Kafka
         // (KIP-679), write on any topic (or the cluster) is enough.
-        let cluster = self
+        if request.get_ref().name.is_some() {
+            self.access
+                .check_principal(&caller, Operation::Write, Resource::cluster())?;
+        } else if !self
             .access
-            .allowed(&caller, Operation::Write, Resource::cluster());
-        if !cluster {
-            if request.get_ref().name.is_some() {
-                self.access
-                    .check_principal(&caller, Operation::Write, Resource::cluster())?;
-            } else if !self.topics.list().iter().any(|t| {
-                self.access
-                    .allowed(&caller, Operation::Write, Resource::topic(t.name()))
-            }) {
-                return Err(Status::permission_denied(format!(
-                    "principal {:?} may not write any topic, so it needs no producer id",
-                    caller.name
-                )));
-            }
+            .authorizer()
+            .may_init_producer(&caller, self.topics.list().iter().map(|t| t.name()))
+        {
+            return Err(Status::permission_denied(format!(
+                "principal {:?} may not write any topic, so it needs no producer id",
+                caller.name
+            )));
         }
         let name = request.into_inner().name;
         let topics = Arc::clone(&self.topics);
