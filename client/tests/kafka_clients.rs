@@ -1792,3 +1792,71 @@ async fn with_auth_required_kafka_callers_get_only_what_rules_grant_anonymous() 
     );
     assert_eq!(end_offsets_as(&root, "closed").await, vec![0]);
 }
+
+/// Answers a raw frame on `stream`: the response body after the
+/// correlation id (which must be `correlation_id`).
+fn raw_exchange(stream: &mut TcpStream, body: &[u8], correlation_id: i32) -> Vec<u8> {
+    let mut frame = (body.len() as i32).to_be_bytes().to_vec();
+    frame.extend(body);
+    stream.write_all(&frame).unwrap();
+    let mut size = [0u8; 4];
+    stream.read_exact(&mut size).expect("an answer");
+    let mut answer = vec![0u8; i32::from_be_bytes(size) as usize];
+    stream.read_exact(&mut answer).unwrap();
+    assert_eq!(
+        i32::from_be_bytes(answer[..4].try_into().unwrap()),
+        correlation_id
+    );
+    answer[4..].to_vec()
+}
+
+/// The errors a client understands, on a connection that stays open: an
+/// ApiVersions in a version not served is answered in version 0 with
+/// UNSUPPORTED_VERSION (35) and the versions served (KIP-511); a JoinGroup
+/// in a version not served gets UNSUPPORTED_VERSION; a Heartbeat whose body
+/// does not decode gets INVALID_REQUEST (42). Nothing is closed: the same
+/// connection then gets a normal ApiVersions answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsupported_versions_and_malformed_bodies_get_kafka_error_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start_broker(dir.path());
+    let mut stream = TcpStream::connect(broker.kafka_addr.unwrap()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let header = |key: i16, version: i16, correlation_id: i32, flexible: bool| {
+        let mut h = Vec::new();
+        h.extend(key.to_be_bytes());
+        h.extend(version.to_be_bytes());
+        h.extend(correlation_id.to_be_bytes());
+        h.extend(4i16.to_be_bytes());
+        h.extend(b"test");
+        if flexible {
+            h.push(0); // no tagged fields
+        }
+        h
+    };
+
+    // ApiVersions v9: answered in v0, error 35, with the list.
+    let answer = raw_exchange(&mut stream, &header(18, 9, 11, true), 11);
+    assert_eq!(i16::from_be_bytes([answer[0], answer[1]]), 35);
+    let count = i32::from_be_bytes(answer[2..6].try_into().unwrap());
+    assert_eq!(count, 19, "every API served is listed");
+
+    // JoinGroup v8 (flexible; 0-7 are served): error 35 in a v8 answer,
+    // after its header's tagged fields and the throttle time.
+    let answer = raw_exchange(&mut stream, &header(11, 8, 12, true), 12);
+    assert_eq!(answer[0], 0, "no tagged fields in the response header");
+    assert_eq!(i16::from_be_bytes([answer[5], answer[6]]), 35);
+
+    // Heartbeat v0 whose group id claims more bytes than follow: 42.
+    let mut heartbeat = header(12, 0, 13, false);
+    heartbeat.extend(200i16.to_be_bytes());
+    heartbeat.extend(b"short");
+    let answer = raw_exchange(&mut stream, &heartbeat, 13);
+    assert_eq!(i16::from_be_bytes([answer[0], answer[1]]), 42);
+
+    // The connection is still good.
+    let apis = api_versions(&mut stream, 14);
+    assert_eq!(apis.len(), 19);
+}
