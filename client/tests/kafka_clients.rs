@@ -1860,3 +1860,60 @@ async fn unsupported_versions_and_malformed_bodies_get_kafka_error_codes() {
     let apis = api_versions(&mut stream, 14);
     assert_eq!(apis.len(), 19);
 }
+
+/// A produce with acks 0 gets no answer. When it is refused, the broker
+/// closes the connection, as Kafka's do, since the client reads nothing
+/// else; when it is written, the connection goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acks_0_produce_is_written_or_closes_its_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start_broker(dir.path());
+    let bs = bootstrap(&broker);
+    Admin::new(&ClientConfig::new(broker.url()))
+        .unwrap()
+        .create_topic("fire-and-forget", 1)
+        .await
+        .unwrap();
+    kcat(
+        &[
+            "-b",
+            &bs,
+            "-P",
+            "-t",
+            "fire-and-forget",
+            "-X",
+            "request.required.acks=0",
+        ],
+        "one\ntwo\nthree\n",
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while end_offsets(&broker, "fire-and-forget").await != vec![3] {
+        assert!(Instant::now() < deadline, "acks 0 records were not written");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Produce v3, acks 0, to a topic that does not exist (records null).
+    let mut body = Vec::new();
+    body.extend(0i16.to_be_bytes()); // Produce
+    body.extend(3i16.to_be_bytes());
+    body.extend(21i32.to_be_bytes());
+    body.extend((-1i16).to_be_bytes()); // no client id
+    body.extend((-1i16).to_be_bytes()); // no transactional id
+    body.extend(0i16.to_be_bytes()); // acks 0
+    body.extend(1000i32.to_be_bytes());
+    body.extend(1i32.to_be_bytes()); // one topic
+    body.extend(4i16.to_be_bytes());
+    body.extend(b"nope");
+    body.extend(1i32.to_be_bytes()); // one partition
+    body.extend(0i32.to_be_bytes());
+    body.extend((-1i32).to_be_bytes()); // null records
+    let mut frame = (body.len() as i32).to_be_bytes().to_vec();
+    frame.extend(body);
+    let mut stream = TcpStream::connect(broker.kafka_addr.unwrap()).unwrap();
+    stream.write_all(&frame).unwrap();
+    assert_closed_by_broker(
+        "a refused acks 0 produce",
+        &mut stream,
+        Duration::from_secs(5),
+    );
+}

@@ -243,7 +243,7 @@ async fn answer(
         client_id = header.client_id.as_deref().unwrap_or(""),
     );
     async move {
-        let Some(response) = dispatch(context, &header, request, peer).await else {
+        let Some(response) = dispatch(context, &header, request, peer).await? else {
             return Ok(None);
         };
         encode(api, version, header.correlation_id, &response).map(Some)
@@ -275,7 +275,7 @@ async fn dispatch(
     header: &RequestHeader,
     request: RequestKind,
     peer: SocketAddr,
-) -> Option<ResponseKind> {
+) -> Result<Option<ResponseKind>, End> {
     let version = header.request_api_version;
     let response = match request {
         RequestKind::ApiVersions(_) => {
@@ -301,7 +301,22 @@ async fn dispatch(
             let acks = r.acks;
             let response = produce::produce(context, r).await;
             if acks == 0 {
-                return None;
+                // No answer is read, so a refusal is told the way Kafka's
+                // brokers tell it: the connection closes, and the client
+                // learns of it (and refreshes its metadata).
+                let refused = response
+                    .responses
+                    .iter()
+                    .flat_map(|t| &t.partition_responses)
+                    .find(|p| p.error_code != 0);
+                return match refused {
+                    Some(p) => Err(End::Refused(format!(
+                        "a produce with acks 0 was refused ({:?}: {})",
+                        KafkaCode::try_from_code(p.error_code),
+                        p.error_message.as_deref().unwrap_or("")
+                    ))),
+                    None => Ok(None),
+                };
             }
             ResponseKind::Produce(response)
         }
@@ -336,14 +351,12 @@ async fn dispatch(
             // Unreachable while SUPPORTED_APIS and this match agree; a
             // unit test keeps them in step.
             tracing::error!(request = ?std::mem::discriminant(&other), "a supported API has no handler");
-            return error_response(
-                ApiKey::try_from(header.request_api_key).ok()?,
-                version,
-                KafkaCode::UnsupportedVersion,
-            );
+            let api = ApiKey::try_from(header.request_api_key)
+                .map_err(|_| End::Refused("a request of no known API".into()))?;
+            return Ok(error_response(api, version, KafkaCode::UnsupportedVersion));
         }
     };
-    Some(response)
+    Ok(Some(response))
 }
 
 /// A response frame: size, header, body.
