@@ -31,7 +31,7 @@ use sluice_client::{
 use sluice_testkit::{Broker, broker_binary};
 
 mod common;
-use common::take;
+use common::{run_with_stdin, take};
 
 // ---------------------------------------------------------------------------
 // Running the broker, the Python scripts, kcat and the CLI
@@ -77,6 +77,19 @@ fn start_broker(dir: &Path) -> Broker {
     broker
 }
 
+/// A broker with a Kafka listener and `topic` made over gRPC; the broker
+/// and its Kafka bootstrap address.
+async fn broker_with_topic(dir: &Path, topic: &str, partitions: u32) -> (Broker, String) {
+    let broker = start_broker(dir);
+    let bs = bootstrap(&broker);
+    Admin::new(&ClientConfig::new(broker.url()))
+        .unwrap()
+        .create_topic(topic, partitions)
+        .await
+        .unwrap();
+    (broker, bs)
+}
+
 fn bootstrap(broker: &Broker) -> String {
     broker.kafka_addr.unwrap().to_string()
 }
@@ -94,19 +107,7 @@ fn script_command(script: &str, args: &[&str]) -> Command {
 
 /// Runs one of tests/kafka's scripts to the end; its stdout as JSON.
 fn run_script(script: &str, args: &[&str], stdin: &str) -> Value {
-    let mut child = script_command(script, args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python3 is needed for this test");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
+    let output = run_with_stdin(script_command(script, args), stdin);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -342,22 +343,9 @@ fn kcat(args: &[&str], stdin: &str) -> String {
 /// kcat's exit status and output, whatever they are.
 fn try_kcat(args: &[&str], stdin: &str) -> std::process::Output {
     let binary = std::env::var("SLUICE_KCAT").unwrap_or_else(|_| "kcat".into());
-    let mut child = Command::new(&binary)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!("{binary}: {e}: run the tests with ./scripts/test.sh, which installs kcat")
-        });
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+    let mut command = Command::new(binary);
+    command.args(args);
+    run_with_stdin(command, stdin)
 }
 
 fn now_ms() -> i64 {
@@ -1134,13 +1122,7 @@ async fn an_idempotent_confluent_producer_writes_once_when_answers_are_lost() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kcat_lists_produces_with_headers_and_consumes_from_an_offset_and_a_time() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = start_broker(dir.path());
-    let bs = bootstrap(&broker);
-    Admin::new(&ClientConfig::new(broker.url()))
-        .unwrap()
-        .create_topic("kc", 2)
-        .await
-        .unwrap();
+    let (broker, bs) = broker_with_topic(dir.path(), "kc", 2).await;
 
     let metadata = kcat(&["-b", &bs, "-L"], "");
     assert!(
@@ -1867,13 +1849,7 @@ async fn unsupported_versions_and_malformed_bodies_get_kafka_error_codes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_acks_0_produce_is_written_or_closes_its_connection() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = start_broker(dir.path());
-    let bs = bootstrap(&broker);
-    Admin::new(&ClientConfig::new(broker.url()))
-        .unwrap()
-        .create_topic("fire-and-forget", 1)
-        .await
-        .unwrap();
+    let (broker, bs) = broker_with_topic(dir.path(), "fire-and-forget", 1).await;
     kcat(
         &[
             "-b",

@@ -7,9 +7,8 @@
 //! Every comparison is byte for byte: key (null and empty kept apart),
 //! value, headers in order, timestamp and offset.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -23,7 +22,7 @@ use sluice_format::{BatchBuilder, Header, ProducerInfo};
 use sluice_testkit::{Broker, broker_binary};
 
 mod common;
-use common::take;
+use common::{run_with_stdin, take};
 
 /// The Python to run: `SLUICE_PYTHON` (scripts/test.sh points it at a
 /// virtual environment with the pinned packages), else `python3`.
@@ -43,22 +42,12 @@ fn run_python(script: &str, args: &[String], stdin: &str) -> Value {
 }
 
 fn try_python(script: &str, args: &[String], stdin: &str) -> (bool, String, String) {
-    let mut child = Command::new(python())
+    let mut command = Command::new(python());
+    command
         .arg(root().join("tests/python").join(script))
         .args(args)
-        .env("PYTHONPATH", root().join("tests/python"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python3 is needed for this test");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
+        .env("PYTHONPATH", root().join("tests/python"));
+    let output = run_with_stdin(command, stdin);
     (
         output.status.success(),
         String::from_utf8_lossy(&output.stdout).into_owned(),
