@@ -113,7 +113,7 @@ pub(super) async fn fetch(
         if watchers.is_empty() {
             break;
         }
-        let changed = futures_any(&mut watchers);
+        let changed = any_moved(&mut watchers);
         tokio::select! {
             _ = changed => {}
             _ = tokio::time::sleep_until(deadline) => {}
@@ -152,22 +152,16 @@ pub(super) async fn fetch(
     response
 }
 
-/// Completes when any of `watchers` sees its high watermark move.
-async fn futures_any(watchers: &mut [watch::Receiver<u64>]) {
-    let changes = watchers.iter_mut().map(|w| Box::pin(w.changed()));
-    let _ = futures_select_all(changes).await;
-}
-
-/// The first of `futures` to complete.
-async fn futures_select_all<F: Future + Unpin>(futures: impl Iterator<Item = F>) -> F::Output {
-    let mut futures: Vec<F> = futures.collect();
+/// Completes when any of `watchers` sees its high watermark move (or its
+/// partition close: the next read says why).
+async fn any_moved(watchers: &mut [watch::Receiver<u64>]) {
+    let mut changes: Vec<_> = watchers.iter_mut().map(|w| Box::pin(w.changed())).collect();
     std::future::poll_fn(move |cx| {
-        for f in futures.iter_mut() {
-            if let std::task::Poll::Ready(output) = std::pin::Pin::new(f).poll(cx) {
-                return std::task::Poll::Ready(output);
-            }
+        if changes.iter_mut().any(|c| c.as_mut().poll(cx).is_ready()) {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
         }
-        std::task::Poll::Pending
     })
     .await
 }

@@ -562,18 +562,15 @@ pub(super) fn describe_groups(
             continue;
         }
         let classic = groups.classic().describe(&group, now);
-        described.group_state = str_bytes(match classic.state {
-            "Dead" if has_sluice_members(groups, &group, now) => "Stable",
-            "Dead" if known.contains(&group) => "Empty",
-            state => state,
-        });
-        described.protocol_type = str_bytes(
-            if classic.state == "Dead" && has_sluice_members(groups, &group, now) {
-                "sluice".to_owned()
-            } else {
-                classic.protocol_type
-            },
-        );
+        // A group Kafka's protocol does not know may be a Sluice group
+        // with members, or one with offsets only: as ListGroups says.
+        let (state, protocol_type) = match classic.state {
+            "Dead" if has_sluice_members(groups, &group, now) => ("Stable", "sluice".to_owned()),
+            "Dead" if known.contains(&group) => ("Empty", classic.protocol_type),
+            state => (state, classic.protocol_type),
+        };
+        described.group_state = str_bytes(state);
+        described.protocol_type = str_bytes(protocol_type);
         described.protocol_data = str_bytes(classic.protocol_name);
         if request.include_authorized_operations && version >= 3 {
             described.authorized_operations = super::admin::authorized_operations(

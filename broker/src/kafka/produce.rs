@@ -33,18 +33,10 @@ enum Step {
 }
 
 pub(super) async fn produce(context: &Arc<Context>, request: ProduceRequest) -> ProduceResponse {
-    if request.transactional_id.is_some() {
-        let failure = Failure::new(
-            KafkaCode::TransactionalIdAuthorizationFailed,
-            "transactions are not supported",
-        );
-        return answer_all(&request, &failure);
-    }
     let context = Arc::clone(context);
-    let blocking_context = Arc::clone(&context);
     // Translating copies and checksums a request's worth of bytes, and
     // writes and syncs block: all of it on the blocking pool.
-    let outcome = tokio::task::spawn_blocking(move || write(&blocking_context, request)).await;
+    let outcome = tokio::task::spawn_blocking(move || write(&context, request)).await;
     match outcome {
         Ok(response) => response,
         Err(e) => {
@@ -59,9 +51,17 @@ fn write(context: &Context, request: ProduceRequest) -> ProduceResponse {
     let now = crate::state::now_ms();
     // Every partition translated and checked before any is written.
     let mut steps: Vec<(String, Vec<(i32, Step)>)> = Vec::new();
+    let transactional = request.transactional_id.is_some();
     for topic_data in request.topic_data {
         let name = topic_data.name.0.to_string();
-        let topic = context.topic(Operation::Write, &name);
+        let topic = if transactional {
+            Err(Failure::new(
+                KafkaCode::TransactionalIdAuthorizationFailed,
+                "transactions are not supported",
+            ))
+        } else {
+            context.topic(Operation::Write, &name)
+        };
         let partitions = topic_data
             .partition_data
             .into_iter()
@@ -165,25 +165,6 @@ fn wait(topic: &Topic, partition: u32, appended: &ProducerAppend) -> Result<(i64
         appended.info.base_offset as i64,
         partition.log().log_start_offset() as i64,
     ))
-}
-
-/// The same failure for every partition of `request`.
-fn answer_all(request: &ProduceRequest, failure: &Failure) -> ProduceResponse {
-    let mut response = ProduceResponse::default();
-    for topic_data in &request.topic_data {
-        let mut topic_response = TopicProduceResponse::default();
-        topic_response.name = topic_data.name.clone();
-        for data in &topic_data.partition_data {
-            let mut partition = PartitionProduceResponse::default();
-            partition.index = data.index;
-            partition.error_code = failure.code.code();
-            partition.error_message = Some(failure.message.clone().into());
-            partition.base_offset = -1;
-            topic_response.partition_responses.push(partition);
-        }
-        response.responses.push(topic_response);
-    }
-    response
 }
 
 /// A producer id and epoch for an idempotent producer: Sluice's own, so a
